@@ -1,0 +1,183 @@
+//! Marked node tree -> model, section by section, with defaults filled in.
+//!
+//! Checks that need only one value (types, ranges, formats) happen here; checks across values
+//! (unique names, known upstreams, clashing addresses) are in `validate`, fed by [`Spots`].
+
+mod route;
+mod upstream;
+
+use crate::model::*;
+use crate::read::{field, item, Cx};
+use crate::yaml::{Mark, Node};
+use route::route;
+use upstream::upstreams;
+
+/// Where the values that `validate` compares were written, aligned with the model's vectors.
+#[derive(Debug, Default)]
+pub(crate) struct Spots {
+    /// Index in the file and position of the address of each listener kept in
+    /// `Config::listeners` (a listener with an invalid address is not kept).
+    pub listeners: Vec<(usize, Mark)>,
+    /// `admin.address`, when written in the file.
+    pub admin: Option<Mark>,
+    /// Per upstream, index in the file and position of the address of each backend kept.
+    pub backends: Vec<Vec<(usize, Mark)>>,
+    /// Per route, where its name and its upstream were written (if they were valid).
+    pub route_names: Vec<Option<Mark>>,
+    pub route_upstreams: Vec<Option<Mark>>,
+    /// False when `upstreams` itself was unreadable, so routes are not blamed for it.
+    pub upstreams_readable: bool,
+}
+
+const TOP: [&str; 5] = ["server", "listeners", "admin", "upstreams", "routes"];
+
+/// Converts the document root. The result is only meaningful when `cx` holds no errors.
+pub(crate) fn config(cx: &mut Cx, root: &Node) -> (Config, Spots) {
+    let mut spots = Spots::default();
+    let mut config = Config {
+        server: Server::default(),
+        listeners: Vec::new(),
+        admin: Admin::default(),
+        upstreams: Vec::new(),
+        routes: Vec::new(),
+    };
+    let Some(top) = cx.map(root, "", &TOP, &[]) else {
+        return (config, spots);
+    };
+    if let Some(node) = top.get("server") {
+        config.server = server(cx, node);
+    }
+    if let Some(node) = cx.required(top, "", "listeners") {
+        config.listeners = listeners(cx, node, &mut spots);
+    }
+    if let Some(node) = top.get("admin") {
+        config.admin = admin(cx, node, &mut spots);
+    }
+    if let Some(node) = cx.required(top, "", "upstreams") {
+        config.upstreams = upstreams(cx, node, &mut spots);
+    }
+    if let Some(node) = cx.required(top, "", "routes") {
+        if let Some(items) = cx.list(node, "routes", "route") {
+            for (i, node) in items.iter().enumerate() {
+                config
+                    .routes
+                    .push(route(cx, node, &item("routes", i), &mut spots));
+            }
+        }
+    }
+    (config, spots)
+}
+
+fn server(cx: &mut Cx, node: &Node) -> Server {
+    let mut server = Server::default();
+    let Some(f) = cx.map(node, "server", &["threads", "grace_period"], &[]) else {
+        return server;
+    };
+    if let Some(n) = f.get("threads") {
+        server.threads = cx.integer(n, "server.threads", 1, 4096).map(|t| t as usize);
+    }
+    if let Some(n) = f.get("grace_period") {
+        server.grace_period = cx
+            .duration(n, "server.grace_period")
+            .unwrap_or(server.grace_period);
+    }
+    server
+}
+
+fn listeners(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Listener> {
+    let mut out = Vec::new();
+    for (i, node) in cx
+        .list(node, "listeners", "listener")
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let path = item("listeners", i);
+        let later = [("tls", "TLS listeners are not supported yet")];
+        let Some(f) = cx.map(node, &path, &["address"], &later) else {
+            continue;
+        };
+        let Some(n) = cx.required(f, &path, "address") else {
+            continue;
+        };
+        if let Some(address) = cx.address(n, &field(&path, "address")) {
+            out.push(Listener { address });
+            spots.listeners.push((i, n.mark));
+        }
+    }
+    out
+}
+
+fn admin(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Admin {
+    let mut admin = Admin::default();
+    let later = [("token_file", "`token_file` is not supported yet")];
+    let Some(f) = cx.map(node, "admin", &["address"], &later) else {
+        return admin;
+    };
+    if let Some(n) = f.get("address") {
+        if let Some(address) = cx.address(n, "admin.address") {
+            admin.address = address;
+            spots.admin = Some(n.mark);
+        }
+    }
+    admin
+}
+
+/// Upstream and route names go into metrics labels and admin URLs, so keep them plain.
+pub(super) fn check_name(cx: &mut Cx, mark: Mark, path: &str, name: &str) -> bool {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        cx.error(
+            mark,
+            path,
+            format!("invalid name `{name}`: use letters, digits, `-`, `_` and `.`"),
+        );
+    }
+    ok
+}
+
+/// A string that must start with `/` (path prefixes, exact paths, probe paths).
+pub(super) fn absolute_path(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
+    let value = cx.string(node, path)?;
+    if !value.starts_with('/') {
+        cx.error(
+            node.mark,
+            path,
+            format!("must start with `/`, found `{value}`"),
+        );
+        return None;
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        cx.error(
+            node.mark,
+            path,
+            "must not contain spaces or control characters",
+        );
+        return None;
+    }
+    Some(value)
+}
+
+/// An HTTP token (RFC 9110 `tchar`s): method, header and cookie names.
+pub(super) fn token(cx: &mut Cx, node: &Node, path: &str, what: &str) -> Option<String> {
+    let value = cx.string(node, path)?;
+    check_token(cx, node.mark, path, what, &value)
+}
+
+pub(super) fn check_token(
+    cx: &mut Cx,
+    mark: Mark,
+    path: &str,
+    what: &str,
+    value: &str,
+) -> Option<String> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if value.is_empty() || !value.chars().all(is_tchar) {
+        cx.error(mark, path, format!("invalid {what} `{value}`"));
+        return None;
+    }
+    Some(value.to_string())
+}

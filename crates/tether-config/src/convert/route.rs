@@ -1,0 +1,250 @@
+//! One `routes:` entry -> [`Route`]: match, sticky key sources, timeouts, retries.
+
+use super::{absolute_path, check_name, check_token, token, Spots};
+use crate::defaults;
+use crate::model::*;
+use crate::names::{KEY_SOURCES, ON_MISSING};
+use crate::read::{field, item, Cx};
+use crate::yaml::Node;
+
+const ROUTE: [&str; 7] = [
+    "name",
+    "match",
+    "sticky",
+    "upstream",
+    "timeouts",
+    "retries",
+    "long_poll",
+];
+
+pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> Route {
+    let mut route = Route {
+        name: String::new(),
+        matcher: RouteMatch::default(),
+        sticky: None,
+        upstream: String::new(),
+        timeouts: Timeouts::default(),
+        retries: defaults::RETRIES,
+        long_poll: false,
+    };
+    let (mut name_mark, mut upstream_mark) = (None, None);
+    if let Some(f) = cx.map(node, path, &ROUTE, &[]) {
+        if let Some(n) = cx.required(f, path, "name") {
+            if let Some(name) = cx.string(n, &field(path, "name")) {
+                if check_name(cx, n.mark, &field(path, "name"), &name) {
+                    name_mark = Some(n.mark);
+                }
+                route.name = name;
+            }
+        }
+        if let Some(n) = cx.required(f, path, "upstream") {
+            if let Some(upstream) = cx.string(n, &field(path, "upstream")) {
+                route.upstream = upstream;
+                upstream_mark = Some(n.mark);
+            }
+        }
+        if let Some(n) = f.get("match") {
+            route.matcher = route_match(cx, n, &field(path, "match"));
+        }
+        if let Some(n) = f.get("sticky") {
+            route.sticky = sticky(cx, n, &field(path, "sticky"));
+        }
+        if let Some(n) = f.get("timeouts") {
+            route.timeouts = timeouts(cx, n, &field(path, "timeouts"));
+        }
+        if let Some(n) = f.get("retries") {
+            let max = defaults::MAX_RETRIES.into();
+            route.retries = cx
+                .integer(n, &field(path, "retries"), 0, max)
+                .map_or(route.retries, |r| r as u32);
+        }
+        if let Some(n) = f.get("long_poll") {
+            route.long_poll = cx.boolean(n, &field(path, "long_poll")).unwrap_or(false);
+        }
+    }
+    spots.route_names.push(name_mark);
+    spots.route_upstreams.push(upstream_mark);
+    route
+}
+
+const MATCH: [&str; 5] = ["host", "path_prefix", "path", "methods", "headers"];
+
+fn route_match(cx: &mut Cx, node: &Node, path: &str) -> RouteMatch {
+    let mut m = RouteMatch::default();
+    let Some(f) = cx.map(node, path, &MATCH, &[]) else {
+        return m;
+    };
+    if let Some(n) = f.get("host") {
+        m.host = host(cx, n, &field(path, "host"));
+    }
+    if let (Some(a), Some(b)) = (f.entry("path_prefix"), f.entry("path")) {
+        let second = if a.key_mark > b.key_mark { a } else { b };
+        cx.error(
+            second.key_mark,
+            &field(path, &second.key),
+            "use either `path_prefix` or `path`, not both",
+        );
+    } else if let Some(n) = f.get("path_prefix") {
+        m.path = absolute_path(cx, n, &field(path, "path_prefix")).map(PathMatch::Prefix);
+    } else if let Some(n) = f.get("path") {
+        m.path = absolute_path(cx, n, &field(path, "path")).map(PathMatch::Exact);
+    }
+    if let Some(n) = f.get("methods") {
+        let list_path = field(path, "methods");
+        for (i, node) in cx
+            .list(n, &list_path, "method")
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let item_path = item(&list_path, i);
+            if let Some(method) = token(cx, node, &item_path, "method") {
+                m.methods.push(method.to_ascii_uppercase());
+            }
+        }
+    }
+    if let Some(n) = f.get("headers") {
+        let headers_path = field(path, "headers");
+        if let Some(headers) = cx.any_map(n, &headers_path) {
+            for entry in headers.entries {
+                let entry_path = field(&headers_path, &entry.key);
+                let name = check_token(cx, entry.key_mark, &entry_path, "header name", &entry.key);
+                let value = cx.string(&entry.value, &entry_path);
+                if let (Some(name), Some(value)) = (name, value) {
+                    m.headers.push((name.to_ascii_lowercase(), value));
+                }
+            }
+        }
+    }
+    m
+}
+
+fn sticky(cx: &mut Cx, node: &Node, path: &str) -> Option<Sticky> {
+    let f = cx.map(node, path, &["keys", "on_missing"], &[])?;
+    let mut on_missing = defaults::ON_MISSING;
+    if let Some(n) = f.get("on_missing") {
+        on_missing = cx
+            .choice(n, &field(path, "on_missing"), &ON_MISSING)
+            .unwrap_or(on_missing);
+    }
+    let n = cx.required(f, path, "keys")?;
+    let list_path = field(path, "keys");
+    let mut keys = Vec::new();
+    for (i, node) in cx
+        .list(n, &list_path, "key source")
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        keys.extend(key_source(cx, node, &item(&list_path, i)));
+    }
+    Some(Sticky { keys, on_missing })
+}
+
+fn key_source(cx: &mut Cx, node: &Node, path: &str) -> Option<KeySource> {
+    let f = cx.map(node, path, &KEY_SOURCES, &[])?;
+    let mut present = f
+        .entries
+        .iter()
+        .filter(|e| KEY_SOURCES.contains(&e.key.as_str()));
+    let Some(entry) = present.next() else {
+        if f.entries.is_empty() {
+            cx.error(
+                f.mark,
+                path,
+                "needs one of `header`, `cookie`, `query` or `path`",
+            );
+        }
+        return None;
+    };
+    if let Some(extra) = present.next() {
+        let message = format!("a key source has exactly one of `header`, `cookie`, `query` or `path`; found `{}` and `{}`", entry.key, extra.key);
+        cx.error(extra.key_mark, &field(path, &extra.key), message);
+        return None;
+    }
+    let value_path = field(path, &entry.key);
+    match entry.key.as_str() {
+        "header" => token(cx, &entry.value, &value_path, "header name")
+            .map(|h| KeySource::Header(h.to_ascii_lowercase())),
+        "cookie" => token(cx, &entry.value, &value_path, "cookie name").map(KeySource::Cookie),
+        "query" => {
+            let name = cx.string(&entry.value, &value_path)?;
+            if name.is_empty() {
+                cx.error(
+                    entry.value.mark,
+                    &value_path,
+                    "query parameter name must not be empty",
+                );
+                return None;
+            }
+            Some(KeySource::Query(name))
+        }
+        _ => path_pattern(cx, &entry.value, &value_path).map(KeySource::Path),
+    }
+}
+
+/// A `path:` key pattern: absolute, with exactly one whole `{key}` segment.
+fn path_pattern(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
+    let pattern = absolute_path(cx, node, path)?;
+    let segments: Vec<&str> = pattern.split('/').collect();
+    let keys = segments.iter().filter(|s| **s == "{key}").count();
+    let message = if pattern.matches("{key}").count() > keys {
+        "`{key}` must be a whole path segment, e.g. /docs/{key}"
+    } else if keys != 1 {
+        "path pattern must contain exactly one `{key}` segment, e.g. /docs/{key}"
+    } else if segments
+        .iter()
+        .any(|s| *s != "{key}" && (s.contains('{') || s.contains('}')))
+    {
+        "only `{key}` may appear in braces, e.g. /docs/{key}"
+    } else {
+        return Some(pattern);
+    };
+    cx.error(node.mark, path, message);
+    None
+}
+
+fn timeouts(cx: &mut Cx, node: &Node, path: &str) -> Timeouts {
+    let mut t = Timeouts::default();
+    let Some(f) = cx.map(node, path, &["read", "idle"], &[]) else {
+        return t;
+    };
+    if let Some(n) = f.get("read") {
+        t.read = cx
+            .positive_duration(n, &field(path, "read"))
+            .unwrap_or(t.read);
+    }
+    if let Some(n) = f.get("idle") {
+        t.idle = cx
+            .positive_duration(n, &field(path, "idle"))
+            .unwrap_or(t.idle);
+    }
+    t
+}
+
+/// `host:` exact (`docs.example.com`) or wildcard (`*.example.com`), lower-cased, no port.
+fn host(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
+    let value = cx.string(node, path)?.to_ascii_lowercase();
+    let name = value.strip_prefix("*.").unwrap_or(&value);
+    let label_ok =
+        |l: &str| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if value.contains(':') {
+        cx.error(
+            node.mark,
+            path,
+            format!("host must not include a port, found `{value}`"),
+        );
+        return None;
+    }
+    if !name.split('.').all(label_ok) {
+        cx.error(
+            node.mark,
+            path,
+            format!(
+                "invalid host `{value}`: expected a name like docs.example.com or *.example.com"
+            ),
+        );
+        return None;
+    }
+    Some(value)
+}

@@ -1,0 +1,69 @@
+//! The defaults of every optional field, in one place (also what `to_yaml` prints).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::model::{Admin, HealthCheck, HealthCheckKind, OnMissing, Server, Timeouts};
+
+/// `server.grace_period` when not given.
+pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// `admin.address` when not given: loopback only.
+pub const ADMIN_ADDRESS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
+/// `upstreams.*.backends[].weight` when not given.
+pub const WEIGHT: u32 = 1;
+/// Largest accepted backend weight (each unit is 160 ketama points).
+pub const MAX_WEIGHT: u32 = 1000;
+/// `upstreams.*.connect_timeout` when not given.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// `health_check.http.path` when not given.
+pub const HEALTH_PATH: &str = "/healthz";
+/// `health_check.http.expect_status` when not given.
+pub const EXPECT_STATUS: u16 = 200;
+/// `routes[].retries` when not given.
+pub const RETRIES: u32 = 2;
+/// Largest accepted `routes[].retries`.
+pub const MAX_RETRIES: u32 = 16;
+/// `routes[].sticky.on_missing` when not given.
+pub const ON_MISSING: OnMissing = OnMissing::Reject;
+
+impl Default for Server {
+    /// CPU-count threads, 30s grace period.
+    fn default() -> Self {
+        Server {
+            threads: None,
+            grace_period: GRACE_PERIOD,
+        }
+    }
+}
+
+impl Default for Admin {
+    /// 127.0.0.1:9901.
+    fn default() -> Self {
+        Admin {
+            address: ADMIN_ADDRESS,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    /// read 60s, idle 1h.
+    fn default() -> Self {
+        Timeouts {
+            read: Duration::from_secs(60),
+            idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl HealthCheck {
+    /// A check of `kind` with the default interval (2s), timeout (1s) and thresholds (2 up, 3 down).
+    pub fn with_defaults(kind: HealthCheckKind) -> Self {
+        HealthCheck {
+            kind,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_after: 2,
+            unhealthy_after: 3,
+        }
+    }
+}

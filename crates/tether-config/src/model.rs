@@ -1,0 +1,187 @@
+//! The validated configuration model: what the rest of Tether consumes.
+//!
+//! Every value here has passed validation; defaults are filled in.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A complete, validated Tether configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Process-wide settings.
+    pub server: Server,
+    /// Downstream listeners (at least one, addresses unique).
+    pub listeners: Vec<Listener>,
+    /// The admin listener.
+    pub admin: Admin,
+    /// Upstreams in file order; names are unique.
+    pub upstreams: Vec<Upstream>,
+    /// Routes in file order; the first match wins. Names are unique.
+    pub routes: Vec<Route>,
+}
+
+/// `server:` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    /// Worker threads; `None` = number of CPUs.
+    pub threads: Option<usize>,
+    /// SIGTERM / upgrade drain time. Default 30s.
+    pub grace_period: Duration,
+}
+
+/// One `listeners:` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// Address to bind, `ip:port`.
+    pub address: SocketAddr,
+}
+
+/// `admin:` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    /// Address of the admin listener. Default 127.0.0.1:9901.
+    pub address: SocketAddr,
+}
+
+/// One named upstream (a pool of backends).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// The map key under `upstreams:`.
+    pub name: String,
+    /// At least one backend; addresses unique within the upstream.
+    pub backends: Vec<Backend>,
+    /// Balancing algorithm. Default ketama.
+    pub balance: Balance,
+    /// TCP connect timeout to a backend. Default 1s.
+    pub connect_timeout: Duration,
+    /// Optional active health check.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// One backend of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// `ip:port` of the app server.
+    pub address: SocketAddr,
+    /// Relative weight, >= 1. Default 1.
+    pub weight: u32,
+}
+
+/// How an upstream spreads requests that carry no sticky key (and, for ketama, how keys map).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// nginx-compatible consistent hashing (`hash $key consistent`).
+    Ketama,
+    /// Weighted round robin.
+    RoundRobin,
+    /// Fewest in-flight requests / open streams.
+    LeastConnections,
+}
+
+/// Active health check settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// What a probe does.
+    pub kind: HealthCheckKind,
+    /// Time between probes. Default 2s.
+    pub interval: Duration,
+    /// Probe timeout. Default 1s.
+    pub timeout: Duration,
+    /// Consecutive successes that mark a down backend up. Default 2.
+    pub healthy_after: u32,
+    /// Consecutive failures that mark an up backend down. Default 3.
+    pub unhealthy_after: u32,
+}
+
+/// The kind of active probe.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HealthCheckKind {
+    /// `GET path`, healthy when the status equals `expect_status` (default 200).
+    Http { path: String, expect_status: u16 },
+    /// A TCP connect succeeds.
+    Tcp,
+}
+
+/// One route: a match, an optional sticky policy and an upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Unique route name (used in metrics and logs).
+    pub name: String,
+    /// Conditions, all of which must hold.
+    pub matcher: RouteMatch,
+    /// Sticky-key policy; `None` = the upstream's balance.
+    pub sticky: Option<Sticky>,
+    /// Name of an upstream in `Config::upstreams` (validated to exist).
+    pub upstream: String,
+    /// Read and idle timeouts.
+    pub timeouts: Timeouts,
+    /// Connect-failure retries, each to the next owner on the ring. Default 2.
+    pub retries: u32,
+    /// Requests on this route are long-polls: governed by `timeouts.idle` instead of
+    /// `timeouts.read`, and counted as streams. Default false.
+    pub long_poll: bool,
+}
+
+/// `match:` of a route. Empty = matches every request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RouteMatch {
+    /// Exact host (`docs.example.com`) or wildcard (`*.example.com`), lower-cased, no port.
+    pub host: Option<String>,
+    /// Path condition on the normalised path.
+    pub path: Option<PathMatch>,
+    /// Upper-case method names; empty = any method.
+    pub methods: Vec<String>,
+    /// Exact header values (header names lower-cased), in file order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Path condition of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// `path_prefix:` the normalised path starts with this.
+    Prefix(String),
+    /// `path:` the normalised path equals this.
+    Exact(String),
+}
+
+/// `sticky:` of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sticky {
+    /// Key sources, tried in order; the first present wins. At least one.
+    pub keys: Vec<KeySource>,
+    /// What to do when no source yields a key. Default reject.
+    pub on_missing: OnMissing,
+}
+
+/// Where a sticky key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Request header (name lower-cased).
+    Header(String),
+    /// Cookie by name.
+    Cookie(String),
+    /// Query parameter by name.
+    Query(String),
+    /// Path pattern such as `/docs/{key}`; contains exactly one `{key}` segment.
+    Path(String),
+}
+
+/// Policy when a sticky route finds no key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMissing {
+    /// Answer 400.
+    Reject,
+    /// Pick a backend at random.
+    Random,
+    /// Use the client IP as the key.
+    ClientIp,
+}
+
+/// `timeouts:` of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Max wait for upstream response data on ordinary responses. Default 60s.
+    pub read: Duration,
+    /// Max silence on WebSocket, SSE and long-poll streams. Default 1h.
+    pub idle: Duration,
+}

@@ -1,0 +1,202 @@
+//! `Config` -> YAML with every default written out, which `parse` reads back to an equal
+//! `Config`. Used by `tether check --print-defaults` and `tether demo --print-config`.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::model::*;
+
+/// Renders `config` as YAML text in the layout of the reference config.
+///
+/// Optional parts that are off (`server.threads`, `health_check`, `sticky`) are written as
+/// comments so the output still shows they exist.
+pub fn to_yaml(config: &Config) -> String {
+    let mut out = Out::default();
+    out.line(0, "server:");
+    match config.server.threads {
+        Some(threads) => out.line(2, &format!("threads: {threads}")),
+        None => out.line(2, "# threads: not set, so one worker thread per CPU"),
+    }
+    out.line(
+        2,
+        &format!("grace_period: {}", duration(config.server.grace_period)),
+    );
+    out.line(0, "listeners:");
+    for listener in &config.listeners {
+        out.line(
+            2,
+            &format!("- address: {}", scalar(&listener.address.to_string())),
+        );
+    }
+    out.line(0, "admin:");
+    out.line(
+        2,
+        &format!("address: {}", scalar(&config.admin.address.to_string())),
+    );
+    out.line(0, "upstreams:");
+    for upstream in &config.upstreams {
+        render_upstream(&mut out, upstream);
+    }
+    out.line(0, "routes:");
+    for route in &config.routes {
+        render_route(&mut out, route);
+    }
+    out.text
+}
+
+fn render_upstream(out: &mut Out, upstream: &Upstream) {
+    out.line(2, &format!("{}:", scalar(&upstream.name)));
+    out.line(4, "backends:");
+    for backend in &upstream.backends {
+        out.line(
+            6,
+            &format!("- address: {}", scalar(&backend.address.to_string())),
+        );
+        out.line(8, &format!("weight: {}", backend.weight));
+    }
+    out.line(4, &format!("balance: {}", upstream.balance.as_str()));
+    out.line(
+        4,
+        &format!("connect_timeout: {}", duration(upstream.connect_timeout)),
+    );
+    let Some(check) = &upstream.health_check else {
+        out.line(
+            4,
+            "# health_check: not set, so backends are only marked down by failed connects",
+        );
+        return;
+    };
+    out.line(4, "health_check:");
+    match &check.kind {
+        HealthCheckKind::Http {
+            path,
+            expect_status,
+        } => {
+            out.line(6, "http:");
+            out.line(8, &format!("path: {}", scalar(path)));
+            out.line(8, &format!("expect_status: {expect_status}"));
+        }
+        HealthCheckKind::Tcp => out.line(6, "tcp: {}"),
+    }
+    out.line(6, &format!("interval: {}", duration(check.interval)));
+    out.line(6, &format!("timeout: {}", duration(check.timeout)));
+    out.line(6, &format!("healthy_after: {}", check.healthy_after));
+    out.line(6, &format!("unhealthy_after: {}", check.unhealthy_after));
+}
+
+fn render_route(out: &mut Out, route: &Route) {
+    out.line(2, &format!("- name: {}", scalar(&route.name)));
+    let m = &route.matcher;
+    if *m == RouteMatch::default() {
+        out.line(4, "match: {}");
+    } else {
+        out.line(4, "match:");
+        if let Some(host) = &m.host {
+            out.line(6, &format!("host: {}", scalar(host)));
+        }
+        match &m.path {
+            Some(PathMatch::Prefix(p)) => out.line(6, &format!("path_prefix: {}", scalar(p))),
+            Some(PathMatch::Exact(p)) => out.line(6, &format!("path: {}", scalar(p))),
+            None => {}
+        }
+        if !m.methods.is_empty() {
+            out.line(6, "methods:");
+            for method in &m.methods {
+                out.line(8, &format!("- {}", scalar(method)));
+            }
+        }
+        if !m.headers.is_empty() {
+            out.line(6, "headers:");
+            for (name, value) in &m.headers {
+                out.line(8, &format!("{}: {}", scalar(name), scalar(value)));
+            }
+        }
+    }
+    match &route.sticky {
+        Some(sticky) => {
+            out.line(4, "sticky:");
+            out.line(6, "keys:");
+            for key in &sticky.keys {
+                out.line(8, &format!("- {}: {}", key.kind(), scalar(key.value())));
+            }
+            out.line(6, &format!("on_missing: {}", sticky.on_missing.as_str()));
+        }
+        None => out.line(
+            4,
+            "# sticky: not set, so the upstream's balance picks a backend",
+        ),
+    }
+    out.line(4, &format!("upstream: {}", scalar(&route.upstream)));
+    out.line(4, "timeouts:");
+    out.line(6, &format!("read: {}", duration(route.timeouts.read)));
+    out.line(6, &format!("idle: {}", duration(route.timeouts.idle)));
+    out.line(4, &format!("retries: {}", route.retries));
+    out.line(4, &format!("long_poll: {}", route.long_poll));
+}
+
+#[derive(Default)]
+struct Out {
+    text: String,
+}
+
+impl Out {
+    fn line(&mut self, indent: usize, text: &str) {
+        let _ = writeln!(self.text, "{:indent$}{text}", "");
+    }
+}
+
+/// `1m 30s` as `1m30s`: the humantime spelling without spaces, which humantime parses back.
+pub(crate) fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string().replace(' ', "")
+}
+
+/// A YAML scalar that reads back as the same string: plain when unambiguous, else quoted.
+fn scalar(s: &str) -> String {
+    let plain_char = |c: char| c.is_ascii_alphanumeric() || "-_./:{}".contains(c);
+    let starts_ok = s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '/' || c == '_');
+    let reserved = matches!(
+        s.to_ascii_lowercase().as_str(),
+        "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n"
+    );
+    let numeric = s.parse::<f64>().is_ok() || s.starts_with("0x") || s.starts_with("0o");
+    if starts_ok && s.chars().all(plain_char) && !reserved && !numeric && !s.ends_with(':') {
+        return s.to_string();
+    }
+    let mut quoted = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(quoted, "\\x{:02x}", c as u32);
+            }
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_render_without_spaces() {
+        assert_eq!(duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(duration(Duration::from_secs(3600)), "1h");
+    }
+
+    #[test]
+    fn ambiguous_strings_are_quoted() {
+        assert_eq!(scalar("docs"), "docs");
+        assert_eq!(scalar("/docs/{key}"), "/docs/{key}");
+        assert_eq!(scalar("*.example.com"), "\"*.example.com\"");
+        assert_eq!(scalar("404"), "\"404\"");
+        assert_eq!(scalar("true"), "\"true\"");
+        assert_eq!(scalar("[::1]:80"), "\"[::1]:80\"");
+        assert_eq!(scalar("a \"b\"\n"), "\"a \\\"b\\\"\\x0a\"");
+        assert_eq!(scalar(""), "\"\"");
+    }
+}

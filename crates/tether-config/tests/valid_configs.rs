@@ -1,0 +1,310 @@
+//! What valid files parse into: defaults, normalisation, the round trip, the shipped configs.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tether_config::*;
+
+mod common;
+use common::BASE;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn parse_ok(text: &str) -> Config {
+    match parse(text, "t.yaml") {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors}"),
+    }
+}
+
+/// DESIGN.md's example, minus the keys of features not built yet (tls, token_file,
+/// discovery, passive, rebalance).
+const DESIGN_EXAMPLE: &str = "\
+server:
+  threads: 2                    # worker threads; default: number of CPUs
+  grace_period: 30s             # SIGTERM / upgrade drain time
+listeners:                      # required, at least one
+  - address: 0.0.0.0:8080
+  - address: 0.0.0.0:8443
+admin:
+  address: 127.0.0.1:9901       # /metrics and the admin API; loopback by default
+upstreams:                      # required
+  docs:
+    backends:                   # required, at least one
+      - address: 10.0.0.11:8080
+      - { address: 10.0.0.12:8080, weight: 2 }    # weight >= 1
+    balance: ketama             # ketama (default) | round_robin | least_connections
+    connect_timeout: 1s
+    health_check:               # optional; active checks
+      http: { path: /healthz, expect_status: 200 }    # or  tcp: {}
+      interval: 2s
+      timeout: 1s
+      healthy_after: 2
+      unhealthy_after: 3
+routes:                         # required; first match wins, in file order
+  - name: doc-live
+    match:
+      host: docs.example.com    # exact or *.example.com; optional
+      path_prefix: /docs/       # or path: /exact ; optional
+      methods: [GET, POST]      # optional
+      headers: { X-Env: prod }  # exact value; optional
+    sticky:                     # optional; no sticky = balance of the upstream
+      keys:                     # first one present wins
+        - header: X-Doc-Id
+        - cookie: doc_id
+        - query: doc
+        - path: /docs/{key}     # the {key} segment of the normalised path
+      on_missing: reject        # reject (400) | random | client_ip
+    upstream: docs
+    timeouts: { read: 60s, idle: 1h }   # idle applies to WebSocket, SSE and long-poll
+    retries: 2                  # connect failures only, each to the next owner on the ring
+  - name: everything-else
+    match: { path_prefix: / }
+    upstream: docs
+";
+
+#[test]
+fn the_design_example_parses_into_the_documented_model() {
+    let config = parse_ok(DESIGN_EXAMPLE);
+    assert_eq!(
+        config.server,
+        Server {
+            threads: Some(2),
+            grace_period: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(
+        config.listeners,
+        [
+            Listener {
+                address: addr("0.0.0.0:8080")
+            },
+            Listener {
+                address: addr("0.0.0.0:8443")
+            }
+        ]
+    );
+    let docs = &config.upstreams[0];
+    assert_eq!(docs.name, "docs");
+    assert_eq!(
+        docs.backends,
+        [
+            Backend {
+                address: addr("10.0.0.11:8080"),
+                weight: 1
+            },
+            Backend {
+                address: addr("10.0.0.12:8080"),
+                weight: 2
+            },
+        ]
+    );
+    assert_eq!(
+        docs.health_check.as_ref().map(|h| &h.kind),
+        Some(&HealthCheckKind::Http {
+            path: "/healthz".into(),
+            expect_status: 200
+        })
+    );
+    let live = &config.routes[0];
+    assert_eq!(
+        live.matcher,
+        RouteMatch {
+            host: Some("docs.example.com".into()),
+            path: Some(PathMatch::Prefix("/docs/".into())),
+            methods: vec!["GET".into(), "POST".into()],
+            headers: vec![("x-env".into(), "prod".into())],
+        }
+    );
+    assert_eq!(
+        live.sticky,
+        Some(Sticky {
+            keys: vec![
+                KeySource::Header("x-doc-id".into()),
+                KeySource::Cookie("doc_id".into()),
+                KeySource::Query("doc".into()),
+                KeySource::Path("/docs/{key}".into()),
+            ],
+            on_missing: OnMissing::Reject,
+        })
+    );
+    assert_eq!(
+        config.routes[1].matcher.path,
+        Some(PathMatch::Prefix("/".into()))
+    );
+    assert_eq!(
+        config.summary(),
+        "2 routes, 1 upstream, 2 backends, 2 listeners"
+    );
+}
+
+#[test]
+fn omitted_fields_take_their_defaults() {
+    let config = parse_ok(&format!(
+        "{BASE}    sticky: {{ keys: [ {{ query: doc }} ] }}\n"
+    ));
+    assert_eq!(
+        config.server,
+        Server {
+            threads: None,
+            grace_period: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(config.admin.address, addr("127.0.0.1:9901"));
+    let up = &config.upstreams[0];
+    assert_eq!(up.backends[0].weight, 1);
+    assert_eq!(up.balance, Balance::Ketama);
+    assert_eq!(up.connect_timeout, Duration::from_secs(1));
+    assert_eq!(up.health_check, None);
+    let route = &config.routes[0];
+    assert_eq!(route.matcher, RouteMatch::default());
+    assert_eq!(
+        route.sticky.as_ref().map(|s| s.on_missing),
+        Some(OnMissing::Reject)
+    );
+    assert_eq!(
+        route.timeouts,
+        Timeouts {
+            read: Duration::from_secs(60),
+            idle: Duration::from_secs(3600)
+        }
+    );
+    assert_eq!(route.retries, 2);
+    assert!(!route.long_poll);
+}
+
+#[test]
+fn a_health_check_fills_in_probe_defaults() {
+    let text = BASE.replace("9101\n", "9101\n    health_check: { http: {} }\n");
+    let check = parse_ok(&text).upstreams[0].health_check.clone();
+    assert_eq!(
+        check,
+        Some(HealthCheck {
+            kind: HealthCheckKind::Http {
+                path: "/healthz".into(),
+                expect_status: 200
+            },
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_after: 2,
+            unhealthy_after: 3,
+        })
+    );
+    let tcp = BASE.replace("9101\n", "9101\n    health_check:\n      tcp:\n");
+    let tcp = parse_ok(&tcp).upstreams[0].health_check.clone();
+    assert_eq!(tcp.map(|h| h.kind), Some(HealthCheckKind::Tcp));
+}
+
+#[test]
+fn hosts_methods_and_header_names_are_normalised() {
+    let text = format!("{BASE}    match: {{ host: \"*.Example.COM\", methods: [get, Post], headers: {{ X-Env: Prod }} }}\n");
+    let m = parse_ok(&text).routes[0].matcher.clone();
+    assert_eq!(m.host.as_deref(), Some("*.example.com"));
+    assert_eq!(m.methods, ["GET", "POST"]);
+    assert_eq!(m.headers, [("x-env".to_string(), "Prod".to_string())]);
+}
+
+#[test]
+fn a_full_config_survives_the_round_trip_through_to_yaml() {
+    let mut config = parse_ok(DESIGN_EXAMPLE);
+    // Exercise every variant the renderer must handle, including ones the example lacks.
+    config.server.grace_period = Duration::from_millis(1500);
+    config.listeners.push(Listener {
+        address: addr("[::1]:8081"),
+    });
+    config.upstreams[0].balance = Balance::LeastConnections;
+    config.routes[1].matcher.path = Some(PathMatch::Exact("/exact path?".into()));
+    config.routes[1].matcher.host = Some("*.example.com".into());
+    config.routes[1].sticky = Some(Sticky {
+        keys: vec![KeySource::Query("404".into())],
+        on_missing: OnMissing::ClientIp,
+    });
+    config.routes[1].long_poll = true;
+    config.routes[1].retries = 0;
+    config.routes[0]
+        .matcher
+        .headers
+        .push(("x-quote".into(), "a \"b\" #c: d".into()));
+    let yaml = to_yaml(&config);
+    // The exact path with a space is not valid config, so only compare what parse accepts.
+    config.routes[1].matcher.path = Some(PathMatch::Exact("/exact".into()));
+    let yaml = yaml.replace("/exact path?", "/exact");
+    assert_eq!(parse_ok(&yaml), config, "{yaml}");
+}
+
+#[test]
+fn to_yaml_writes_every_default_and_parses_back() {
+    let config = parse_ok(BASE);
+    let yaml = to_yaml(&config);
+    for default in [
+        "grace_period: 30s",
+        "address: 127.0.0.1:9901",
+        "weight: 1",
+        "balance: ketama",
+        "connect_timeout: 1s",
+        "read: 1m",
+        "idle: 1h",
+        "retries: 2",
+        "long_poll: false",
+        "match: {}",
+    ] {
+        assert!(yaml.contains(default), "missing `{default}` in:\n{yaml}");
+    }
+    assert_eq!(parse_ok(&yaml), config);
+    assert_eq!(to_yaml(&parse_ok(&yaml)), yaml);
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conf");
+    let mut files = vec![conf.join("tether.yaml")];
+    let examples = std::fs::read_dir(conf.join("examples")).unwrap();
+    files.extend(
+        examples
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml")),
+    );
+    assert!(files.len() >= 5, "{files:?}");
+    for file in files {
+        let config = match load(&file) {
+            Ok(config) => config,
+            Err(errors) => panic!("{errors}"),
+        };
+        assert_eq!(parse_ok(&to_yaml(&config)), config, "{}", file.display());
+    }
+}
+
+#[test]
+fn each_example_uses_its_own_key_source() {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conf/examples");
+    for kind in ["header", "cookie", "query", "path"] {
+        let config = load(&conf.join(format!("{kind}.yaml"))).unwrap();
+        let keys = &config.routes[0].sticky.as_ref().unwrap().keys;
+        assert_eq!(keys.iter().map(KeySource::kind).collect::<Vec<_>>(), [kind]);
+        assert_eq!(config.listeners[0].address, addr("127.0.0.1:8080"));
+        let backends: Vec<_> = config.upstreams[0]
+            .backends
+            .iter()
+            .map(|b| b.address)
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                addr("127.0.0.1:9101"),
+                addr("127.0.0.1:9102"),
+                addr("127.0.0.1:9103")
+            ]
+        );
+    }
+}
+
+#[test]
+fn the_summary_counts_in_singular_and_plural() {
+    assert_eq!(
+        parse_ok(BASE).summary(),
+        "1 route, 1 upstream, 1 backend, 1 listener"
+    );
+}

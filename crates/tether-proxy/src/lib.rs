@@ -1,0 +1,78 @@
+//! Pingora glue for Tether: the `ProxyHttp` implementation, the swappable routing state, active
+//! health checks, metrics and the admin listener.
+//!
+//! This crate knows Pingora and sockets; it does not parse YAML (`tether-config` does) and does
+//! not decide where a request goes (`tether-routing` does). [`run`] wires them into a Pingora
+//! server and never returns.
+
+pub mod admin;
+pub mod forwarding;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod state;
+
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use std::sync::Arc;
+use tether_config::Config;
+
+pub use proxy::TetherProxy;
+pub use state::ProxyState;
+
+/// Process-level options that are not part of the YAML config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Take over listening sockets from a running Tether (Pingora's zero-downtime upgrade).
+    pub upgrade: bool,
+}
+
+/// Starts the proxy, health checks and admin listener for `config` and serves until the
+/// process is told to stop. Never returns.
+pub fn run(config: Config, options: RunOptions) -> ! {
+    let server = build_server(config, options);
+    server.run_forever()
+}
+
+/// Builds the Pingora server with every Tether service, ready to `run_forever`.
+pub fn build_server(config: Config, options: RunOptions) -> Server {
+    let threads = config.server.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let mut conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    // Retries are bounded by each route's `retries`; this is only a ceiling.
+    conf.max_retries = 17;
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let state = Arc::new(ProxyState::new(&config));
+
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, TetherProxy::new(state.clone()));
+    for listener in &config.listeners {
+        proxy.add_tcp(&listener.address.to_string());
+    }
+
+    let mut admin = Service::new("tether admin".to_string(), admin::AdminApp);
+    admin.add_tcp(&config.admin.address.to_string());
+
+    let health = background_service("tether health checks", health::HealthChecker::new(state));
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(health);
+    server
+}

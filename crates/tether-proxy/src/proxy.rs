@@ -1,0 +1,338 @@
+//! The `ProxyHttp` implementation: route with `Router::decide`, connect to the chosen backend,
+//! retry connect failures on the next owner, and answer errors with the right status.
+
+use crate::forwarding::{self, X_REQUEST_ID};
+use crate::state::{Installed, ProxyState};
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{ACCEPT, HOST};
+use http::HeaderValue;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{ErrorSource, ErrorType};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_routing::{Decision, RequestView};
+
+/// What kind of exchange a request is; streams are governed by `timeouts.idle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// An ordinary request/response, governed by `timeouts.read`.
+    Plain,
+    /// A WebSocket upgrade.
+    WebSocket,
+    /// A Server-Sent Events stream (`Accept: text/event-stream`).
+    Sse,
+    /// A request on a `long_poll: true` route.
+    LongPoll,
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    /// The routing state this request started on; it finishes on it even across a reload.
+    installed: Option<Arc<Installed>>,
+    decision: Option<Decision>,
+    /// Backend indices tried so far (the last one is the current).
+    tried: Vec<usize>,
+    kind: ExchangeKind,
+    request_id: Option<HeaderValue>,
+    client_ip: Option<IpAddr>,
+    /// Status answered by Tether itself (rejections, errors), when no upstream response was sent.
+    local_status: Option<u16>,
+    /// Backend whose `active` count this request holds.
+    holding: Option<usize>,
+}
+
+/// The Tether proxy application.
+pub struct TetherProxy {
+    state: Arc<ProxyState>,
+}
+
+impl TetherProxy {
+    /// A proxy serving whatever `state` holds at each request's start.
+    pub fn new(state: Arc<ProxyState>) -> TetherProxy {
+        TetherProxy { state }
+    }
+}
+
+fn exchange_kind(session: &Session, long_poll_route: bool) -> ExchangeKind {
+    if session.is_upgrade_req() {
+        return ExchangeKind::WebSocket;
+    }
+    let wants_sse = session
+        .req_header()
+        .headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        ExchangeKind::Sse
+    } else if long_poll_route {
+        ExchangeKind::LongPoll
+    } else {
+        ExchangeKind::Plain
+    }
+}
+
+/// Maps a proxy error to the status the client gets: the explicit status when a filter chose
+/// one, 504 for upstream timeouts, 502 for other upstream failures.
+fn status_for(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if e.esource() == &ErrorSource::Upstream =>
+        {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+async fn respond_local(session: &mut Session, status: u16, reason: &str) -> Result<()> {
+    let body = Bytes::from(format!("{status} {reason}\n"));
+    session.respond_error_with_body(status, body).await
+}
+
+impl RequestCtx {
+    fn release_backend(&mut self) {
+        if let (Some(index), Some(installed), Some(decision)) =
+            (self.holding.take(), &self.installed, &self.decision)
+        {
+            if let Some(b) = installed.router.upstreams()[decision.upstream]
+                .backends
+                .get(index)
+            {
+                b.active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        // `logging` normally releases; this covers requests Pingora abandons early.
+        self.release_backend();
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for TetherProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            installed: None,
+            decision: None,
+            tried: Vec::new(),
+            kind: ExchangeKind::Plain,
+            request_id: None,
+            client_ip: None,
+            local_status: None,
+            holding: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let installed = self.state.current();
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let req = session.req_header();
+        ctx.request_id = Some(
+            req.headers
+                .get(&X_REQUEST_ID)
+                .filter(|v| !v.is_empty() && v.len() <= 200)
+                .cloned()
+                .unwrap_or_else(forwarding::new_request_id),
+        );
+        let host = req
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()));
+        let view = RequestView {
+            method: req.method.as_str(),
+            host,
+            path: req.uri.path(),
+            query: req.uri.query(),
+            headers: &req.headers,
+            client_ip: ctx.client_ip,
+        };
+        let outcome = installed.router.decide(&view);
+        ctx.installed = Some(installed.clone());
+        match outcome {
+            Ok(decision) => {
+                let route = &installed.router.routes()[decision.route];
+                ctx.kind = exchange_kind(session, route.long_poll);
+                if ctx.kind != ExchangeKind::Plain {
+                    // Pingora's 60 s downstream read timeout would cut an idle WebSocket; the
+                    // route's idle timeout governs streams instead. Both read timers re-arm on
+                    // traffic in either direction (Pingora's duplex loop re-polls them).
+                    session.set_read_timeout(Some(route.timeouts.idle));
+                }
+                ctx.decision = Some(decision);
+                Ok(false)
+            }
+            Err(reject) => {
+                let status = reject.status();
+                ctx.local_status = Some(status);
+                respond_local(session, status, &reject.to_string()).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let (Some(installed), Some(decision)) = (ctx.installed.clone(), ctx.decision.clone())
+        else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(500),
+                "request was not routed",
+            ));
+        };
+        let decision = &decision;
+        let router = &installed.router;
+        let index = if ctx.tried.is_empty() {
+            decision.backend
+        } else {
+            router.next_backend(decision, &ctx.tried).ok_or_else(|| {
+                Error::explain(ErrorType::HTTPStatus(502), "no backend left to retry")
+            })?
+        };
+        let upstream = &router.upstreams()[decision.upstream];
+        let backend = upstream.backends.get(index).ok_or_else(|| {
+            Error::explain(ErrorType::HTTPStatus(500), "backend index out of range")
+        })?;
+        ctx.tried.push(index);
+        ctx.release_backend();
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        ctx.holding = Some(index);
+
+        let route = &router.routes()[decision.route];
+        let connect_timeout = installed
+            .config_upstream(decision.upstream)
+            .map(|u| u.connect_timeout)
+            .unwrap_or(Duration::from_secs(1));
+        let mut peer = HttpPeer::new(backend.address, false, String::new());
+        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.read_timeout = Some(match ctx.kind {
+            ExchangeKind::Plain => route.timeouts.read,
+            _ => route.timeouts.idle,
+        });
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent upstream yet, so any method may be retried on the next owner.
+        let retries = match (&ctx.installed, &ctx.decision) {
+            (Some(installed), Some(d)) => installed.router.routes()[d.route].retries as usize,
+            _ => 0,
+        };
+        if ctx.tried.len() <= retries {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let original_host = session.req_header().headers.get(HOST).cloned();
+        let request_id = ctx
+            .request_id
+            .clone()
+            .unwrap_or_else(forwarding::new_request_id);
+        forwarding::add_forwarding_headers(
+            upstream_request,
+            ctx.client_ip,
+            original_host.as_ref(),
+            &request_id,
+        )
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        forwarding::strip_response_hop_by_hop(upstream_response);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(id) = &ctx.request_id {
+            upstream_response.insert_header(X_REQUEST_ID, id.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = status_for(e);
+        if code > 0 && session.response_written().is_none() {
+            let reason = http::StatusCode::from_u16(code)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("error");
+            if let Err(write_err) = respond_local(session, code, reason).await {
+                tracing::debug!("could not send error response: {write_err}");
+            }
+        }
+        if code > 0 {
+            ctx.local_status = Some(code);
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.release_backend();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.local_status)
+            .unwrap_or(0);
+        if let (Some(installed), true) = (&ctx.installed, status > 0) {
+            installed
+                .counters
+                .route(ctx.decision.as_ref().map(|d| d.route))
+                .observe(status);
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The sticky key chain: sources are tried in order and the first one present wins.
+//!
+//! - **header**: the first value of the header, if it is non-empty UTF-8.
+//! - **cookie**: every `Cookie` header is parsed as `name=value; name=value`; the first cookie
+//!   with the name wins. Names and values are trimmed, a double-quoted value is unquoted, and the
+//!   value is otherwise opaque (not percent-decoded).
+//! - **query**: the raw query `a=1&b=2` is split on `&`; the first parameter with exactly the
+//!   name wins and its value is decoded as a form value (`%XX` escapes, `+` is a space, as browsers'
+//!   `URLSearchParams` encode it).
+//! - **path**: a pattern such as `/docs/{key}` is matched segment by segment against the
+//!   *normalised* path: literal segments must be equal, `{key}` captures one non-empty segment
+//!   (percent-decoded, so `/docs/a%20b` and header `a b` are the same key), and extra trailing
+//!   segments are allowed (`/docs/42/ws` yields `42`).
+//!
+//! A source whose value is empty, not UTF-8, badly encoded or longer than [`MAX_KEY_LEN`] bytes
+//! counts as missing, and the chain moves on to the next source.
+
+use http::header::COOKIE;
+use http::HeaderName;
+use tether_config::{KeySource, OnMissing, Sticky};
+
+use crate::percent;
+use crate::{KeySourceKind, RequestView};
+
+/// Keys longer than this many bytes are treated as missing.
+pub(crate) const MAX_KEY_LEN: usize = 1024;
+
+/// A route's sticky policy, prepared once.
+#[derive(Debug)]
+pub(crate) struct StickyPolicy {
+    keys: Vec<Source>,
+    pub(crate) on_missing: OnMissing,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// `None` for an invalid header name: never present.
+    Header(Option<HeaderName>),
+    Cookie(String),
+    Query(String),
+    Path(String),
+}
+
+impl StickyPolicy {
+    pub(crate) fn new(sticky: &Sticky) -> StickyPolicy {
+        let keys = sticky
+            .keys
+            .iter()
+            .map(|source| match source {
+                KeySource::Header(name) => {
+                    Source::Header(HeaderName::from_bytes(name.as_bytes()).ok())
+                }
+                KeySource::Cookie(name) => Source::Cookie(name.clone()),
+                KeySource::Query(name) => Source::Query(name.clone()),
+                KeySource::Path(pattern) => Source::Path(pattern.clone()),
+            })
+            .collect();
+        StickyPolicy {
+            keys,
+            on_missing: sticky.on_missing,
+        }
+    }
+
+    /// The first key present in `req`, and where it came from.
+    pub(crate) fn extract(
+        &self,
+        req: &RequestView<'_>,
+        normalized_path: &str,
+    ) -> Option<(String, KeySourceKind)> {
+        self.keys.iter().find_map(|source| {
+            let (key, kind) = match source {
+                Source::Header(name) => (
+                    header(req, name.as_ref()?).map(str::to_owned),
+                    KeySourceKind::Header,
+                ),
+                Source::Cookie(name) => {
+                    (cookie(req, name).map(str::to_owned), KeySourceKind::Cookie)
+                }
+                Source::Query(name) => (query(req.query?, name), KeySourceKind::Query),
+                Source::Path(pattern) => (path(pattern, normalized_path), KeySourceKind::Path),
+            };
+            key.filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+                .map(|k| (k, kind))
+        })
+    }
+}
+
+/// Checked before copying so oversized values are never allocated.
+fn usable(value: &str) -> Option<&str> {
+    (!value.is_empty() && value.len() <= MAX_KEY_LEN).then_some(value)
+}
+
+fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<&'a str> {
+    let value = req.headers.get(name)?;
+    usable(std::str::from_utf8(value.as_bytes()).ok()?)
+}
+
+fn cookie<'a>(req: &RequestView<'a>, name: &str) -> Option<&'a str> {
+    let value = req
+        .headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|header| std::str::from_utf8(header.as_bytes()).ok())
+        .flat_map(|header| header.split(';'))
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(n, _)| n.trim() == name)
+        .map(|(_, value)| value.trim())?;
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    usable(value)
+}
+
+fn query(query: &str, name: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value)?;
+    percent::decode(raw, true)
+}
+
+fn path(pattern: &str, normalized_path: &str) -> Option<String> {
+    let mut segments = normalized_path.split('/').filter(|s| !s.is_empty());
+    let mut captured = None;
+    for expected in pattern.split('/').filter(|s| !s.is_empty()) {
+        let segment = segments.next()?;
+        if expected == "{key}" {
+            captured = Some(segment);
+        } else if expected != segment {
+            return None;
+        }
+    }
+    percent::decode(captured?, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue};
+
+    fn request<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> RequestView<'a> {
+        RequestView {
+            method: "GET",
+            host: None,
+            path: "/",
+            query,
+            headers,
+            client_ip: None,
+        }
+    }
+
+    fn policy(keys: Vec<KeySource>) -> StickyPolicy {
+        StickyPolicy::new(&Sticky {
+            keys,
+            on_missing: OnMissing::Reject,
+        })
+    }
+
+    fn chain() -> StickyPolicy {
+        policy(vec![
+            KeySource::Header("x-doc-id".into()),
+            KeySource::Cookie("doc_id".into()),
+            KeySource::Query("doc".into()),
+            KeySource::Path("/docs/{key}".into()),
+        ])
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn key(kind: KeySourceKind, key: &str) -> Option<(String, KeySourceKind)> {
+        Some((key.to_owned(), kind))
+    }
+
+    #[test]
+    fn header_key_is_the_first_value() {
+        let h = headers(&[("x-doc-id", "doc-1"), ("x-doc-id", "doc-2")]);
+        assert_eq!(
+            chain().extract(&request(&h, None), "/"),
+            key(KeySourceKind::Header, "doc-1")
+        );
+    }
+
+    #[test]
+    fn empty_header_falls_through_to_the_next_source() {
+        let h = headers(&[("x-doc-id", ""), ("cookie", "doc_id=c1")]);
+        assert_eq!(
+            chain().extract(&request(&h, None), "/"),
+            key(KeySourceKind::Cookie, "c1")
+        );
+    }
+
+    #[test]
+    fn cookie_key_is_found_in_any_cookie_header() {
+        let h = headers(&[
+            ("cookie", "a=1; b=2"),
+            ("cookie", "theme=dark;  doc_id = \"d-7\" ; doc_id=later"),
+        ]);
+        assert_eq!(
+            chain().extract(&request(&h, None), "/"),
+            key(KeySourceKind::Cookie, "d-7")
+        );
+    }
+
+    #[test]
+    fn cookie_name_must_match_exactly() {
+        let h = headers(&[("cookie", "my_doc_id=x; doc_id_old=y")]);
+        assert_eq!(chain().extract(&request(&h, None), "/"), None);
+    }
+
+    #[test]
+    fn query_key_is_form_decoded() {
+        let h = HeaderMap::new();
+        let req = request(&h, Some("x=1&doc=a%2Fb+c&doc=second"));
+        assert_eq!(
+            chain().extract(&req, "/"),
+            key(KeySourceKind::Query, "a/b c")
+        );
+    }
+
+    #[test]
+    fn query_key_that_is_empty_or_badly_encoded_is_missing() {
+        let h = HeaderMap::new();
+        assert_eq!(chain().extract(&request(&h, Some("doc=")), "/"), None);
+        assert_eq!(chain().extract(&request(&h, Some("doc")), "/"), None);
+        assert_eq!(chain().extract(&request(&h, Some("doc=%zz")), "/"), None);
+        assert_eq!(chain().extract(&request(&h, Some("xdoc=1")), "/"), None);
+    }
+
+    #[test]
+    fn path_key_is_the_captured_segment() {
+        let h = HeaderMap::new();
+        let req = request(&h, None);
+        assert_eq!(
+            chain().extract(&req, "/docs/42"),
+            key(KeySourceKind::Path, "42")
+        );
+        assert_eq!(
+            chain().extract(&req, "/docs/42/ws/extra"),
+            key(KeySourceKind::Path, "42")
+        );
+        assert_eq!(
+            chain().extract(&req, "/docs/a%2Fb%20c"),
+            key(KeySourceKind::Path, "a/b c")
+        );
+    }
+
+    #[test]
+    fn path_key_needs_literal_segments_and_a_key_segment() {
+        let h = HeaderMap::new();
+        let req = request(&h, None);
+        assert_eq!(chain().extract(&req, "/docs/"), None);
+        assert_eq!(chain().extract(&req, "/docs"), None);
+        assert_eq!(chain().extract(&req, "/doc/42"), None);
+        assert_eq!(chain().extract(&req, "/v1/docs/42"), None);
+        let nested = policy(vec![KeySource::Path("/api/{key}/live".into())]);
+        assert_eq!(
+            nested.extract(&req, "/api/7/live"),
+            key(KeySourceKind::Path, "7")
+        );
+        assert_eq!(nested.extract(&req, "/api/7/dead"), None);
+    }
+
+    #[test]
+    fn first_present_source_wins_in_chain_order() {
+        let h = headers(&[
+            ("cookie", "doc_id=from-cookie"),
+            ("x-doc-id", "from-header"),
+        ]);
+        let req = request(&h, Some("doc=from-query"));
+        assert_eq!(
+            chain().extract(&req, "/docs/from-path"),
+            key(KeySourceKind::Header, "from-header")
+        );
+        let reversed = policy(vec![
+            KeySource::Path("/docs/{key}".into()),
+            KeySource::Header("x-doc-id".into()),
+        ]);
+        assert_eq!(
+            reversed.extract(&req, "/docs/from-path"),
+            key(KeySourceKind::Path, "from-path")
+        );
+    }
+
+    #[test]
+    fn oversized_key_counts_as_missing() {
+        let long = "k".repeat(MAX_KEY_LEN + 1);
+        let h = headers(&[("x-doc-id", &long)]);
+        let req = request(&h, Some("doc=q"));
+        assert_eq!(chain().extract(&req, "/"), key(KeySourceKind::Query, "q"));
+        let exact = "k".repeat(MAX_KEY_LEN);
+        let h = headers(&[("x-doc-id", &exact)]);
+        assert_eq!(
+            chain().extract(&request(&h, None), "/"),
+            key(KeySourceKind::Header, &exact)
+        );
+    }
+}

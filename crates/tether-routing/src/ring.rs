@@ -1,0 +1,93 @@
+//! The ketama ring: nginx's `hash $key consistent`, plus a clockwise walk past unusable backends.
+//!
+//! Points come from [`pingora_ketama::Continuum`] (160 points per weight unit, CRC32 of
+//! `ip\0port`, the key hashed with CRC32), so a key's first point is the server nginx picks. When
+//! that backend is down (or excluded by a retry), the walk continues clockwise to the next point
+//! whose backend is usable, as nginx does for its first 20 tries; unlike nginx it never falls back
+//! to round robin, so the successor is a pure function of the key and the usable set. Marking one
+//! backend down therefore moves only that backend's keys.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pingora_ketama::{Bucket, Continuum, DEFAULT_POINT_MULTIPLE};
+
+use crate::upstream::BackendState;
+
+/// A ketama continuum over an upstream's backends, with addresses mapped back to indices.
+pub(crate) struct Ring {
+    continuum: Continuum,
+    /// `(address, backend index)` sorted by address, to map ring points back to backends.
+    index: Box<[(SocketAddr, usize)]>,
+    /// Upper bound on the number of points (the walk never needs more steps than this).
+    points: usize,
+}
+
+impl Ring {
+    /// Builds the ring for `backends` in config order.
+    pub(crate) fn new(backends: &[Arc<BackendState>]) -> Ring {
+        let buckets: Vec<Bucket> = backends
+            .iter()
+            .map(|b| Bucket::new(b.address, b.weight.max(1)))
+            .collect();
+        let mut index: Vec<(SocketAddr, usize)> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.address, i))
+            .collect();
+        index.sort_unstable();
+        let points = backends
+            .iter()
+            .map(|b| b.weight.max(1) as usize * DEFAULT_POINT_MULTIPLE as usize)
+            .sum();
+        Ring {
+            continuum: Continuum::new(&buckets),
+            index: index.into_boxed_slice(),
+            points,
+        }
+    }
+
+    /// The index of the backend with `address`.
+    fn backend_of(&self, address: &SocketAddr) -> Option<usize> {
+        self.index
+            .binary_search_by(|(a, _)| a.cmp(address))
+            .ok()
+            .map(|at| self.index[at].1)
+    }
+
+    /// The first backend clockwise from the point of `key` for which `usable` holds; None if no
+    /// backend of `0..backends` is usable.
+    ///
+    /// Cost: one binary search when the first owner is usable (the common case); otherwise a
+    /// scan of `usable` over all backends, then a walk that ends at the first usable point.
+    pub(crate) fn owner(
+        &self,
+        key: &[u8],
+        backends: usize,
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let mut points = self.continuum.node_iter(key);
+        let first = self.backend_of(points.next()?)?;
+        if usable(first) {
+            return Some(first);
+        }
+        // Checked up front so an all-down upstream costs O(backends), not a walk of the ring.
+        if !(0..backends).any(&usable) {
+            return None;
+        }
+        points
+            .take(self.points)
+            .filter_map(|address| self.backend_of(address))
+            .find(|&backend| usable(backend))
+    }
+}
+
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ring")
+            .field("backends", &self.index.len())
+            .field("points", &self.points)
+            .finish()
+    }
+}

@@ -1,0 +1,149 @@
+//! [`Router`]: the immutable routing table built from a config, and the decision for one request.
+
+use tether_config::{Config, OnMissing, Route};
+
+use crate::normalize::normalize_path;
+use crate::table::Table;
+use crate::upstream::UpstreamState;
+use crate::{balance, Decision, KeySourceKind, Reject, RequestView};
+
+/// The immutable routing table built from a `Config`.
+#[derive(Debug)]
+pub struct Router {
+    table: Table,
+    upstreams: Vec<UpstreamState>,
+}
+
+impl Router {
+    /// Builds a router with fresh backend states (all up).
+    pub fn new(config: &Config) -> Router {
+        Router::build(config, None)
+    }
+
+    /// Builds a router reusing `BackendState`s of `previous` for backends (same upstream name and
+    /// address) that remain, so health and load survive a reload.
+    ///
+    /// A backend whose weight changed gets a new state with the new weight that keeps its `up`
+    /// flag (its `active` count starts again at 0).
+    pub fn with_previous(config: &Config, previous: &Router) -> Router {
+        Router::build(config, Some(previous))
+    }
+
+    fn build(config: &Config, previous: Option<&Router>) -> Router {
+        let upstreams: Vec<UpstreamState> = config
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                let old =
+                    previous.and_then(|p| p.upstreams.iter().find(|u| u.name == upstream.name));
+                UpstreamState::new(upstream, old)
+            })
+            .collect();
+        Router {
+            table: Table::new(&config.routes, &upstreams),
+            upstreams,
+        }
+    }
+
+    /// Routes one request: normalise path, first matching route, sticky key chain, owner lookup
+    /// skipping backends that are down.
+    ///
+    /// Keyed requests (including `on_missing: client_ip`) go to the key's owner on the ketama
+    /// ring whatever the upstream's balance; `random` picks a random up backend; non-sticky
+    /// routes use the upstream's balance.
+    pub fn decide(&self, req: &RequestView<'_>) -> Result<Decision, Reject> {
+        let normalized_path = normalize_path(req.path)?;
+        let (route, compiled, upstream_index) = self
+            .table
+            .find(req, &normalized_path)
+            .ok_or(Reject::NoRoute)?;
+        let upstream = &self.upstreams[upstream_index];
+        let up = |i: usize| upstream.backends.get(i).is_some_and(|b| b.is_up());
+
+        let (key, key_source, backend) = match &compiled.sticky {
+            None => (None, KeySourceKind::None, balance::keyless(upstream, up)),
+            Some(sticky) => match sticky.extract(req, &normalized_path) {
+                Some((key, source)) => {
+                    let backend = upstream
+                        .ring
+                        .owner(key.as_bytes(), upstream.backends.len(), up);
+                    (Some(key), source, backend)
+                }
+                None => match (sticky.on_missing, req.client_ip) {
+                    (OnMissing::Reject, _) => return Err(Reject::MissingKey { route }),
+                    (OnMissing::ClientIp, Some(ip)) => {
+                        let key = ip.to_string();
+                        let backend =
+                            upstream
+                                .ring
+                                .owner(key.as_bytes(), upstream.backends.len(), up);
+                        (Some(key), KeySourceKind::ClientIp, backend)
+                    }
+                    // `client_ip` without a client IP behaves as `random`.
+                    (OnMissing::Random | OnMissing::ClientIp, _) => {
+                        (None, KeySourceKind::Random, balance::random(upstream, up))
+                    }
+                },
+            },
+        };
+
+        let backend = backend.ok_or(Reject::NoHealthyBackend {
+            route,
+            upstream: upstream_index,
+        })?;
+        Ok(Decision {
+            route,
+            key,
+            key_source,
+            upstream: upstream_index,
+            backend,
+            address: upstream.backends[backend].address,
+            normalized_path,
+        })
+    }
+
+    /// The next backend for a retry of `decision`, skipping backends that are down or listed in
+    /// `exclude` (backend indices already tried). For ketama with a key: the next distinct owner
+    /// clockwise on the ring from the key's point. None if no backend is left.
+    ///
+    /// `decision.backend` itself is always skipped, listed in `exclude` or not. Keyless decisions
+    /// use the upstream's balance (`random` ones a random backend).
+    pub fn next_backend(&self, decision: &Decision, exclude: &[usize]) -> Option<usize> {
+        let upstream = self.upstreams.get(decision.upstream)?;
+        let usable = |i: usize| {
+            i != decision.backend
+                && !exclude.contains(&i)
+                && upstream.backends.get(i).is_some_and(|b| b.is_up())
+        };
+        match (&decision.key, decision.key_source) {
+            (Some(key), _) => upstream
+                .ring
+                .owner(key.as_bytes(), upstream.backends.len(), usable),
+            (None, KeySourceKind::Random) => balance::random(upstream, usable),
+            (None, _) => balance::keyless(upstream, usable),
+        }
+    }
+
+    /// Owner of `key` in upstream `upstream` considering health (ketama: ring walk past down
+    /// backends). None if every backend is down. Used by the CLI and convergence.
+    ///
+    /// This is the ring owner for every balance, since keyed requests always use the ring.
+    pub fn owner(&self, upstream: usize, key: &str) -> Option<usize> {
+        let upstream = self.upstreams.get(upstream)?;
+        upstream
+            .ring
+            .owner(key.as_bytes(), upstream.backends.len(), |i| {
+                upstream.backends.get(i).is_some_and(|b| b.is_up())
+            })
+    }
+
+    /// Routes in file order (the validated config entries).
+    pub fn routes(&self) -> &[Route] {
+        &self.table.routes
+    }
+
+    /// Upstreams in file order.
+    pub fn upstreams(&self) -> &[UpstreamState] {
+        &self.upstreams
+    }
+}

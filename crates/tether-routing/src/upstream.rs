@@ -1,0 +1,85 @@
+//! Runtime state of upstreams and backends: what survives a reload and what the proxy updates.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::balance::RoundRobin;
+use crate::ring::Ring;
+use crate::Balance;
+
+/// Runtime state of one backend, shared between the router and the proxy (health, load).
+#[derive(Debug)]
+pub struct BackendState {
+    /// Address from the config.
+    pub address: SocketAddr,
+    /// Weight from the config.
+    pub weight: u32,
+    /// False when health checks (or passive ejection) say the backend is down. Starts true.
+    pub up: AtomicBool,
+    /// In-flight requests + open streams (maintained by the proxy; used by least_connections).
+    pub active: AtomicUsize,
+}
+
+impl BackendState {
+    fn new(address: SocketAddr, weight: u32, up: bool) -> BackendState {
+        BackendState {
+            address,
+            weight,
+            up: AtomicBool::new(up),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether health checks currently consider the backend up.
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+}
+
+/// One upstream with its ring and backend states.
+#[derive(Debug)]
+pub struct UpstreamState {
+    /// Name from the config.
+    pub name: String,
+    /// Balance from the config.
+    pub balance: Balance,
+    /// Backends in config order; `Arc` so a reload can carry state over for unchanged addresses.
+    pub backends: Vec<Arc<BackendState>>,
+    /// The nginx-compatible ketama ring over `backends` (used for every keyed request).
+    pub(crate) ring: Ring,
+    /// Weighted round robin for keyless requests.
+    pub(crate) round_robin: RoundRobin,
+}
+
+impl UpstreamState {
+    /// Builds the state of `config`, reusing `previous` states for the same address and weight;
+    /// a backend whose weight changed gets a fresh state that keeps its `up` flag.
+    pub(crate) fn new(
+        config: &tether_config::Upstream,
+        previous: Option<&UpstreamState>,
+    ) -> UpstreamState {
+        let backends: Vec<Arc<BackendState>> = config
+            .backends
+            .iter()
+            .map(|backend| {
+                // Weight 0 cannot happen after validation; 1 keeps the ring well-defined anyway.
+                let weight = backend.weight.max(1);
+                let old =
+                    previous.and_then(|p| p.backends.iter().find(|s| s.address == backend.address));
+                match old {
+                    Some(old) if old.weight == weight => Arc::clone(old),
+                    Some(old) => Arc::new(BackendState::new(backend.address, weight, old.is_up())),
+                    None => Arc::new(BackendState::new(backend.address, weight, true)),
+                }
+            })
+            .collect();
+        UpstreamState {
+            name: config.name.clone(),
+            balance: config.balance,
+            ring: Ring::new(&backends),
+            round_robin: RoundRobin::new(&backends),
+            backends,
+        }
+    }
+}

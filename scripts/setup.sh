@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what building and testing Tether needs beyond Rust and gcc, on Debian:
+# cmake (Pingora's zlib-ng build) and nginx-light (the ketama compatibility test).
+# Safe to run repeatedly: it installs only what is missing.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
