@@ -204,6 +204,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_router_can_be_shared_across_worker_threads() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<Router>();
+    }
+
+    #[test]
     fn rejections_map_to_their_http_status() {
         assert_eq!(Reject::BadPath("x").status(), 400);
         assert_eq!(Reject::NoRoute.status(), 404);

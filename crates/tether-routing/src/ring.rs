@@ -6,12 +6,17 @@
 //! whose backend is usable, as nginx does for its first 20 tries; unlike nginx it never falls back
 //! to round robin, so the successor is a pure function of the key and the usable set. Marking one
 //! backend down therefore moves only that backend's keys.
+//!
+//! nginx hashes a server as written in its config, so the comparison holds when nginx lists the
+//! same `ip:port` literals with the same weights. For IPv6, nginx hashes the bracketed `[::1]`
+//! while the port hashes `::1`, so IPv6 backends land elsewhere than behind nginx.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pingora_ketama::{Bucket, Continuum, DEFAULT_POINT_MULTIPLE};
+use tether_config::defaults::MAX_WEIGHT;
 
 use crate::upstream::BackendState;
 
@@ -29,7 +34,7 @@ impl Ring {
     pub(crate) fn new(backends: &[Arc<BackendState>]) -> Ring {
         let buckets: Vec<Bucket> = backends
             .iter()
-            .map(|b| Bucket::new(b.address, b.weight.max(1)))
+            .map(|b| Bucket::new(b.address, ring_weight(b)))
             .collect();
         let mut index: Vec<(SocketAddr, usize)> = backends
             .iter()
@@ -39,7 +44,7 @@ impl Ring {
         index.sort_unstable();
         let points = backends
             .iter()
-            .map(|b| b.weight.max(1) as usize * DEFAULT_POINT_MULTIPLE as usize)
+            .map(|b| ring_weight(b) as usize * DEFAULT_POINT_MULTIPLE as usize)
             .sum();
         Ring {
             continuum: Continuum::new(&buckets),
@@ -81,6 +86,12 @@ impl Ring {
             .filter_map(|address| self.backend_of(address))
             .find(|&backend| usable(backend))
     }
+}
+
+/// The weight on the ring, kept in the validated range (1..=1000) so that an unvalidated
+/// `Config` cannot make the continuum panic (weight 0) or overflow its point count.
+fn ring_weight(backend: &BackendState) -> u32 {
+    backend.weight.clamp(1, MAX_WEIGHT)
 }
 
 impl fmt::Debug for Ring {
