@@ -3,7 +3,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::model::{Admin, HealthCheck, HealthCheckKind, OnMissing, Server, Timeouts};
+use crate::model::{
+    Admin, HealthCheck, HealthCheckKind, OnMissing, Passive, Rebalance, Server, Timeouts,
+};
 
 /// `server.grace_period` when not given.
 pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -64,6 +66,27 @@ impl HealthCheck {
             timeout: Duration::from_secs(1),
             healthy_after: 2,
             unhealthy_after: 3,
+        }
+    }
+}
+
+impl Default for Rebalance {
+    /// Enabled, 200 closes per second, close code 1012.
+    fn default() -> Self {
+        Rebalance {
+            enabled: true,
+            max_per_second: 200,
+            websocket_close_code: 1012,
+        }
+    }
+}
+
+impl Default for Passive {
+    /// Eject after 3 consecutive failures, for 10s.
+    fn default() -> Self {
+        Passive {
+            failures: 3,
+            eject_for: Duration::from_secs(10),
         }
     }
 }

@@ -56,6 +56,30 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Optional active health check.
     pub health_check: Option<HealthCheck>,
+    /// Optional passive ejection on consecutive transport failures.
+    pub passive: Option<Passive>,
+    /// How open streams whose key changed owner are moved.
+    pub rebalance: Rebalance,
+}
+
+/// `passive:` of an upstream: eject a backend after consecutive connect or transport failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passive {
+    /// Consecutive failures that eject the backend (>= 1).
+    pub failures: u32,
+    /// How long an ejected backend stays out.
+    pub eject_for: Duration,
+}
+
+/// `rebalance:` of an upstream: convergence of open streams when key owners change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebalance {
+    /// Close streams whose key moved. Default true.
+    pub enabled: bool,
+    /// At most this many closes per second for this upstream. Default 200.
+    pub max_per_second: u32,
+    /// Close code sent to WebSocket clients. Default 1012 (service restart).
+    pub websocket_close_code: u16,
 }
 
 /// One backend of an upstream.

@@ -59,6 +59,25 @@ fn render_upstream(out: &mut Out, upstream: &Upstream) {
         4,
         &format!("connect_timeout: {}", duration(upstream.connect_timeout)),
     );
+    let r = &upstream.rebalance;
+    out.line(4, "rebalance:");
+    out.line(6, &format!("enabled: {}", r.enabled));
+    out.line(6, &format!("max_per_second: {}", r.max_per_second));
+    out.line(
+        6,
+        &format!("websocket_close_code: {}", r.websocket_close_code),
+    );
+    match &upstream.passive {
+        Some(p) => {
+            out.line(4, "passive:");
+            out.line(6, &format!("failures: {}", p.failures));
+            out.line(6, &format!("eject_for: {}", duration(p.eject_for)));
+        }
+        None => out.line(
+            4,
+            "# passive: not set, so failed requests do not eject a backend",
+        ),
+    }
     let Some(check) = &upstream.health_check else {
         out.line(
             4,

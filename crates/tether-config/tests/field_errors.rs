@@ -280,13 +280,30 @@ fn features_not_built_yet_are_refused_not_ignored() {
         only_error(&discovery),
         "t.yaml:7:5: upstreams.docs.discovery: `discovery` is not supported yet; list the backends"
     );
-    let passive = BASE.replace("9101\n", "9101\n    passive: {}\n    rebalance: {}\n");
-    assert_eq!(
-        errors(&passive),
-        [
-            "t.yaml:7:5: upstreams.docs.passive: passive health checks are not supported yet",
-            "t.yaml:8:5: upstreams.docs.rebalance: `rebalance` settings are not supported yet",
-        ]
+}
+
+#[test]
+fn rebalance_and_passive_settings_are_checked() {
+    let text = BASE.replace(
+        "9101\n",
+        "9101\n    passive: { failures: 0 }\n    rebalance: { websocket_close_code: 1006, max_per_secnd: 5 }\n",
+    );
+    let found = errors(&text);
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(
+        found[0].starts_with("t.yaml:7:26: upstreams.docs.passive.failures:"),
+        "{found:?}"
+    );
+    assert!(
+        found[1].starts_with(
+            "t.yaml:8:40: upstreams.docs.rebalance.websocket_close_code: 1004, 1005, 1006"
+        ),
+        "{found:?}"
+    );
+    assert!(
+        found[2].starts_with("t.yaml:8:46: upstreams.docs.rebalance.max_per_secnd:")
+            && found[2].contains("max_per_second"),
+        "{found:?}"
     );
 }
 

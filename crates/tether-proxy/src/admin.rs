@@ -1,13 +1,129 @@
-//! The admin listener: `GET /healthz` and `GET /metrics` (Prometheus text format).
+//! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text format),
+//! `GET /upstreams`, and `POST|DELETE /upstreams/{name}/backends/{address}/drain`.
 
+use crate::convergence::Cause;
+use crate::state::ProxyState;
 use async_trait::async_trait;
 use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// The admin HTTP application.
-pub struct AdminApp;
+pub struct AdminApp {
+    state: Arc<ProxyState>,
+}
+
+impl AdminApp {
+    /// The admin API over `state`.
+    pub fn new(state: Arc<ProxyState>) -> AdminApp {
+        AdminApp { state }
+    }
+
+    /// `GET /upstreams`: every backend with its state and open streams.
+    fn upstreams(&self) -> Response<Vec<u8>> {
+        let installed = self.state.current();
+        let mut streams: HashMap<(String, SocketAddr), usize> = HashMap::new();
+        for s in self.state.registry.snapshot() {
+            *streams
+                .entry((s.upstream.to_string(), s.backend))
+                .or_default() += 1;
+        }
+        let upstreams: Vec<_> = installed
+            .router
+            .upstreams()
+            .iter()
+            .map(|u| {
+                let backends: Vec<_> = u
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "address": b.address.to_string(),
+                            "weight": b.weight,
+                            "available": b.is_available(),
+                            "healthy": b.up.load(Ordering::Relaxed),
+                            "ejected": b.ejected.load(Ordering::Relaxed),
+                            "draining": b.draining.load(Ordering::Relaxed),
+                            "active": b.active.load(Ordering::Relaxed),
+                            "open_streams": streams.get(&(u.name.clone(), b.address)).copied().unwrap_or(0),
+                        })
+                    })
+                    .collect();
+                json!({ "name": u.name, "balance": format!("{:?}", u.balance), "backends": backends })
+            })
+            .collect();
+        json_reply(StatusCode::OK, &json!({ "upstreams": upstreams }))
+    }
+
+    /// `POST` (drain) or `DELETE` (undrain) `/upstreams/{name}/backends/{address}/drain`.
+    fn drain(&self, upstream: &str, address: &str, drain: bool) -> Response<Vec<u8>> {
+        let Ok(address) = address.parse::<SocketAddr>() else {
+            return json_error(StatusCode::BAD_REQUEST, "backend address must be ip:port");
+        };
+        let installed = self.state.current();
+        let Some(up) = installed
+            .router
+            .upstreams()
+            .iter()
+            .find(|u| u.name == upstream)
+        else {
+            return json_error(StatusCode::NOT_FOUND, "no such upstream");
+        };
+        let Some(backend) = up.backends.iter().find(|b| b.address == address) else {
+            return json_error(StatusCode::NOT_FOUND, "no such backend in this upstream");
+        };
+        let was = backend.draining.swap(drain, Ordering::AcqRel);
+        if was != drain {
+            tracing::info!(upstream, backend = %address, drain, "drain state changed");
+            self.state.owner_changed(upstream, Cause::Drain);
+        }
+        json_reply(
+            StatusCode::OK,
+            &json!({ "upstream": upstream, "backend": address.to_string(), "draining": drain }),
+        )
+    }
+}
+
+fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<Vec<u8>> {
+    let mut body = value.to_string().into_bytes();
+    body.push(b'\n');
+    reply(status, "application/json", body)
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
+    json_reply(status, &json!({ "error": message }))
+}
+
+/// Percent-decodes an admin path segment (addresses like `[::1]:80` may arrive encoded).
+fn decode_segment(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut resp = Response::new(body);
@@ -39,7 +155,18 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let method = req.method.as_str();
-        match (method, req.uri.path()) {
+        let path = req.uri.path();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["upstreams", name, "backends", address, "drain"] = segments.as_slice() {
+            let (name, address) = (decode_segment(name), decode_segment(address));
+            return match method {
+                "POST" => self.drain(&name, &address, true),
+                "DELETE" => self.drain(&name, &address, false),
+                _ => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST or DELETE"),
+            };
+        }
+        match (method, path) {
+            ("GET", "/upstreams") => self.upstreams(),
             ("GET" | "HEAD", "/healthz") => reply(
                 StatusCode::OK,
                 "application/json",

@@ -2,6 +2,8 @@
 //! Pingora's own TCP and HTTP checkers, and flips `BackendState::up` after `healthy_after`
 //! successes or `unhealthy_after` failures. Backends count as up until their first verdict.
 
+use crate::convergence::Cause;
+use crate::metrics::Metrics;
 use crate::state::ProxyState;
 use async_trait::async_trait;
 use pingora::lb::health_check::{HealthCheck as Probe, HttpHealthCheck, TcpHealthCheck};
@@ -123,13 +125,24 @@ impl BackgroundService for HealthChecker {
                     streak.failures += 1;
                     streak.successes = 0;
                 }
+                let address = backend.address.to_string();
+                Metrics::global()
+                    .health_checks
+                    .with_label_values(&[
+                        name.as_str(),
+                        &address,
+                        if ok { "success" } else { "failure" },
+                    ])
+                    .inc();
                 let was_up = backend.up.load(Ordering::Relaxed);
                 if was_up && streak.failures >= check.unhealthy_after {
                     backend.up.store(false, Ordering::Relaxed);
-                    tracing::warn!(upstream = %name, backend = %backend.address, "backend is down");
+                    tracing::warn!(upstream = %name, backend = %address, "backend is down");
+                    self.state.owner_changed(&name, Cause::Health);
                 } else if !was_up && streak.successes >= check.healthy_after {
                     backend.up.store(true, Ordering::Relaxed);
-                    tracing::info!(upstream = %name, backend = %backend.address, "backend is up");
+                    tracing::info!(upstream = %name, backend = %address, "backend is up");
+                    self.state.owner_changed(&name, Cause::Health);
                 }
             }
             tokio::select! {

@@ -6,11 +6,14 @@
 //! server and never returns.
 
 pub mod admin;
+pub mod convergence;
 pub mod forwarding;
 pub mod health;
 pub mod metrics;
+pub mod passive;
 pub mod proxy;
 pub mod state;
+pub mod streams;
 
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -66,13 +69,22 @@ pub fn build_server(config: Config, options: RunOptions) -> Server {
         proxy.add_tcp(&listener.address.to_string());
     }
 
-    let mut admin = Service::new("tether admin".to_string(), admin::AdminApp);
+    let mut admin = Service::new(
+        "tether admin".to_string(),
+        admin::AdminApp::new(state.clone()),
+    );
     admin.add_tcp(&config.admin.address.to_string());
 
-    let health = background_service("tether health checks", health::HealthChecker::new(state));
+    let health = background_service(
+        "tether health checks",
+        health::HealthChecker::new(state.clone()),
+    );
+    let convergence =
+        background_service("tether convergence", convergence::Convergence::new(state));
 
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(health);
+    server.add_service(convergence);
     server
 }

@@ -3,7 +3,7 @@
 //! Label handles are resolved when a router is installed, not per request, so the request path
 //! only bumps atomics.
 
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use std::sync::OnceLock;
 use tether_routing::Router;
 
@@ -11,21 +11,85 @@ use tether_routing::Router;
 pub struct Metrics {
     /// `tether_http_requests_total{route,upstream,code}`.
     pub http_requests: IntCounterVec,
+    /// `tether_streams_open{route,upstream,backend,kind}`.
+    pub streams_open: IntGaugeVec,
+    /// `tether_streams_closed_total{upstream,reason}`.
+    pub streams_closed: IntCounterVec,
+    /// `tether_backend_up{upstream,backend}`: 1 when the backend may own keys.
+    pub backend_up: IntGaugeVec,
+    /// `tether_health_checks_total{upstream,backend,result}`.
+    pub health_checks: IntCounterVec,
+    /// `tether_ring_changes_total{upstream,cause}`.
+    pub ring_changes: IntCounterVec,
+    /// `tether_split_keys{upstream}`.
+    pub split_keys: IntGaugeVec,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is statically valid: {e}"));
+    // Registration only fails on a duplicate name; `global()` registers exactly once.
+    let _ = prometheus::register(Box::new(metric.clone()));
+    metric
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is statically valid: {e}"));
+    let _ = prometheus::register(Box::new(metric.clone()));
+    metric
 }
 
 impl Metrics {
     fn register() -> Metrics {
-        let http_requests = IntCounterVec::new(
-            Opts::new(
+        Metrics {
+            http_requests: counter(
                 "tether_http_requests_total",
                 "HTTP requests answered, by route, upstream and status class (2xx..5xx)",
+                &["route", "upstream", "code"],
             ),
-            &["route", "upstream", "code"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition is static and valid: {e}"));
-        // Registration only fails on a duplicate name; `global()` registers exactly once.
-        let _ = prometheus::register(Box::new(http_requests.clone()));
-        Metrics { http_requests }
+            streams_open: gauge(
+                "tether_streams_open",
+                "Open WebSocket, SSE and long-poll streams",
+                &["route", "upstream", "backend", "kind"],
+            ),
+            streams_closed: counter(
+                "tether_streams_closed_total",
+                "Streams that ended, by why: ended (by either peer), rebalance, shutdown",
+                &["upstream", "reason"],
+            ),
+            backend_up: gauge(
+                "tether_backend_up",
+                "1 when the backend may own keys (healthy, not ejected, not draining)",
+                &["upstream", "backend"],
+            ),
+            health_checks: counter(
+                "tether_health_checks_total",
+                "Active health check probes, by result (success|failure)",
+                &["upstream", "backend", "result"],
+            ),
+            ring_changes: counter(
+                "tether_ring_changes_total",
+                "Changes of an upstream's key owners, by cause (health|passive|drain|config)",
+                &["upstream", "cause"],
+            ),
+            split_keys: gauge(
+                "tether_split_keys",
+                "Keys with open streams on more than one backend",
+                &["upstream"],
+            ),
+        }
+    }
+
+    /// Sets `backend_up` for every backend of `router` from its current state.
+    pub fn refresh_backend_up(&self, router: &Router) {
+        for upstream in router.upstreams() {
+            for backend in &upstream.backends {
+                self.backend_up
+                    .with_label_values(&[&upstream.name, &backend.address.to_string()])
+                    .set(i64::from(backend.is_available()));
+            }
+        }
     }
 
     /// The metrics, registered on first use.

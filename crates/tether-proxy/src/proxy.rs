@@ -2,19 +2,23 @@
 //! retry connect failures on the next owner, and answer errors with the right status.
 
 use crate::forwarding::{self, X_REQUEST_ID};
+use crate::passive;
 use crate::state::{Installed, ProxyState};
+use crate::streams::{Registration, StreamKind};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{ACCEPT, HOST};
 use http::HeaderValue;
 use pingora::prelude::*;
+use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::Peer;
 use pingora::{ErrorSource, ErrorType};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_routing::{Decision, RequestView};
+use tether_routing::{BackendState, Decision, RequestView};
 
 /// What kind of exchange a request is; streams are governed by `timeouts.idle`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +47,8 @@ pub struct RequestCtx {
     local_status: Option<u16>,
     /// Backend whose `active` count this request holds.
     holding: Option<usize>,
+    /// The stream's entry in the registry, for WebSocket, SSE and long-poll exchanges.
+    registration: Option<Registration>,
 }
 
 /// The Tether proxy application.
@@ -118,6 +124,48 @@ impl RequestCtx {
     }
 }
 
+impl RequestCtx {
+    /// The backend currently tried, with its upstream's name and passive settings.
+    fn current_backend(
+        &self,
+    ) -> Option<(&str, Option<tether_config::Passive>, &Arc<BackendState>)> {
+        let installed = self.installed.as_ref()?;
+        let decision = self.decision.as_ref()?;
+        let index = *self.tried.last()?;
+        let upstream = installed.router.upstreams().get(decision.upstream)?;
+        let passive = installed.config_upstream(decision.upstream)?.passive;
+        Some((&upstream.name, passive, upstream.backends.get(index)?))
+    }
+
+    fn is_closing(&self) -> bool {
+        self.registration
+            .as_ref()
+            .is_some_and(|r| r.control().is_closing())
+    }
+}
+
+impl ExchangeKind {
+    fn stream_kind(self) -> Option<StreamKind> {
+        match self {
+            ExchangeKind::Plain => None,
+            ExchangeKind::WebSocket => Some(StreamKind::WebSocket),
+            ExchangeKind::Sse => Some(StreamKind::Sse),
+            ExchangeKind::LongPoll => Some(StreamKind::LongPoll),
+        }
+    }
+}
+
+/// A server-to-client WebSocket close frame (RFC 6455 5.5.1: unmasked, code then reason).
+fn websocket_close_frame(code: u16, reason: &str) -> Bytes {
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut frame = Vec::with_capacity(4 + reason.len());
+    frame.push(0x88); // FIN + opcode 8 (close)
+    frame.push(2 + reason.len() as u8);
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    Bytes::from(frame)
+}
+
 impl Drop for RequestCtx {
     fn drop(&mut self) {
         // `logging` normally releases; this covers requests Pingora abandons early.
@@ -139,6 +187,7 @@ impl ProxyHttp for TetherProxy {
             client_ip: None,
             local_status: None,
             holding: None,
+            registration: None,
         }
     }
 
@@ -249,10 +298,112 @@ impl ProxyHttp for TetherProxy {
             (Some(installed), Some(d)) => installed.router.routes()[d.route].retries as usize,
             _ => 0,
         };
+        if let Some((upstream, passive, backend)) = ctx.current_backend() {
+            passive::record_failure(&self.state, upstream, passive, backend);
+        }
         if ctx.tried.len() <= retries {
             e.set_retry(true);
         }
         e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let transport_failure = e.esource() == &ErrorSource::Upstream
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed
+                    | ErrorType::ReadError
+                    | ErrorType::WriteError
+                    | ErrorType::ReadTimedout
+                    | ErrorType::WriteTimedout
+            );
+        if ctx.is_closing() {
+            // Convergence ended this stream on purpose: not a backend fault, never retried.
+            e.set_retry(false);
+            return e;
+        }
+        if transport_failure {
+            if let Some((upstream, passive, backend)) = ctx.current_backend() {
+                passive::record_failure(&self.state, upstream, passive, backend);
+            }
+        }
+        // Pingora's default policy: retry only idempotent requests whose body is still buffered.
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(kind) = ctx.kind.stream_kind() else {
+            return Ok(());
+        };
+        let (Some(installed), Some(decision)) = (&ctx.installed, &ctx.decision) else {
+            return Ok(());
+        };
+        let Some(backend) = peer.address().as_inet().copied() else {
+            return Ok(());
+        };
+        let router = &installed.router;
+        // A retry replaces the registration of the failed attempt.
+        ctx.registration = None;
+        let registration = self.state.registry.register(
+            Arc::from(router.routes()[decision.route].name.as_str()),
+            Arc::from(router.upstreams()[decision.upstream].name.as_str()),
+            decision.key.as_deref().map(Arc::from),
+            backend,
+            kind,
+        );
+        registration.control().attach_upstream(fd);
+        ctx.registration = Some(registration);
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream && ctx.kind == ExchangeKind::WebSocket && ctx.is_closing() {
+            let code = match (&ctx.installed, &ctx.decision) {
+                (Some(installed), Some(d)) => installed
+                    .config_upstream(d.upstream)
+                    .map_or(1012, |u| u.rebalance.websocket_close_code),
+                _ => 1012,
+            };
+            let frame = websocket_close_frame(code, "document moved");
+            *body = Some(match body.take() {
+                Some(data) if !data.is_empty() => {
+                    let mut joined = Vec::with_capacity(data.len() + frame.len());
+                    joined.extend_from_slice(&data);
+                    joined.extend_from_slice(&frame);
+                    Bytes::from(joined)
+                }
+                _ => frame,
+            });
+        }
+        Ok(None)
     }
 
     async fn upstream_request_filter(
@@ -278,8 +429,11 @@ impl ProxyHttp for TetherProxy {
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some((_, _, backend)) = ctx.current_backend() {
+            passive::record_success(backend);
+        }
         forwarding::strip_response_hop_by_hop(upstream_response);
         Ok(())
     }
@@ -323,6 +477,7 @@ impl ProxyHttp for TetherProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.release_backend();
+        ctx.registration = None;
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

@@ -1,11 +1,15 @@
-//! The one owner of the running routing state: the current `Router` and its metric handles,
-//! swapped as a whole on reload. Requests take a snapshot at start and finish on it.
+//! The one owner of the running state: the current `Router` and its metric handles (swapped
+//! as a whole on reload; requests take a snapshot at start and finish on it), the registry of
+//! open streams, and the signal that an upstream's key owners changed.
 
-use crate::metrics::RouterCounters;
+use crate::convergence::Cause;
+use crate::metrics::{Metrics, RouterCounters};
+use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 use tether_config::Config;
 use tether_routing::Router;
+use tokio::sync::Notify;
 
 /// A router together with everything derived from it.
 pub struct Installed {
@@ -38,14 +42,38 @@ impl Installed {
 /// Shared, swappable proxy state.
 pub struct ProxyState {
     current: ArcSwap<Installed>,
+    /// Every open WebSocket, SSE and long-poll stream.
+    pub registry: Arc<StreamRegistry>,
+    owners_changed: Notify,
 }
 
 impl ProxyState {
     /// State serving `config`.
     pub fn new(config: &Config) -> ProxyState {
+        let installed = Installed::new(config);
+        Metrics::global().refresh_backend_up(&installed.router);
         ProxyState {
-            current: ArcSwap::from_pointee(Installed::new(config)),
+            current: ArcSwap::from_pointee(installed),
+            registry: Arc::new(StreamRegistry::default()),
+            owners_changed: Notify::new(),
         }
+    }
+
+    /// Records that the key owners of `upstream` changed (counted in `ring_changes_total`) and
+    /// wakes convergence.
+    pub fn owner_changed(&self, upstream: &str, cause: Cause) {
+        let metrics = Metrics::global();
+        metrics
+            .ring_changes
+            .with_label_values(&[upstream, cause.as_str()])
+            .inc();
+        metrics.refresh_backend_up(&self.current().router);
+        self.owners_changed.notify_one();
+    }
+
+    /// Resolves when an owner change was signalled (after the last wait).
+    pub async fn owners_changed(&self) {
+        self.owners_changed.notified().await
     }
 
     /// The routing state in force now.

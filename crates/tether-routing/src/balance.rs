@@ -167,19 +167,16 @@ pub(crate) fn keyless(upstream: &UpstreamState, usable: impl Fn(usize) -> bool) 
 mod tests {
     use super::*;
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicBool;
 
     fn states(weights: &[u32]) -> Vec<Arc<BackendState>> {
         weights
             .iter()
             .enumerate()
             .map(|(i, &weight)| {
-                Arc::new(BackendState {
-                    address: SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
+                Arc::new(BackendState::new(
+                    SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
                     weight,
-                    up: AtomicBool::new(true),
-                    active: AtomicUsize::new(0),
-                })
+                ))
             })
             .collect()
     }

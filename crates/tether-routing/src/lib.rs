@@ -37,6 +37,8 @@
 //!         balance: Balance::Ketama,
 //!         connect_timeout: Duration::from_secs(1),
 //!         health_check: None,
+//!         passive: None,
+//!         rebalance: Rebalance::default(),
 //!     }],
 //!     routes: vec![Route {
 //!         name: "doc-live".into(),

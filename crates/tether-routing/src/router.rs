@@ -58,7 +58,7 @@ impl Router {
             .find(req, &normalized_path)
             .ok_or(Reject::NoRoute)?;
         let upstream = &self.upstreams[upstream_index];
-        let up = |i: usize| upstream.backends.get(i).is_some_and(|b| b.is_up());
+        let up = |i: usize| upstream.backends.get(i).is_some_and(|b| b.is_available());
 
         let (key, key_source, backend) = match &compiled.sticky {
             None => (None, KeySourceKind::None, balance::keyless(upstream, up)),
@@ -113,7 +113,7 @@ impl Router {
         let usable = |i: usize| {
             i != decision.backend
                 && !exclude.contains(&i)
-                && upstream.backends.get(i).is_some_and(|b| b.is_up())
+                && upstream.backends.get(i).is_some_and(|b| b.is_available())
         };
         match (&decision.key, decision.key_source) {
             (Some(key), _) => upstream
@@ -133,7 +133,7 @@ impl Router {
         upstream
             .ring
             .owner(key.as_bytes(), upstream.backends.len(), |i| {
-                upstream.backends.get(i).is_some_and(|b| b.is_up())
+                upstream.backends.get(i).is_some_and(|b| b.is_available())
             })
     }
 

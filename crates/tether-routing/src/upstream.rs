@@ -1,7 +1,7 @@
 //! Runtime state of upstreams and backends: what survives a reload and what the proxy updates.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::balance::RoundRobin;
@@ -15,25 +15,50 @@ pub struct BackendState {
     pub address: SocketAddr,
     /// Weight from the config.
     pub weight: u32,
-    /// False when health checks (or passive ejection) say the backend is down. Starts true.
+    /// False when active health checks say the backend is down. Starts true.
     pub up: AtomicBool,
+    /// True while passive ejection (consecutive transport failures) keeps the backend out.
+    pub ejected: AtomicBool,
+    /// True while an operator drains the backend: it owns no keys, but open streams stay.
+    pub draining: AtomicBool,
+    /// Consecutive connect / transport failures (kept by the proxy for passive ejection).
+    pub failures: AtomicU32,
     /// In-flight requests + open streams (maintained by the proxy; used by least_connections).
     pub active: AtomicUsize,
 }
 
 impl BackendState {
-    fn new(address: SocketAddr, weight: u32, up: bool) -> BackendState {
+    /// A fresh backend: up, not ejected, not draining, no load.
+    pub fn new(address: SocketAddr, weight: u32) -> BackendState {
         BackendState {
             address,
             weight,
-            up: AtomicBool::new(up),
+            up: AtomicBool::new(true),
+            ejected: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             active: AtomicUsize::new(0),
         }
     }
 
-    /// Whether health checks currently consider the backend up.
-    pub(crate) fn is_up(&self) -> bool {
+    /// A state for `address` with a new `weight` that keeps `old`'s health, ejection and drain.
+    fn reweighted(old: &BackendState, weight: u32) -> BackendState {
+        let state = BackendState::new(old.address, weight);
+        for (to, from) in [
+            (&state.up, &old.up),
+            (&state.ejected, &old.ejected),
+            (&state.draining, &old.draining),
+        ] {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        state
+    }
+
+    /// Whether the backend may own keys and take new requests: up, not ejected, not draining.
+    pub fn is_available(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+            && !self.ejected.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -69,8 +94,8 @@ impl UpstreamState {
                     previous.and_then(|p| p.backends.iter().find(|s| s.address == backend.address));
                 match old {
                     Some(old) if old.weight == weight => Arc::clone(old),
-                    Some(old) => Arc::new(BackendState::new(backend.address, weight, old.is_up())),
-                    None => Arc::new(BackendState::new(backend.address, weight, true)),
+                    Some(old) => Arc::new(BackendState::reweighted(old, weight)),
+                    None => Arc::new(BackendState::new(backend.address, weight)),
                 }
             })
             .collect();

@@ -436,3 +436,32 @@ fn reload_does_not_share_state_across_upstreams() {
         &new.upstreams()[0].backends[0]
     ));
 }
+
+#[test]
+fn a_draining_or_ejected_backend_owns_no_keys_and_its_keys_go_where_a_down_ones_would() {
+    let keys: Vec<String> = (0..500).map(|i| format!("doc-{i}")).collect();
+    let reference = sticky_router(OnMissing::Reject, Balance::Ketama);
+    mark_down(&reference, 2);
+    for flag in ["draining", "ejected"] {
+        let router = sticky_router(OnMissing::Reject, Balance::Ketama);
+        let before: Vec<Option<usize>> = keys.iter().map(|k| router.owner(0, k)).collect();
+        let state = &router.upstreams()[0].backends[2];
+        match flag {
+            "draining" => state.draining.store(true, Ordering::Relaxed),
+            _ => state.ejected.store(true, Ordering::Relaxed),
+        }
+        assert!(!state.is_available());
+        for (key, old) in keys.iter().zip(&before) {
+            let now = router.owner(0, key);
+            assert_ne!(now, Some(2), "{flag}: {key} still owned by backend 2");
+            assert_eq!(now, reference.owner(0, key), "{flag}: {key}");
+            if *old != Some(2) {
+                assert_eq!(now, *old, "{flag}: {key} of another backend moved");
+            }
+        }
+        state.draining.store(false, Ordering::Relaxed);
+        state.ejected.store(false, Ordering::Relaxed);
+        let after: Vec<Option<usize>> = keys.iter().map(|k| router.owner(0, k)).collect();
+        assert_eq!(after, before, "{flag}: undoing restores every owner");
+    }
+}

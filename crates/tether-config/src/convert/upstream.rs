@@ -26,15 +26,18 @@ pub(super) fn upstreams(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Upst
     out
 }
 
-const UPSTREAM: [&str; 4] = ["backends", "balance", "connect_timeout", "health_check"];
-const UPSTREAM_LATER: [(&str, &str); 3] = [
-    (
-        "discovery",
-        "`discovery` is not supported yet; list the backends",
-    ),
-    ("passive", "passive health checks are not supported yet"),
-    ("rebalance", "`rebalance` settings are not supported yet"),
+const UPSTREAM: [&str; 6] = [
+    "backends",
+    "balance",
+    "connect_timeout",
+    "health_check",
+    "passive",
+    "rebalance",
 ];
+const UPSTREAM_LATER: [(&str, &str); 1] = [(
+    "discovery",
+    "`discovery` is not supported yet; list the backends",
+)];
 
 fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<(usize, Mark)>) {
     let mut up = Upstream {
@@ -43,6 +46,8 @@ fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<
         balance: Balance::Ketama,
         connect_timeout: defaults::CONNECT_TIMEOUT,
         health_check: None,
+        passive: None,
+        rebalance: Rebalance::default(),
     };
     let mut spots = Vec::new();
     let Some(f) = cx.map(node, path, &UPSTREAM, &UPSTREAM_LATER) else {
@@ -73,6 +78,12 @@ fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<
     }
     if let Some(n) = f.get("health_check") {
         up.health_check = health_check(cx, n, &field(path, "health_check"));
+    }
+    if let Some(n) = f.get("passive") {
+        up.passive = passive(cx, n, &field(path, "passive"));
+    }
+    if let Some(n) = f.get("rebalance") {
+        up.rebalance = rebalance(cx, n, &field(path, "rebalance")).unwrap_or(up.rebalance);
     }
     (up, spots)
 }
@@ -170,4 +181,51 @@ fn http_probe(cx: &mut Cx, node: &Node, path: &str) -> Option<HealthCheckKind> {
         path: probe_path?,
         expect_status: u16::try_from(expect_status?).ok()?,
     })
+}
+
+fn passive(cx: &mut Cx, node: &Node, path: &str) -> Option<Passive> {
+    let f = cx.map(node, path, &["failures", "eject_for"], &[])?;
+    let mut passive = Passive::default();
+    if let Some(n) = f.get("failures") {
+        passive.failures = cx
+            .integer(n, &field(path, "failures"), 1, 1000)
+            .map_or(passive.failures, |v| v as u32);
+    }
+    if let Some(n) = f.get("eject_for") {
+        passive.eject_for = cx
+            .positive_duration(n, &field(path, "eject_for"))
+            .unwrap_or(passive.eject_for);
+    }
+    Some(passive)
+}
+
+fn rebalance(cx: &mut Cx, node: &Node, path: &str) -> Option<Rebalance> {
+    let keys = ["enabled", "max_per_second", "websocket_close_code"];
+    let f = cx.map(node, path, &keys, &[])?;
+    let mut rebalance = Rebalance::default();
+    if let Some(n) = f.get("enabled") {
+        rebalance.enabled = cx
+            .boolean(n, &field(path, "enabled"))
+            .unwrap_or(rebalance.enabled);
+    }
+    if let Some(n) = f.get("max_per_second") {
+        rebalance.max_per_second = cx
+            .integer(n, &field(path, "max_per_second"), 1, 1_000_000)
+            .map_or(rebalance.max_per_second, |v| v as u32);
+    }
+    if let Some(n) = f.get("websocket_close_code") {
+        // RFC 6455 7.4: 1000-2999 are protocol codes (1004-1006 and 1015 are never sent),
+        // 3000-4999 are for registered and private use.
+        let code = cx.integer(n, &field(path, "websocket_close_code"), 1000, 4999);
+        match code {
+            Some(1004..=1006 | 1015) => cx.error(
+                n.mark,
+                &field(path, "websocket_close_code"),
+                "1004, 1005, 1006 and 1015 must not be sent in a close frame",
+            ),
+            Some(c) => rebalance.websocket_close_code = c as u16,
+            None => {}
+        }
+    }
+    Some(rebalance)
 }

@@ -30,6 +30,8 @@ pub fn upstream(name: &str, backends: Vec<Backend>, balance: Balance) -> Upstrea
         balance,
         connect_timeout: Duration::from_secs(1),
         health_check: None,
+        passive: None,
+        rebalance: tether_config::Rebalance::default(),
     }
 }
 

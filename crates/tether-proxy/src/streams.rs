@@ -1,0 +1,309 @@
+//! The stream registry: every open WebSocket, SSE response and long-poll response, with its
+//! route, key, upstream and backend, so convergence can close exactly the streams whose key
+//! moved to another owner.
+//!
+//! Registration costs one short mutex section on a shard at open and at close; nothing is held
+//! across I/O, and plain requests never touch the registry.
+
+use crate::metrics::Metrics;
+use prometheus::IntGauge;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// The kind of an open stream (the `kind` metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    /// An upgraded WebSocket connection.
+    WebSocket,
+    /// A Server-Sent Events response.
+    Sse,
+    /// A long-poll response.
+    LongPoll,
+}
+
+impl StreamKind {
+    /// The metric label: `websocket`, `sse` or `long_poll`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::WebSocket => "websocket",
+            StreamKind::Sse => "sse",
+            StreamKind::LongPoll => "long_poll",
+        }
+    }
+}
+
+/// The handle convergence uses to end one stream from outside its request task.
+///
+/// Pingora has no API to close a proxied connection from outside (Pingora issue #571). What
+/// works soundly: in `connected_to_upstream` the proxy `dup`s the upstream socket's descriptor
+/// into this handle. Closing then means `shutdown(2)` on that duplicate: the request task's
+/// next upstream read sees end-of-stream, Pingora ends the relay normally and calls
+/// `response_body_filter` one last time with `end_of_stream`, where the proxy sees `closing`
+/// and appends a WebSocket close frame for the client. Because the handle owns its duplicate,
+/// the descriptor number can never be recycled for another connection while the registry can
+/// reach it; the duplicate is closed when the stream deregisters.
+#[derive(Debug, Default)]
+pub struct StreamControl {
+    /// 0 while open normally, else a `CloseReason` discriminant.
+    closing: AtomicU8,
+    upstream: Mutex<Option<OwnedFd>>,
+}
+
+/// Why Tether itself ended a stream (the `reason` label of `streams_closed_total`; streams that
+/// end on their own count as `ended`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// Its key moved to another backend.
+    Rebalance = 1,
+    /// The proxy is shutting down.
+    Shutdown = 2,
+}
+
+impl CloseReason {
+    fn label(code: u8) -> &'static str {
+        match code {
+            1 => "rebalance",
+            2 => "shutdown",
+            _ => "ended",
+        }
+    }
+}
+
+impl StreamControl {
+    /// Keeps a duplicate of the upstream socket `fd` (from `connected_to_upstream`).
+    pub fn attach_upstream(&self, fd: RawFd) {
+        // SAFETY: `fd` is the live upstream socket Pingora passes to `connected_to_upstream`;
+        // `fcntl(F_DUPFD_CLOEXEC)` only reads it and returns a new descriptor we then own.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup >= 0 {
+            // SAFETY: `dup` is a fresh descriptor owned by nobody else.
+            let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+            *lock(&self.upstream) = Some(owned);
+        }
+    }
+
+    /// True once convergence (or shutdown) asked this stream to end.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire) != 0
+    }
+
+    /// Asks the stream to end: marks it closing and shuts the upstream socket down so the relay
+    /// finishes. Returns false if the stream has no upstream socket yet (or any more).
+    pub fn close(&self, reason: CloseReason) -> bool {
+        // The first reason wins; a stream is closed once.
+        let _ = self
+            .closing
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        match lock(&self.upstream).as_ref() {
+            Some(fd) => {
+                // SAFETY: `fd` is our own open duplicate; shutdown does not close it.
+                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn detach(&self) {
+        lock(&self.upstream).take();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these short critical sections cannot leave the data half-written.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the registry knows about one open stream.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// Registry id (monotonic: lower = older).
+    pub id: u64,
+    /// Route name.
+    pub route: Arc<str>,
+    /// Upstream name.
+    pub upstream: Arc<str>,
+    /// The sticky key, if the route had one.
+    pub key: Option<Arc<str>>,
+    /// The backend the stream is connected to.
+    pub backend: SocketAddr,
+    /// WebSocket, SSE or long-poll.
+    pub kind: StreamKind,
+    /// When it was registered.
+    pub opened: Instant,
+    /// How to end it.
+    pub control: Arc<StreamControl>,
+}
+
+const SHARDS: usize = 16;
+
+/// All open streams, sharded by id to keep lock contention negligible.
+#[derive(Debug)]
+pub struct StreamRegistry {
+    next_id: AtomicU64,
+    shards: [Mutex<HashMap<u64, StreamInfo>>; SHARDS],
+}
+
+impl Default for StreamRegistry {
+    fn default() -> Self {
+        StreamRegistry {
+            next_id: AtomicU64::new(1),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+/// Removes its stream from the registry when dropped (the stream ended, however it ended).
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<StreamRegistry>,
+    id: u64,
+    control: Arc<StreamControl>,
+    upstream: Arc<str>,
+    open_gauge: IntGauge,
+}
+
+impl Registration {
+    /// The stream's control handle.
+    pub fn control(&self) -> &Arc<StreamControl> {
+        &self.control
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.control.detach();
+        lock(self.registry.shard(self.id)).remove(&self.id);
+        self.open_gauge.dec();
+        let reason = CloseReason::label(self.control.closing.load(Ordering::Acquire));
+        Metrics::global()
+            .streams_closed
+            .with_label_values(&[&self.upstream, reason])
+            .inc();
+    }
+}
+
+impl StreamRegistry {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, StreamInfo>> {
+        &self.shards[(id as usize) % SHARDS]
+    }
+
+    /// Registers an open stream; it stays registered until the returned guard is dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        route: Arc<str>,
+        upstream: Arc<str>,
+        key: Option<Arc<str>>,
+        backend: SocketAddr,
+        kind: StreamKind,
+    ) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let control = Arc::new(StreamControl::default());
+        let backend_label = backend.to_string();
+        let open_gauge = Metrics::global().streams_open.with_label_values(&[
+            &*route,
+            &*upstream,
+            &backend_label,
+            kind.as_str(),
+        ]);
+        open_gauge.inc();
+        let info = StreamInfo {
+            id,
+            route,
+            upstream: upstream.clone(),
+            key,
+            backend,
+            kind,
+            opened: Instant::now(),
+            control: control.clone(),
+        };
+        lock(self.shard(id)).insert(id, info);
+        Registration {
+            registry: self.clone(),
+            id,
+            control,
+            upstream,
+            open_gauge,
+        }
+    }
+
+    /// A copy of every open stream, oldest first.
+    pub fn snapshot(&self) -> Vec<StreamInfo> {
+        let mut all: Vec<StreamInfo> = Vec::new();
+        for shard in &self.shards {
+            all.extend(lock(shard).values().cloned());
+        }
+        all.sort_unstable_by_key(|s| s.id);
+        all
+    }
+
+    /// Number of open streams.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// True when no stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(reg: &Arc<StreamRegistry>, key: &str) -> Registration {
+        reg.register(
+            "r".into(),
+            "u".into(),
+            Some(key.into()),
+            "127.0.0.1:1".parse().expect("addr"),
+            StreamKind::WebSocket,
+        )
+    }
+
+    #[test]
+    fn a_stream_is_listed_while_registered_and_gone_after() {
+        let reg = Arc::new(StreamRegistry::default());
+        let a = register(&reg, "a");
+        let b = register(&reg, "b");
+        let keys: Vec<_> = reg
+            .snapshot()
+            .iter()
+            .map(|s| s.key.as_deref().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(keys, ["a", "b"], "oldest first");
+        drop(a);
+        assert_eq!(reg.len(), 1);
+        drop(b);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn closing_without_an_upstream_socket_only_marks_the_stream() {
+        let reg = Arc::new(StreamRegistry::default());
+        let a = register(&reg, "a");
+        assert!(!a.control().close(CloseReason::Rebalance));
+        assert!(a.control().is_closing());
+    }
+
+    #[test]
+    fn closing_shuts_the_upstream_socket_down() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut server, _) = listener.accept().expect("accept");
+        let reg = Arc::new(StreamRegistry::default());
+        let a = register(&reg, "a");
+        a.control().attach_upstream(client.as_raw_fd());
+        assert!(a.control().close(CloseReason::Rebalance));
+        let mut buf = [0u8; 1];
+        assert_eq!(server.read(&mut buf).expect("read"), 0, "peer sees EOF");
+    }
+}
