@@ -16,7 +16,10 @@ pub fn get(name: &str) -> Option<(&'static str, &'static str)> {
             include_str!("../assets/ot.js"),
             "text/javascript; charset=utf-8",
         )),
-        "style.css" => Some((include_str!("../assets/style.css"), "text/css; charset=utf-8")),
+        "style.css" => Some((
+            include_str!("../assets/style.css"),
+            "text/css; charset=utf-8",
+        )),
         _ => None,
     }
 }

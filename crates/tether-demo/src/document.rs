@@ -126,7 +126,11 @@ impl Document {
     /// How many clients are here now, over every transport.
     pub fn viewers(&self) -> usize {
         let now = Instant::now();
-        self.lock().presence.values().filter(|p| p.here(now)).count()
+        self.lock()
+            .presence
+            .values()
+            .filter(|p| p.here(now))
+            .count()
     }
 
     /// Applies an edit made on revision `base` and returns the revision it became. A repeated
@@ -334,7 +338,8 @@ mod tests {
     fn an_insert_survives_a_concurrent_delete_around_it() {
         let doc = Document::new();
         doc.submit("a", 1, 0, op(json!(["abcdef"]))).expect("seed");
-        doc.submit("a", 2, 1, op(json!([1, -4, 1]))).expect("delete bcde");
+        doc.submit("a", 2, 1, op(json!([1, -4, 1])))
+            .expect("delete bcde");
         doc.submit("b", 1, 1, op(json!([3, "XY", 3])))
             .expect("insert in the middle");
         assert_eq!(doc.snapshot().0, "aXYf");
@@ -356,17 +361,22 @@ mod tests {
             Err(SubmitError::UnknownRevision(3))
         );
         for seq in 0..=HISTORY as u64 {
-            doc.submit("a", seq, seq, op(json!(["x"])))
-                .expect("append");
+            let mut append = TextOperation::new();
+            append.retain(seq as usize).insert("x");
+            doc.submit("a", seq, seq, append).expect("append");
         }
         assert_eq!(
             doc.submit("b", 1, 0, op(json!(["y"]))),
             Err(SubmitError::TooOld(0))
         );
-        assert!(matches!(
-            doc.submit("b", 2, 1, op(json!(["y"]))),
-            Ok(rev) if rev == HISTORY as u64 + 2
-        ));
+        // Revision 1 ("x") is the oldest still mergeable.
+        assert_eq!(
+            doc.submit("b", 2, 1, op(json!([1, "y"]))),
+            Ok(HISTORY as u64 + 2)
+        );
+        let text = doc.snapshot().0;
+        assert_eq!(text.len(), HISTORY + 2);
+        assert!(text.starts_with("xy"), "{}", &text[..5]);
     }
 
     #[test]

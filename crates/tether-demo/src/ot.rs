@@ -200,9 +200,7 @@ impl TextOperation {
 
     /// Reads the wire form `[3, "abc", -2, 5]`.
     pub fn from_json(value: &Value) -> Result<Self, OtError> {
-        let items = value
-            .as_array()
-            .ok_or(OtError::Malformed("not an array"))?;
+        let items = value.as_array().ok_or(OtError::Malformed("not an array"))?;
         let mut op = Self::new();
         for item in items {
             match item {

@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::document::{Document, SubmitError};
 use crate::docs::valid_id;
+use crate::document::{Document, SubmitError};
 use crate::ot::TextOperation;
 use crate::server::Shared;
 use crate::{assets, long_poll, sse, websocket};
@@ -72,61 +72,75 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
                     .replace("{{server}}", &shared.name)
                     .replace("{{doc}}", id),
             ),
-            false => bad_request("a document id is 1 to 64 of A-Z a-z 0-9 - _"),
+            false => BAD_DOC_ID.response(),
         },
-        ["docs", id, "state"] if get => with_doc(shared, id, |doc| {
-            let (text, rev) = doc.snapshot();
-            let body = json!({"server": shared.name, "rev": rev, "text": text, "viewers": doc.viewers()});
-            json_response(StatusCode::OK, &body)
-        }),
-        ["docs", id, "ws"] if method == Method::GET => match (open(shared, id), client(&req, shared)) {
-            (Ok(doc), Ok(q)) => websocket::accept(req, doc, Arc::clone(shared), q),
-            (Err(r), _) | (_, Err(r)) => r,
+        ["docs", id, "state"] if get => match open(shared, id) {
+            Ok(doc) => {
+                let (text, rev) = doc.snapshot();
+                let viewers = doc.viewers();
+                let body =
+                    json!({"server": shared.name, "rev": rev, "text": text, "viewers": viewers});
+                json_response(StatusCode::OK, &body)
+            }
+            Err(refused) => refused.response(),
         },
-        ["docs", id, "events"] if method == Method::GET => {
-            match (open(shared, id), client(&req, shared)) {
-                (Ok(doc), Ok(q)) => sse::respond(doc, Arc::clone(shared), q),
-                (Err(r), _) | (_, Err(r)) => r,
-            }
-        }
-        ["docs", id, "ops"] if method == Method::POST => {
-            match (open(shared, id), client(&req, shared)) {
-                (Ok(doc), Ok(q)) => post_edit(req, &doc, &q.client).await,
-                (Err(r), _) | (_, Err(r)) => r,
-            }
-        }
-        ["poll", "docs", id] if method == Method::GET => {
-            match (open(shared, id), client(&req, shared)) {
-                (Ok(doc), Ok(q)) => long_poll::respond(doc, Arc::clone(shared), q).await,
-                (Err(r), _) | (_, Err(r)) => r,
-            }
-        }
+        ["docs", id, "ws"] if method == Method::GET => match doc_and_client(shared, id, &req) {
+            Ok((doc, q)) => websocket::accept(req, doc, Arc::clone(shared), q),
+            Err(refused) => refused.response(),
+        },
+        ["docs", id, "events"] if method == Method::GET => match doc_and_client(shared, id, &req) {
+            Ok((doc, q)) => sse::respond(doc, Arc::clone(shared), q),
+            Err(refused) => refused.response(),
+        },
+        ["docs", id, "ops"] if method == Method::POST => match doc_and_client(shared, id, &req) {
+            Ok((doc, q)) => post_edit(req, &doc, &q.client).await,
+            Err(refused) => refused.response(),
+        },
+        ["poll", "docs", id] if method == Method::GET => match doc_and_client(shared, id, &req) {
+            Ok((doc, q)) => long_poll::respond(doc, Arc::clone(shared), q).await,
+            Err(refused) => refused.response(),
+        },
         _ => not_found(),
     }
 }
 
-fn open(shared: &Shared, id: &str) -> Result<Arc<Document>, Response<Body>> {
-    if !valid_id(id) {
-        return Err(bad_request("a document id is 1 to 64 of A-Z a-z 0-9 - _"));
+/// Why a request is answered with an error instead.
+#[derive(Debug)]
+struct Refused(StatusCode, &'static str);
+
+impl Refused {
+    fn response(self) -> Response<Body> {
+        text(self.0, self.1)
     }
-    shared.docs.open(id).ok_or_else(|| {
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this server holds too many documents",
-        )
-    })
 }
 
-fn with_doc(shared: &Shared, id: &str, f: impl FnOnce(&Document) -> Response<Body>) -> Response<Body> {
-    match open(shared, id) {
-        Ok(doc) => f(&doc),
-        Err(response) => response,
+const BAD_DOC_ID: Refused = Refused(
+    StatusCode::BAD_REQUEST,
+    "a document id is 1 to 64 of A-Z a-z 0-9 - _",
+);
+
+fn open(shared: &Shared, id: &str) -> Result<Arc<Document>, Refused> {
+    if !valid_id(id) {
+        return Err(BAD_DOC_ID);
     }
+    shared.docs.open(id).ok_or(Refused(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this server holds too many documents",
+    ))
+}
+
+fn doc_and_client(
+    shared: &Shared,
+    id: &str,
+    req: &Request<Incoming>,
+) -> Result<(Arc<Document>, ClientQuery), Refused> {
+    let q = client(req, shared)?;
+    Ok((open(shared, id)?, q))
 }
 
 /// Reads `client`, `since`, `server`, `viewers` and `hello` from the query. `since` only counts
 /// when `server` is this server: revisions of another server's copy mean nothing here.
-fn client(req: &Request<Incoming>, shared: &Shared) -> Result<ClientQuery, Response<Body>> {
+fn client(req: &Request<Incoming>, shared: &Shared) -> Result<ClientQuery, Refused> {
     let mut q = ClientQuery::default();
     let mut since = None;
     let mut from_here = false;
@@ -142,7 +156,10 @@ fn client(req: &Request<Incoming>, shared: &Shared) -> Result<ClientQuery, Respo
         }
     }
     if !valid_id(&q.client) {
-        return Err(bad_request("`client` must be 1 to 64 of A-Z a-z 0-9 - _"));
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            "`client` must be 1 to 64 of A-Z a-z 0-9 - _",
+        ));
     }
     q.since = since.filter(|_| from_here);
     Ok(q)
@@ -161,7 +178,10 @@ pub(crate) fn submit_edit(doc: &Document, client: &str, body: &[u8]) -> Result<u
 
 /// `POST .../ops`: the edit goes out to every viewer, its author included (that is its ack).
 async fn post_edit(req: Request<Incoming>, doc: &Document, client: &str) -> Response<Body> {
-    let body = match Limited::new(req.into_body(), MAX_EDIT_BYTES).collect().await {
+    let body = match Limited::new(req.into_body(), MAX_EDIT_BYTES)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes(),
         Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "edit too large"),
     };

@@ -41,8 +41,8 @@ impl AppServer {
     /// Starts a server called `name` (shown on its pages, sent as `x-app-server`) on `addr`;
     /// port 0 lets the OS pick. Must be called on a tokio runtime.
     pub async fn start(name: &str, addr: SocketAddr) -> Result<AppServer, DemoError> {
-        let name_header = HeaderValue::from_str(name)
-            .map_err(|_| DemoError::InvalidName(name.to_owned()))?;
+        let name_header =
+            HeaderValue::from_str(name).map_err(|_| DemoError::InvalidName(name.to_owned()))?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| DemoError::Bind { addr, source })?;
@@ -105,7 +105,10 @@ pub fn spawn_in_background(
                 .and_then(|i| first_port.checked_add(i))
                 .ok_or(DemoError::PortRange { first_port, count })?
         };
-        addrs.push((format!("app-{}", i + 1), SocketAddr::from(([127, 0, 0, 1], port))));
+        addrs.push((
+            format!("app-{}", i + 1),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -40,8 +40,9 @@ impl StreamKind {
 ///
 /// Pingora has no API to close a proxied connection from outside (Pingora issue #571). What
 /// works soundly: in `connected_to_upstream` the proxy `dup`s the upstream socket's descriptor
-/// into this handle. Closing then means `shutdown(2)` on that duplicate: the request task's
-/// next upstream read sees end-of-stream, Pingora ends the relay normally and calls
+/// into this handle. Closing then means `shutdown(SHUT_RD)` on that duplicate: the request
+/// task's next upstream read sees end-of-stream (writes still work, so nothing in flight turns
+/// into an error that would lose the close frame), Pingora ends the relay normally and calls
 /// `response_body_filter` one last time with `end_of_stream`, where the proxy sees `closing`
 /// and appends a WebSocket close frame for the client. Because the handle owns its duplicate,
 /// the descriptor number can never be recycled for another connection while the registry can
@@ -101,8 +102,9 @@ impl StreamControl {
             .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
         match lock(&self.upstream).as_ref() {
             Some(fd) => {
-                // SAFETY: `fd` is our own open duplicate; shutdown does not close it.
-                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+                // SAFETY: `fd` is our own open duplicate; shutdown does not close it. The backend
+                // sees the connection end when Pingora drops it and the registration goes.
+                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) };
                 true
             }
             None => false,
