@@ -35,6 +35,11 @@ upstreams:
     rebalance:
       max_per_second: 10
 routes:
+  - name: long-poll
+    match: { path_prefix: /lp/ }
+    sticky: { keys: [ { path: "/lp/{key}" } ] }
+    upstream: docs
+    long_poll: true
   - name: docs
     match: { path_prefix: /docs/ }
     sticky: { keys: [ { path: "/docs/{key}" } ] }
@@ -440,5 +445,123 @@ async fn a_backend_joining_the_ring_takes_only_the_streams_of_keys_that_moved_to
         moved.len(),
         moved.len(),
         untouched.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_ends_the_sse_and_long_poll_responses_of_moved_keys_only() {
+    let stack = Stack::start(CONFIG).await;
+    // 30 event streams held open (no events after the first), one per key.
+    let mut streams = Vec::new();
+    for i in 0..30 {
+        let key = format!("sse-{i}");
+        let mut events =
+            tether_testkit::sse_events(&stack.url(&format!("/docs/{key}/sse?count=1&hold=1")))
+                .await
+                .expect("SSE through proxy");
+        let first = events.next_event().await.expect("open").expect("event");
+        let backend = first.json().expect("json")["backend"]
+            .as_str()
+            .expect("backend")
+            .to_string();
+        streams.push((key, backend, events));
+    }
+    // 30 long-polls waiting 20 s; their owner is where a plain GET of the key goes.
+    let mut polls = Vec::new();
+    for i in 0..30 {
+        let key = format!("poll-{i}");
+        let owner = http_get(&stack.url(&format!("/lp/{key}/state")), &[])
+            .await
+            .expect("GET")
+            .header("x-backend")
+            .expect("x-backend")
+            .to_string();
+        let request = format!(
+            "GET /lp/{key}/poll?wait_ms=20000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        );
+        let proxy = stack.proxy;
+        let waiting = tokio::spawn(async move {
+            let started = Instant::now();
+            let response = tether_testkit::raw_request_within(
+                proxy,
+                request.as_bytes(),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("long-poll");
+            (tether_testkit::raw_status(&response), started.elapsed())
+        });
+        polls.push((key, owner, waiting));
+    }
+    // Let every long-poll reach its backend before the drain.
+    let all_waiting = wait_until_async(Duration::from_secs(5), || async {
+        let text = http_get(&stack.tether.admin_url("/metrics"), &[])
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default();
+        let polls: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("tether_streams_open{") && l.contains("kind=\"long_poll\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        polls == 30.0
+    })
+    .await;
+    assert!(all_waiting, "not all long-polls are registered");
+
+    let target = ["b0", "b1", "b2"]
+        .into_iter()
+        .max_by_key(|b| streams.iter().filter(|s| s.1 == *b).count())
+        .expect("backends");
+    set_drain(&stack, target, true).await;
+
+    let mut ended = 0;
+    for (key, backend, events) in &mut streams {
+        if *backend == target {
+            let next = tokio::time::timeout(Duration::from_secs(10), events.next_event()).await;
+            assert!(
+                matches!(next, Ok(None) | Ok(Some(Err(_)))),
+                "{key} on the drained backend was not ended: {next:?}"
+            );
+            ended += 1;
+        }
+    }
+    let mut polls_ended = 0;
+    let mut polls_waiting = Vec::new();
+    for (key, owner, waiting) in polls {
+        if owner == target {
+            let (status, after) = tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .expect("long-poll of a drained backend ended")
+                .expect("task");
+            assert_eq!(status, Some(503), "{key}");
+            assert!(after < Duration::from_secs(15), "{key} waited {after:?}");
+            polls_ended += 1;
+        } else {
+            polls_waiting.push((key, waiting));
+        }
+    }
+    // Everything else is untouched: streams quiet, long-polls still waiting.
+    for (key, backend, events) in &mut streams {
+        if *backend != target {
+            let next = tokio::time::timeout(Duration::from_millis(100), events.next_event()).await;
+            assert!(next.is_err(), "{key} on {backend} was touched: {next:?}");
+        }
+    }
+    for (key, waiting) in &polls_waiting {
+        assert!(!waiting.is_finished(), "{key} ended early");
+    }
+    assert!(ended >= 10 && polls_ended >= 1, "{ended} {polls_ended}");
+    let closed = metric(
+        &stack,
+        r#"tether_streams_closed_total{reason="rebalance",upstream="docs"}"#,
+    )
+    .await;
+    assert_eq!(closed, Some((ended + polls_ended) as f64));
+    for (_, waiting) in polls_waiting {
+        waiting.abort();
+    }
+    eprintln!(
+        "sse/long-poll drain: sse ended {ended} of 30, long-polls answered 503 {polls_ended} of 30, others untouched"
     );
 }

@@ -456,7 +456,9 @@ impl ProxyHttp for TetherProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let code = status_for(e);
+        // A stream convergence ended before its response started (a waiting long-poll): 503
+        // tells the client to come back, and it will reach the key's new owner.
+        let code = if ctx.is_closing() { 503 } else { status_for(e) };
         if code > 0 && session.response_written().is_none() {
             let reason = http::StatusCode::from_u16(code)
                 .ok()
