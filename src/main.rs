@@ -44,6 +44,9 @@ struct CheckArgs {
     /// Print the config with every default filled in.
     #[arg(long)]
     print_defaults: bool,
+    /// Compare with the config now in force: share of keys that change owner, route changes.
+    #[arg(long, value_name = "OLD_FILE")]
+    against: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -82,8 +85,15 @@ fn check(args: CheckArgs) -> Result<()> {
     let config = load(&args.config)?;
     if args.print_defaults {
         print!("{}", tether_config::to_yaml(&config));
-    } else {
-        println!("{}: ok: {}", args.config.display(), config.summary());
+        return Ok(());
+    }
+    println!("{}: ok: {}", args.config.display(), config.summary());
+    if let Some(old_path) = &args.against {
+        let old = load(old_path)?;
+        print!(
+            "{}",
+            tether_routing::change::ConfigChange::between(&old, &config)
+        );
     }
     Ok(())
 }

@@ -149,6 +149,45 @@ async fn route_agrees_with_the_running_proxy_for_every_key_source() {
 }
 
 #[test]
+fn check_against_reports_the_share_of_keys_that_move_and_the_route_changes() {
+    let dir = Scratch::new("against");
+    let base = |backends: &str, extra_route: &str| {
+        format!(
+            "listeners: [ {{ address: 127.0.0.1:18080 }} ]\n\
+             upstreams:\n  docs:\n    backends: [ {backends} ]\n\
+             routes:\n  - name: docs\n    match: {{ path_prefix: /docs/ }}\n    upstream: docs\n{extra_route}"
+        )
+    };
+    let three = "{ address: 10.0.0.1:80 }, { address: 10.0.0.2:80 }, { address: 10.0.0.3:80 }";
+    let four = "{ address: 10.0.0.1:80 }, { address: 10.0.0.2:80 }, { address: 10.0.0.3:80 }, { address: 10.0.0.4:80 }";
+    let old = dir.write("old.yaml", &base(three, ""));
+    let new = dir.write(
+        "new.yaml",
+        &base(
+            four,
+            "  - name: extra\n    match: { path: /x }\n    upstream: docs\n",
+        ),
+    );
+    let out = tether(&["check", "-c", &new, "--against", &old]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", both(&out));
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("upstream docs: "))
+        .unwrap_or_else(|| panic!("no share line in {stdout}"));
+    let share: f64 = line["upstream docs: ".len()..]
+        .split('%')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unparsable {line}"));
+    // A fourth backend takes about a quarter of the keys, all from the other three.
+    assert!((15.0..35.0).contains(&share), "{line}");
+    assert!(stdout.contains("routes added: extra"), "{stdout}");
+    let same = tether(&["check", "-c", &old, "--against", &old]);
+    assert!(text(&same.stdout).contains("upstream docs: 0.00% of keys change owner"));
+}
+
+#[test]
 fn route_for_a_request_no_route_matches_exits_1_with_404() {
     let (_dir, config) = standard_config_file("no-route");
     let out = tether(&["route", "-c", &config, "--path", "/nowhere/at/all"]);

@@ -84,11 +84,13 @@ use std::net::{IpAddr, SocketAddr};
 pub use tether_config::{Balance, Config, OnMissing};
 
 mod balance;
+pub mod change;
 mod keys;
 pub mod normalize;
 mod percent;
 mod ring;
 mod router;
+pub mod share;
 mod table;
 mod upstream;
 
