@@ -34,6 +34,9 @@ struct RunArgs {
     /// Take over the listening sockets of a running Tether (zero-downtime upgrade).
     #[arg(short, long)]
     upgrade: bool,
+    /// Reload the config when the file changes (SIGHUP and POST /reload always work).
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Args)]
@@ -164,6 +167,8 @@ fn main() -> ExitCode {
                     config,
                     tether_proxy::RunOptions {
                         upgrade: args.upgrade,
+                        config_path: Some(args.config.clone()),
+                        watch: args.watch,
                     },
                 )
             }

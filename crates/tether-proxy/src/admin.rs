@@ -2,6 +2,7 @@
 //! `GET /upstreams`, and `POST|DELETE /upstreams/{name}/backends/{address}/drain`.
 
 use crate::convergence::Cause;
+use crate::reload::{Reloader, Trigger};
 use crate::state::ProxyState;
 use async_trait::async_trait;
 use http::{header, Response, StatusCode};
@@ -17,12 +18,44 @@ use std::sync::Arc;
 /// The admin HTTP application.
 pub struct AdminApp {
     state: Arc<ProxyState>,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl AdminApp {
-    /// The admin API over `state`.
-    pub fn new(state: Arc<ProxyState>) -> AdminApp {
-        AdminApp { state }
+    /// The admin API over `state`; `reloader` is None when the config is built in.
+    pub fn new(state: Arc<ProxyState>, reloader: Option<Arc<Reloader>>) -> AdminApp {
+        AdminApp { state, reloader }
+    }
+
+    /// `POST /reload`.
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let Some(reloader) = &self.reloader else {
+            return json_error(
+                StatusCode::CONFLICT,
+                "the config is built in; nothing to reload",
+            );
+        };
+        match reloader.reload(Trigger::Admin).await {
+            Ok(generation) => json_reply(
+                StatusCode::OK,
+                &json!({ "result": "success", "generation": generation }),
+            ),
+            Err(error) => json_reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({ "result": "failure", "error": error }),
+            ),
+        }
+    }
+
+    /// `GET /config/status`.
+    fn config_status(&self) -> Response<Vec<u8>> {
+        match &self.reloader {
+            Some(reloader) => json_reply(StatusCode::OK, &reloader.status_json()),
+            None => json_reply(
+                StatusCode::OK,
+                &json!({ "file": null, "generation": 1, "last_result": "none" }),
+            ),
+        }
     }
 
     /// `GET /upstreams`: every backend with its state and open streams.
@@ -167,6 +200,8 @@ impl ServeHttp for AdminApp {
         }
         match (method, path) {
             ("GET", "/upstreams") => self.upstreams(),
+            ("POST", "/reload") => self.reload().await,
+            ("GET", "/config/status") => self.config_status(),
             ("GET" | "HEAD", "/healthz") => reply(
                 StatusCode::OK,
                 "application/json",

@@ -97,6 +97,9 @@ impl Convergence {
                 .iter()
                 .position(|u| *u.name == *stream.upstream)
             else {
+                // Its upstream was removed by a reload: the key has no owner there any more.
+                let defaults = tether_config::Rebalance::default();
+                moved.push((stream, defaults.max_per_second));
                 continue;
             };
             let Some(upstream) = installed.config_upstream(index) else {

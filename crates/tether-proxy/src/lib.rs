@@ -9,9 +9,11 @@ pub mod admin;
 pub mod convergence;
 pub mod forwarding;
 pub mod health;
+pub mod lifecycle;
 pub mod metrics;
 pub mod passive;
 pub mod proxy;
+pub mod reload;
 pub mod state;
 pub mod streams;
 
@@ -19,6 +21,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tether_config::Config;
 
@@ -30,6 +33,21 @@ pub use state::ProxyState;
 pub struct RunOptions {
     /// Take over listening sockets from a running Tether (Pingora's zero-downtime upgrade).
     pub upgrade: bool,
+    /// The file the config came from: reloaded on SIGHUP and `POST /reload`. None for a
+    /// built-in config (reload is then refused).
+    pub config_path: Option<PathBuf>,
+    /// Also reload when the file changes.
+    pub watch: bool,
+}
+
+/// Where an old process hands its listening sockets to a new one (`run -u`). Derived from the
+/// admin port so that two Tethers on one machine never share it.
+pub fn upgrade_socket(config: &Config) -> String {
+    format!(
+        "{}/tether-upgrade-{}.sock",
+        std::env::temp_dir().display(),
+        config.admin.address.port()
+    )
 }
 
 /// Starts the proxy, health checks and admin listener for `config` and serves until the
@@ -41,6 +59,9 @@ pub fn run(config: Config, options: RunOptions) -> ! {
 
 /// Builds the Pingora server with every Tether service, ready to `run_forever`.
 pub fn build_server(config: Config, options: RunOptions) -> Server {
+    // SIGHUP's default action kills the process; ignore it until the reload service listens.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let threads = config.server.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -48,8 +69,11 @@ pub fn build_server(config: Config, options: RunOptions) -> Server {
     });
     let mut conf = ServerConf {
         threads,
-        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        // Tether's own GracefulExit ends the process once drained; Pingora's grace period is
+        // only the backstop, a little after ours.
+        grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: upgrade_socket(&config),
         ..ServerConf::default()
     };
     // Retries are bounded by each route's `retries`; this is only a ceiling.
@@ -69,9 +93,13 @@ pub fn build_server(config: Config, options: RunOptions) -> Server {
         proxy.add_tcp(&listener.address.to_string());
     }
 
+    let reloader = options
+        .config_path
+        .clone()
+        .map(|path| Arc::new(reload::Reloader::new(state.clone(), path)));
     let mut admin = Service::new(
         "tether admin".to_string(),
-        admin::AdminApp::new(state.clone()),
+        admin::AdminApp::new(state.clone(), reloader.clone()),
     );
     admin.add_tcp(&config.admin.address.to_string());
 
@@ -79,12 +107,31 @@ pub fn build_server(config: Config, options: RunOptions) -> Server {
         "tether health checks",
         health::HealthChecker::new(state.clone()),
     );
-    let convergence =
-        background_service("tether convergence", convergence::Convergence::new(state));
+    let convergence = background_service(
+        "tether convergence",
+        convergence::Convergence::new(state.clone()),
+    );
+    let graceful_exit = background_service(
+        "tether graceful exit",
+        lifecycle::GracefulExit::new(state, config.server.grace_period),
+    );
+    if let Some(reloader) = reloader {
+        server.add_service(background_service(
+            "tether SIGHUP reload",
+            reload::SighupReload(reloader.clone()),
+        ));
+        if options.watch {
+            server.add_service(background_service(
+                "tether config watch",
+                reload::WatchReload(reloader),
+            ));
+        }
+    }
 
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(health);
     server.add_service(convergence);
+    server.add_service(graceful_exit);
     server
 }

@@ -3,7 +3,7 @@
 //! Label handles are resolved when a router is installed, not per request, so the request path
 //! only bumps atomics.
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use std::sync::OnceLock;
 use tether_routing::Router;
 
@@ -23,6 +23,10 @@ pub struct Metrics {
     pub ring_changes: IntCounterVec,
     /// `tether_split_keys{upstream}`.
     pub split_keys: IntGaugeVec,
+    /// `tether_config_reloads_total{result}`.
+    pub config_reloads: IntCounterVec,
+    /// `tether_config_generation`.
+    pub config_generation: IntGauge,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -78,6 +82,20 @@ impl Metrics {
                 "Keys with open streams on more than one backend",
                 &["upstream"],
             ),
+            config_reloads: counter(
+                "tether_config_reloads_total",
+                "Config reload attempts, by result (success|failure)",
+                &["result"],
+            ),
+            config_generation: {
+                let g = IntGauge::new(
+                    "tether_config_generation",
+                    "Generation of the config in force (1 at start, +1 per successful reload)",
+                )
+                .unwrap_or_else(|e| panic!("metric is statically valid: {e}"));
+                let _ = prometheus::register(Box::new(g.clone()));
+                g
+            },
         }
     }
 

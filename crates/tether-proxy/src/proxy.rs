@@ -3,8 +3,8 @@
 
 use crate::forwarding::{self, X_REQUEST_ID};
 use crate::passive;
-use crate::state::{Installed, ProxyState};
-use crate::streams::{Registration, StreamKind};
+use crate::state::{InFlight, Installed, ProxyState};
+use crate::streams::{CloseReason, Registration, StreamKind};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{ACCEPT, HOST};
@@ -49,6 +49,8 @@ pub struct RequestCtx {
     holding: Option<usize>,
     /// The stream's entry in the registry, for WebSocket, SSE and long-poll exchanges.
     registration: Option<Registration>,
+    /// Counts this request for graceful stop while it lives.
+    _in_flight: Option<InFlight>,
 }
 
 /// The Tether proxy application.
@@ -188,6 +190,7 @@ impl ProxyHttp for TetherProxy {
             local_status: None,
             holding: None,
             registration: None,
+            _in_flight: Some(self.state.enter()),
         }
     }
 
@@ -385,14 +388,21 @@ impl ProxyHttp for TetherProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if end_of_stream && ctx.kind == ExchangeKind::WebSocket && ctx.is_closing() {
-            let code = match (&ctx.installed, &ctx.decision) {
-                (Some(installed), Some(d)) => installed
-                    .config_upstream(d.upstream)
-                    .map_or(1012, |u| u.rebalance.websocket_close_code),
-                _ => 1012,
+        let reason = ctx.registration.as_ref().and_then(|r| r.control().reason());
+        if let (true, ExchangeKind::WebSocket, Some(reason)) = (end_of_stream, ctx.kind, reason) {
+            let (code, text) = match reason {
+                CloseReason::Shutdown => (1001, "proxy going away"),
+                CloseReason::Rebalance => match (&ctx.installed, &ctx.decision) {
+                    (Some(installed), Some(d)) => (
+                        installed
+                            .config_upstream(d.upstream)
+                            .map_or(1012, |u| u.rebalance.websocket_close_code),
+                        "document moved",
+                    ),
+                    _ => (1012, "document moved"),
+                },
             };
-            let frame = websocket_close_frame(code, "document moved");
+            let frame = websocket_close_frame(code, text);
             *body = Some(match body.take() {
                 Some(data) if !data.is_empty() => {
                     let mut joined = Vec::with_capacity(data.len() + frame.len());

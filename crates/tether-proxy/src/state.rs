@@ -6,6 +6,7 @@ use crate::convergence::Cause;
 use crate::metrics::{Metrics, RouterCounters};
 use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tether_config::Config;
 use tether_routing::Router;
@@ -24,7 +25,10 @@ pub struct Installed {
 impl Installed {
     /// Builds the routing state for `config`.
     pub fn new(config: &Config) -> Installed {
-        let router = Router::new(config);
+        Installed::from_router(config, Router::new(config))
+    }
+
+    fn from_router(config: &Config, router: Router) -> Installed {
         let counters = RouterCounters::new(&router);
         Installed {
             config: config.clone(),
@@ -45,6 +49,17 @@ pub struct ProxyState {
     /// Every open WebSocket, SSE and long-poll stream.
     pub registry: Arc<StreamRegistry>,
     owners_changed: Notify,
+    /// Requests between routing and logging (streams included).
+    in_flight: AtomicUsize,
+}
+
+/// Counts one request in flight while it lives.
+pub struct InFlight(Arc<ProxyState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ProxyState {
@@ -56,7 +71,47 @@ impl ProxyState {
             current: ArcSwap::from_pointee(installed),
             registry: Arc::new(StreamRegistry::default()),
             owners_changed: Notify::new(),
+            in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Swaps in a new validated config. Backends that stay keep their health, drain and load
+    /// state; requests in flight finish on the router they started with. Every upstream whose
+    /// backend set changed counts a `config` ring change, and convergence re-checks all streams.
+    pub fn install(&self, config: &Config) {
+        let old = self.current();
+        let router = Router::with_previous(config, &old.router);
+        let installed = Installed::from_router(config, router);
+        let changed: Vec<String> = config
+            .upstreams
+            .iter()
+            .filter(|u| {
+                old.config
+                    .upstreams
+                    .iter()
+                    .find(|o| o.name == u.name)
+                    .is_none_or(|o| o.backends != u.backends)
+            })
+            .map(|u| u.name.clone())
+            .collect();
+        self.current.store(Arc::new(installed));
+        for name in &changed {
+            self.owner_changed(name, Cause::Config);
+        }
+        Metrics::global().refresh_backend_up(&self.current().router);
+        // Routes may have moved keys between upstreams even when no ring changed.
+        self.owners_changed.notify_one();
     }
 
     /// Records that the key owners of `upstream` changed (counted in `ring_changes_total`) and

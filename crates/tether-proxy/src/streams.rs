@@ -93,6 +93,15 @@ impl StreamControl {
         self.closing.load(Ordering::Acquire) != 0
     }
 
+    /// Why Tether is ending this stream, if it is.
+    pub fn reason(&self) -> Option<CloseReason> {
+        match self.closing.load(Ordering::Acquire) {
+            1 => Some(CloseReason::Rebalance),
+            2 => Some(CloseReason::Shutdown),
+            _ => None,
+        }
+    }
+
     /// Asks the stream to end: marks it closing and shuts the upstream socket down so the relay
     /// finishes. Returns false if the stream has no upstream socket yet (or any more).
     pub fn close(&self, reason: CloseReason) -> bool {
