@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tether needs beyond Rust and gcc, on Debian:
-# cmake (Pingora's zlib-ng build) and nginx-light (the ketama compatibility test).
+# cmake (Pingora's zlib-ng build) and nginx-light (the ketama compatibility test), then the
+# browser test's Chromium and playwright-core (scripts/setup-browser.sh).
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
 
@@ -15,3 +16,5 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+"$(dirname "$0")/setup-browser.sh"

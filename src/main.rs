@@ -1,12 +1,14 @@
 //! `tether`: the command line. Parsing and wiring only; the work happens in the crates.
 
-use anyhow::{bail, Context, Result};
+mod demo;
+
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use http::header::{HeaderName, HeaderValue, COOKIE};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tether_routing::{RequestView, Router};
+use tether_routing::described::DescribedRequest;
+use tether_routing::Router;
 
 /// A sticky Layer-7 HTTP/WebSocket reverse proxy for real-time products.
 #[derive(Parser)]
@@ -24,6 +26,8 @@ enum Command {
     Check(CheckArgs),
     /// Show where a described request would go: route, sticky key, its source, backend.
     Route(RouteArgs),
+    /// Run a live demo: collaborative-document app servers behind the proxy, on loopback.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -104,40 +108,18 @@ fn check(args: CheckArgs) -> Result<()> {
 fn route(args: RouteArgs) -> Result<()> {
     let config = load(&args.config)?;
     let router = Router::new(&config);
-    let mut headers = http::HeaderMap::new();
+    let mut request = DescribedRequest::new(&args.method, args.host.as_deref(), &args.path);
     for h in &args.headers {
-        let Some((name, value)) = h.split_once(':') else {
-            bail!("--header {h:?}: expected Name:Value");
-        };
-        let name = HeaderName::from_bytes(name.trim().as_bytes())
-            .with_context(|| format!("--header {h:?}: bad header name"))?;
-        let value = HeaderValue::from_str(value.trim())
-            .with_context(|| format!("--header {h:?}: bad header value"))?;
-        headers.append(name, value);
+        request.header(h).map_err(anyhow::Error::msg)?;
     }
-    if !args.cookies.is_empty() {
-        let cookie = HeaderValue::from_str(&args.cookies.join("; "))
-            .context("--cookie: bad cookie value")?;
-        headers.append(COOKIE, cookie);
+    for c in &args.cookies {
+        request.cookie(c).map_err(anyhow::Error::msg)?;
     }
-    let (path, mut query) = match args.path.split_once('?') {
-        Some((p, q)) => (p.to_string(), q.to_string()),
-        None => (args.path.clone(), String::new()),
-    };
     for q in &args.queries {
-        if !query.is_empty() {
-            query.push('&');
-        }
-        query.push_str(q);
+        request.query(q);
     }
-    let view = RequestView {
-        method: &args.method.to_ascii_uppercase(),
-        host: args.host.as_deref(),
-        path: &path,
-        query: (!query.is_empty()).then_some(query.as_str()),
-        headers: &headers,
-        client_ip: args.client_ip,
-    };
+    request.client_ip(args.client_ip);
+    let view = request.view();
     match router.decide(&view) {
         Ok(d) => {
             let route = &router.routes()[d.route];
@@ -161,7 +143,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => match load(&args.config) {
             Ok(config) => {
-                init_tracing();
+                init_tracing("info");
                 tracing::info!(config = %args.config.display(), "starting: {}", config.summary());
                 tether_proxy::run(
                     config,
@@ -176,6 +158,7 @@ fn main() -> ExitCode {
         },
         Command::Check(args) => check(args),
         Command::Route(args) => route(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,11 +169,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise (stdout is the access log's).
+fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .try_init();
 }

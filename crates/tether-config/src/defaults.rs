@@ -4,7 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::model::{
-    Admin, HealthCheck, HealthCheckKind, OnMissing, Passive, Rebalance, Server, Timeouts,
+    AccessLog, AccessLogFormat, Admin, HealthCheck, HealthCheckKind, OnMissing, Passive, Rebalance,
+    Server, Timeouts,
 };
 
 /// `server.grace_period` when not given.
@@ -34,6 +35,7 @@ impl Default for Server {
         Server {
             threads: None,
             grace_period: GRACE_PERIOD,
+            access_log: AccessLog::default(),
         }
     }
 }
@@ -87,6 +89,17 @@ impl Default for Passive {
         Passive {
             failures: 3,
             eject_for: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for AccessLog {
+    /// Off; when on, every request, without keys.
+    fn default() -> Self {
+        AccessLog {
+            format: AccessLogFormat::Off,
+            sample: 1.0,
+            log_keys: false,
         }
     }
 }

@@ -27,6 +27,41 @@ pub struct Server {
     pub threads: Option<usize>,
     /// SIGTERM / upgrade drain time. Default 30s.
     pub grace_period: Duration,
+    /// The per-request access log.
+    pub access_log: AccessLog,
+}
+
+/// `server.access_log`: one structured line per request on stdout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccessLog {
+    /// Line format. Default off.
+    pub format: AccessLogFormat,
+    /// Fraction of requests logged, 0.0..=1.0. Default 1.0.
+    pub sample: f64,
+    /// Include the sticky key itself (it may be personal data). Default false.
+    pub log_keys: bool,
+}
+
+/// Access log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// No access log.
+    Off,
+    /// One JSON object per line.
+    Json,
+    /// `key=value` pairs (logfmt).
+    Logfmt,
+}
+
+impl AccessLogFormat {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLogFormat::Off => "off",
+            AccessLogFormat::Json => "json",
+            AccessLogFormat::Logfmt => "logfmt",
+        }
+    }
 }
 
 /// One `listeners:` entry.

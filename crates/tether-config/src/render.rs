@@ -21,6 +21,11 @@ pub fn to_yaml(config: &Config) -> String {
         2,
         &format!("grace_period: {}", duration(config.server.grace_period)),
     );
+    let log = &config.server.access_log;
+    out.line(2, "access_log:");
+    out.line(4, &format!("format: {}", log.format.as_str()));
+    out.line(4, &format!("sample: {}", log.sample));
+    out.line(4, &format!("log_keys: {}", log.log_keys));
     out.line(0, "listeners:");
     for listener in &config.listeners {
         out.line(

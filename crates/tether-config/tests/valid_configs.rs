@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use tether_config::AccessLog;
 use tether_config::*;
 
 mod common;
@@ -73,7 +74,8 @@ fn the_design_example_parses_into_the_documented_model() {
         config.server,
         Server {
             threads: Some(2),
-            grace_period: Duration::from_secs(30)
+            grace_period: Duration::from_secs(30),
+            access_log: AccessLog::default(),
         }
     );
     assert_eq!(
@@ -150,7 +152,8 @@ fn omitted_fields_take_their_defaults() {
         config.server,
         Server {
             threads: None,
-            grace_period: Duration::from_secs(30)
+            grace_period: Duration::from_secs(30),
+            access_log: AccessLog::default(),
         }
     );
     assert_eq!(config.admin.address, addr("127.0.0.1:9901"));
@@ -307,4 +310,23 @@ fn the_summary_counts_in_singular_and_plural() {
         parse_ok(BASE).summary(),
         "1 route, 1 upstream, 1 backend, 1 listener"
     );
+}
+
+#[test]
+fn the_access_log_settings_parse_and_round_trip() {
+    let text = BASE.replace(
+        "listeners:",
+        "server:\n  access_log: { format: logfmt, sample: 0.25, log_keys: true }\nlisteners:",
+    );
+    let config = parse_ok(&text);
+    assert_eq!(
+        config.server.access_log,
+        AccessLog {
+            format: tether_config::AccessLogFormat::Logfmt,
+            sample: 0.25,
+            log_keys: true
+        }
+    );
+    let again = parse_ok(&tether_config::to_yaml(&config));
+    assert_eq!(again, config);
 }

@@ -26,7 +26,9 @@ class Session {
     this.outstanding = null; // sent, not yet acknowledged
     this.outstandingSeq = 0;
     this.buffer = null; // typed while `outstanding` was in flight
+    this.seeding = false; // `outstanding` carries our whole text to a server new to the document
     this.seq = 0;
+    this.epoch = 0; // counts hellos, so an answer to an edit sent before one can be ignored
     this.retryMs = 250;
     this.reconnecting = false;
     this.transport = new { ws: WsTransport, sse: SseTransport, poll: PollTransport }[transportName](this);
@@ -61,9 +63,21 @@ class Session {
   }
 
   onHello(hello) {
-    if ('text' in hello) {
+    const moved = this.server !== null && hello.server !== this.server;
+    if (moved && hello.rev === 0 && hello.text === '' && this.text !== '') {
+      // Tether moved us to a server that has never seen this document: bring our copy.
+      note(`Moved from ${this.server} to ${hello.server}: carried the text over.`);
+      this.rev = 0;
+      this.buffer = null;
+      this.outstanding = [this.text];
+      this.outstandingSeq = ++this.seq;
+      this.seeding = true;
+      this.sendOutstanding();
+    } else if ('text' in hello) {
       if (this.outstanding || this.buffer) note('Unsaved edits were dropped: this server has another copy.');
+      else if (moved) note(`Moved from ${this.server} to ${hello.server}.`);
       this.outstanding = this.buffer = null;
+      this.seeding = false;
       this.rev = hello.rev;
       this.replaceText(hello.text);
     } else {
@@ -73,6 +87,7 @@ class Session {
       if (this.outstanding) this.sendOutstanding();
     }
     this.server = hello.server;
+    this.epoch++;
     this.retryMs = 250;
     this.reconnecting = false;
     editor.readOnly = false;
@@ -84,8 +99,11 @@ class Session {
   onOp(message) {
     if (message.rev <= this.rev) return; // already have it
     if (message.rev !== this.rev + 1) return this.resync('missed an edit');
+    // Someone else carried the document over first: our seed will be refused; take theirs.
+    if (this.seeding && message.client !== clientId) return this.resync('another copy arrived first');
     this.rev = message.rev;
     if (message.client === clientId && this.outstanding && message.seq === this.outstandingSeq) {
+      this.seeding = false;
       this.outstanding = this.buffer;
       this.buffer = null;
       if (this.outstanding) {
@@ -117,7 +135,9 @@ class Session {
   }
 
   sendOutstanding() {
-    this.transport.send({ rev: this.rev, seq: this.outstandingSeq, op: this.outstanding });
+    const edit = { rev: this.rev, seq: this.outstandingSeq, op: this.outstanding };
+    if (this.seeding) edit.seed = true;
+    this.transport.send(edit);
   }
 
   applyRemote(op) {
@@ -146,6 +166,8 @@ class Session {
   disconnected() {
     if (this.reconnecting) return;
     this.reconnecting = true;
+    // Typing now could be lost if the next server has another copy: wait for its hello.
+    editor.readOnly = true;
     this.transport.close();
     show('state', 'reconnecting');
     const wait = this.retryMs;
@@ -163,6 +185,7 @@ class Session {
 
 /** Sends an edit by POST (SSE and long-poll). */
 async function postEdit(session, edit) {
+  const epoch = session.epoch;
   let response;
   try {
     response = await fetch(`${prefix}/docs/${docId}/ops?client=${clientId}`, {
@@ -173,6 +196,7 @@ async function postEdit(session, edit) {
   } catch {
     return session.disconnected();
   }
+  if (epoch !== session.epoch) return; // about a copy we have already left behind
   if (response.status === 409 || response.status === 400) {
     const body = await response.json().catch(() => ({}));
     session.resync(body.error || 'edit refused');

@@ -69,6 +69,9 @@ pub enum SubmitError {
     /// The edit does not fit the text.
     #[error("{0}")]
     Invalid(#[from] OtError),
+    /// A seed came after the document was started here.
+    #[error("the document already has edits on this server")]
+    AlreadyStarted,
     /// The result would exceed [`MAX_CHARS`].
     #[error("the document would exceed {MAX_CHARS} characters")]
     TooLarge,
@@ -142,6 +145,29 @@ impl Document {
         base: u64,
         op: TextOperation,
     ) -> Result<u64, SubmitError> {
+        self.apply(client, seq, base, op, false)
+    }
+
+    /// Applies `op` (on the empty text) only if nothing has been applied here yet. A client
+    /// whose document moved to this server (its old one was drained or failed) carries its
+    /// text over this way; if another client did so first, this one takes that copy instead.
+    pub fn submit_seed(
+        &self,
+        client: &str,
+        seq: u64,
+        op: TextOperation,
+    ) -> Result<u64, SubmitError> {
+        self.apply(client, seq, 0, op, true)
+    }
+
+    fn apply(
+        &self,
+        client: &str,
+        seq: u64,
+        base: u64,
+        op: TextOperation,
+        seed: bool,
+    ) -> Result<u64, SubmitError> {
         let mut state = self.lock();
         if base > state.rev {
             return Err(SubmitError::UnknownRevision(base));
@@ -152,6 +178,9 @@ impl Document {
             .find(|a| a.client == client && a.seq == seq)
         {
             return Ok(done.rev);
+        }
+        if seed && state.rev != 0 {
+            return Err(SubmitError::AlreadyStarted);
         }
         let oldest_base = state.rev - state.history.len() as u64;
         if base < oldest_base {
@@ -377,6 +406,18 @@ mod tests {
         let text = doc.snapshot().0;
         assert_eq!(text.len(), HISTORY + 2);
         assert!(text.starts_with("xy"), "{}", &text[..5]);
+    }
+
+    #[test]
+    fn only_the_first_seed_of_a_new_document_is_applied() {
+        let doc = Document::new();
+        assert_eq!(doc.submit_seed("a", 1, op(json!(["carried"]))), Ok(1));
+        assert_eq!(doc.submit_seed("a", 1, op(json!(["carried"]))), Ok(1));
+        assert_eq!(
+            doc.submit_seed("b", 1, op(json!(["also carried"]))),
+            Err(SubmitError::AlreadyStarted)
+        );
+        assert_eq!(doc.snapshot(), ("carried".to_owned(), 1));
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub enum DemoError {
     #[error("{0:?} cannot be an app server name")]
     InvalidName(String),
     /// The listening address is taken or not allowed.
-    #[error("an app server cannot listen on {addr}: {source}")]
+    #[error("an app server cannot listen on {addr}")]
     Bind {
         /// Where it tried to listen.
         addr: SocketAddr,
@@ -26,7 +26,7 @@ pub enum DemoError {
         count: usize,
     },
     /// The runtime or its thread could not be created.
-    #[error("cannot start the app servers' runtime: {0}")]
+    #[error("cannot start the app servers' runtime")]
     Runtime(#[source] std::io::Error),
     /// The app servers' thread ended before it said whether they started.
     #[error("the app servers' thread ended while starting")]

@@ -12,7 +12,11 @@
 //! - Merging: operational transformation ([`ot`]). The server applies edits in arrival order,
 //!   each numbered by a revision; an edit made on an older revision is first transformed past
 //!   the ones applied since, so concurrent edits never lose text.
-//! - `/docs/{id}/state` (JSON), `/healthz`; every response carries `x-app-server: <name>`.
+//! - When Tether moves a document's viewers to a server that has never seen it (their server
+//!   was drained or failed), the first client to arrive carries its copy of the text over, so
+//!   a rebalance shows up as a move to another server.
+//! - `/docs/{id}/state` (JSON, with the server's name and address), `/healthz`; every response
+//!   carries `x-app-server: <name>`.
 //! - Pages, script and style are embedded in the binary.
 //!
 //! It is not a product: documents live only in memory, are never removed, and a server holds

@@ -78,8 +78,13 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
             Ok(doc) => {
                 let (text, rev) = doc.snapshot();
                 let viewers = doc.viewers();
-                let body =
-                    json!({"server": shared.name, "rev": rev, "text": text, "viewers": viewers});
+                let body = json!({
+                    "server": shared.name,
+                    "address": shared.addr.to_string(),
+                    "rev": rev,
+                    "text": text,
+                    "viewers": viewers,
+                });
                 json_response(StatusCode::OK, &body)
             }
             Err(refused) => refused.response(),
@@ -165,15 +170,19 @@ fn client(req: &Request<Incoming>, shared: &Shared) -> Result<ClientQuery, Refus
     Ok(q)
 }
 
-/// Applies an edit `{"rev": N, "seq": N, "op": [...]}` from `client`; returns its revision.
+/// Applies an edit `{"rev": N, "seq": N, "op": [...]}` from `client` (with `"seed": true`:
+/// only if the document is new here, see [`Document::submit_seed`]); returns its revision.
 pub(crate) fn submit_edit(doc: &Document, client: &str, body: &[u8]) -> Result<u64, String> {
     let edit: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
     let (Some(rev), Some(seq)) = (edit["rev"].as_u64(), edit["seq"].as_u64()) else {
         return Err("an edit needs numbers `rev` and `seq`".to_owned());
     };
     let op = TextOperation::from_json(&edit["op"]).map_err(|e| e.to_string())?;
-    doc.submit(client, seq, rev, op)
-        .map_err(|e: SubmitError| e.to_string())
+    let applied = match edit["seed"].as_bool() {
+        Some(true) if rev == 0 => doc.submit_seed(client, seq, op),
+        _ => doc.submit(client, seq, rev, op),
+    };
+    applied.map_err(|e: SubmitError| e.to_string())
 }
 
 /// `POST .../ops`: the edit goes out to every viewer, its author included (that is its ack).

@@ -32,6 +32,7 @@ pub struct AppServer {
 pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) name_header: HeaderValue,
+    pub(crate) addr: SocketAddr,
     pub(crate) docs: Docs,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
@@ -52,6 +53,7 @@ impl AppServer {
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             name_header,
+            addr,
             docs: Docs::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

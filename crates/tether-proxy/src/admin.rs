@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tether_routing::described::DescribedRequest;
 
 /// The admin HTTP application.
 pub struct AdminApp {
@@ -47,6 +48,108 @@ impl AdminApp {
         }
     }
 
+    /// `GET /readyz`: 200 once every listener accepts and every upstream has a backend that
+    /// may own keys; 503 with the reasons otherwise.
+    async fn readyz(&self) -> Response<Vec<u8>> {
+        let installed = self.state.current();
+        let mut problems = Vec::new();
+        for listener in &installed.config.listeners {
+            let probe = tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                tokio::net::TcpStream::connect(listener.address),
+            )
+            .await;
+            if !matches!(probe, Ok(Ok(_))) {
+                problems.push(format!("listener {} is not accepting", listener.address));
+            }
+        }
+        for u in installed.router.upstreams() {
+            if !u.backends.iter().any(|b| b.is_available()) {
+                problems.push(format!("upstream {} has no available backend", u.name));
+            }
+        }
+        if problems.is_empty() {
+            json_reply(StatusCode::OK, &json!({ "ready": true }))
+        } else {
+            json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "ready": false, "problems": problems }),
+            )
+        }
+    }
+
+    /// `GET /config`: the effective config with every default filled in, as JSON. (It holds no
+    /// secrets: the admin token, when there is one, is a file path, never its contents.)
+    fn config(&self) -> Response<Vec<u8>> {
+        let yaml = tether_config::to_yaml(&self.state.current().config);
+        match serde_yaml::from_str::<serde_json::Value>(&yaml) {
+            Ok(value) => json_reply(StatusCode::OK, &value),
+            Err(e) => json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("config rendering failed: {e}"),
+            ),
+        }
+    }
+
+    /// `GET /route?method=&host=&path=&header=Name:Value&cookie=name=value&query=name=value`:
+    /// the routing decision for a described request, as the proxy would make it now.
+    fn route(&self, query: &str) -> Response<Vec<u8>> {
+        let mut method = "GET".to_string();
+        let mut host = None;
+        let mut path = "/".to_string();
+        let (mut headers, mut cookies, mut queries) = (Vec::new(), Vec::new(), Vec::new());
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode_segment(&value.replace('+', " "));
+            match name {
+                "method" => method = value,
+                "host" => host = Some(value),
+                "path" => path = value,
+                "header" => headers.push(value),
+                "cookie" => cookies.push(value),
+                "query" => queries.push(value),
+                other => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown parameter {other:?}"),
+                    )
+                }
+            }
+        }
+        let mut request = DescribedRequest::new(&method, host.as_deref(), &path);
+        for h in &headers {
+            if let Err(e) = request.header(h) {
+                return json_error(StatusCode::BAD_REQUEST, &e);
+            }
+        }
+        for c in &cookies {
+            if let Err(e) = request.cookie(c) {
+                return json_error(StatusCode::BAD_REQUEST, &e);
+            }
+        }
+        for q in &queries {
+            request.query(q);
+        }
+        let installed = self.state.current();
+        let router = &installed.router;
+        match router.decide(&request.view()) {
+            Ok(d) => json_reply(
+                StatusCode::OK,
+                &json!({
+                    "route": router.routes()[d.route].name,
+                    "key": d.key,
+                    "key_source": d.key_source.as_str(),
+                    "upstream": router.upstreams()[d.upstream].name,
+                    "backend": d.address.to_string(),
+                }),
+            ),
+            Err(reject) => json_reply(
+                StatusCode::OK,
+                &json!({ "rejected": reject.status(), "reason": reject.to_string() }),
+            ),
+        }
+    }
+
     /// `GET /config/status`.
     fn config_status(&self) -> Response<Vec<u8>> {
         match &self.reloader {
@@ -71,12 +174,19 @@ impl AdminApp {
             .router
             .upstreams()
             .iter()
-            .map(|u| {
+            .enumerate()
+            .map(|(index, u)| {
+                let shares = installed
+                    .config_upstream(index)
+                    .map(|c| tether_routing::share::ring_shares(&c.backends))
+                    .unwrap_or_default();
                 let backends: Vec<_> = u
                     .backends
                     .iter()
-                    .map(|b| {
+                    .enumerate()
+                    .map(|(i, b)| {
                         json!({
+                            "ring_share": shares.get(i).copied().unwrap_or(0.0),
                             "address": b.address.to_string(),
                             "weight": b.weight,
                             "available": b.is_available(),
@@ -200,6 +310,9 @@ impl ServeHttp for AdminApp {
         }
         match (method, path) {
             ("GET", "/upstreams") => self.upstreams(),
+            ("GET", "/readyz") => self.readyz().await,
+            ("GET", "/config") => self.config(),
+            ("GET", "/route") => self.route(req.uri.query().unwrap_or("")),
             ("POST", "/reload") => self.reload().await,
             ("GET", "/config/status") => self.config_status(),
             ("GET" | "HEAD", "/healthz") => reply(

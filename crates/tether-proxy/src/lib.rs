@@ -5,6 +5,7 @@
 //! not decide where a request goes (`tether-routing` does). [`run`] wires them into a Pingora
 //! server and never returns.
 
+pub mod access_log;
 pub mod admin;
 pub mod convergence;
 pub mod forwarding;

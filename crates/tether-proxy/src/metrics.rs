@@ -3,9 +3,12 @@
 //! Label handles are resolved when a router is installed, not per request, so the request path
 //! only bumps atomics.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
 use std::sync::OnceLock;
-use tether_routing::Router;
+use std::time::Duration;
+use tether_routing::{KeySourceKind, Router};
 
 /// The process-wide metric families.
 pub struct Metrics {
@@ -27,6 +30,34 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `tether_config_generation`.
     pub config_generation: IntGauge,
+    /// `tether_http_request_duration_seconds{route,upstream}`.
+    pub http_request_duration: HistogramVec,
+    /// `tether_upstream_connect_duration_seconds{upstream}`.
+    pub upstream_connect_duration: HistogramVec,
+    /// `tether_downstream_connections`.
+    pub downstream_connections: IntGauge,
+    /// `tether_retries_total{route,upstream}`.
+    pub retries: IntCounterVec,
+    /// `tether_sticky_keys_total{route,source}`.
+    pub sticky_keys: IntCounterVec,
+    /// `tether_build_info{version}` = 1.
+    pub build_info: IntGaugeVec,
+    /// `tether_access_log_dropped_total`: lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is statically valid: {e}"));
+    let _ = prometheus::register(Box::new(metric.clone()));
+    metric
+}
+
+fn plain_gauge(name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help)
+        .unwrap_or_else(|e| panic!("metric {name} is statically valid: {e}"));
+    let _ = prometheus::register(Box::new(metric.clone()));
+    metric
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -87,14 +118,55 @@ impl Metrics {
                 "Config reload attempts, by result (success|failure)",
                 &["result"],
             ),
-            config_generation: {
-                let g = IntGauge::new(
-                    "tether_config_generation",
-                    "Generation of the config in force (1 at start, +1 per successful reload)",
+            config_generation: plain_gauge(
+                "tether_config_generation",
+                "Generation of the config in force (1 at start, +1 per successful reload)",
+            ),
+            http_request_duration: histogram(
+                "tether_http_request_duration_seconds",
+                "Time from request to the end of the response (streams: their whole life)",
+                &["route", "upstream"],
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0,
+                ],
+            ),
+            upstream_connect_duration: histogram(
+                "tether_upstream_connect_duration_seconds",
+                "Time to get a connection to a backend (new or from the pool)",
+                &["upstream"],
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0,
+                ],
+            ),
+            downstream_connections: plain_gauge(
+                "tether_downstream_connections",
+                "Open client connections that have sent at least one request",
+            ),
+            retries: counter(
+                "tether_retries_total",
+                "Requests retried on another backend after a connect failure",
+                &["route", "upstream"],
+            ),
+            sticky_keys: counter(
+                "tether_sticky_keys_total",
+                "Routed requests by where the sticky key came from",
+                &["route", "source"],
+            ),
+            build_info: gauge(
+                "tether_build_info",
+                "Always 1; the version label says which build",
+                &["version"],
+            ),
+            access_log_dropped: {
+                let c = IntCounter::new(
+                    "tether_access_log_dropped_total",
+                    "Access log lines dropped because stdout could not keep up",
                 )
                 .unwrap_or_else(|e| panic!("metric is statically valid: {e}"));
-                let _ = prometheus::register(Box::new(g.clone()));
-                g
+                let _ = prometheus::register(Box::new(c.clone()));
+                c
             },
         }
     }
@@ -113,55 +185,128 @@ impl Metrics {
     /// The metrics, registered on first use.
     pub fn global() -> &'static Metrics {
         static METRICS: OnceLock<Metrics> = OnceLock::new();
-        METRICS.get_or_init(Metrics::register)
+        METRICS.get_or_init(|| {
+            let metrics = Metrics::register();
+            metrics
+                .build_info
+                .with_label_values(&[env!("CARGO_PKG_VERSION")])
+                .set(1);
+            metrics
+        })
     }
 }
 
 /// Status classes used as the `code` label.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// Pre-resolved request counters for one route: one per status class.
-pub struct RouteCounters([IntCounter; 5]);
+/// Key sources, in `KeySourceKind` order, used as the `source` label.
+const SOURCES: [KeySourceKind; 7] = [
+    KeySourceKind::Header,
+    KeySourceKind::Cookie,
+    KeySourceKind::Query,
+    KeySourceKind::Path,
+    KeySourceKind::ClientIp,
+    KeySourceKind::Random,
+    KeySourceKind::None,
+];
 
-impl RouteCounters {
-    /// Counts one answered request with `status`.
-    pub fn observe(&self, status: u16) {
+/// Pre-resolved metric handles for one route.
+pub struct RouteMetrics {
+    requests: [IntCounter; 5],
+    duration: Histogram,
+    retries: IntCounter,
+    sticky_keys: [IntCounter; 7],
+    connect: Histogram,
+}
+
+impl RouteMetrics {
+    fn new(metrics: &Metrics, route: &str, upstream: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: CLASSES.map(|class| {
+                metrics
+                    .http_requests
+                    .with_label_values(&[route, upstream, class])
+            }),
+            duration: metrics
+                .http_request_duration
+                .with_label_values(&[route, upstream]),
+            retries: metrics.retries.with_label_values(&[route, upstream]),
+            sticky_keys: SOURCES.map(|source| {
+                metrics
+                    .sticky_keys
+                    .with_label_values(&[route, source.as_str()])
+            }),
+            connect: metrics
+                .upstream_connect_duration
+                .with_label_values(&[upstream]),
+        }
+    }
+
+    /// Counts one answered request with `status` that took `elapsed`.
+    pub fn observe(&self, status: u16, elapsed: Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.0[class].inc();
+        self.requests[class].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a retry on another backend.
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+
+    /// Counts where a request's sticky key came from.
+    pub fn key_from(&self, source: KeySourceKind) {
+        let i = SOURCES.iter().position(|s| *s == source).unwrap_or(6);
+        self.sticky_keys[i].inc();
+    }
+
+    /// Records how long connecting to a backend took.
+    pub fn connected_in(&self, elapsed: Duration) {
+        self.connect.observe(elapsed.as_secs_f64());
     }
 }
 
-/// Counters for every route of a router, by route index, plus one set for unrouted requests.
+/// Handles for every route of a router, by route index, plus one set for unrouted requests.
 pub struct RouterCounters {
-    routes: Vec<RouteCounters>,
-    unrouted: RouteCounters,
+    routes: Vec<RouteMetrics>,
+    unrouted: RouteMetrics,
 }
 
 impl RouterCounters {
     /// Resolves the label handles for every route of `router`.
     pub fn new(router: &Router) -> RouterCounters {
         let metrics = Metrics::global();
-        let set = |route: &str, upstream: &str| {
-            RouteCounters(CLASSES.map(|class| {
-                metrics
-                    .http_requests
-                    .with_label_values(&[route, upstream, class])
-            }))
-        };
         RouterCounters {
             routes: router
                 .routes()
                 .iter()
-                .map(|r| set(&r.name, &r.upstream))
+                .map(|r| RouteMetrics::new(metrics, &r.name, &r.upstream))
                 .collect(),
-            unrouted: set("", ""),
+            unrouted: RouteMetrics::new(metrics, "", ""),
         }
     }
 
-    /// The counters of route `index`, or of "no route" when `index` is None or out of range.
-    pub fn route(&self, index: Option<usize>) -> &RouteCounters {
+    /// The handles of route `index`, or of "no route" when `index` is None or out of range.
+    pub fn route(&self, index: Option<usize>) -> &RouteMetrics {
         index
             .and_then(|i| self.routes.get(i))
             .unwrap_or(&self.unrouted)
+    }
+}
+
+/// Counts one open client connection while it lives (shared by its requests).
+pub struct ConnectionGuard(());
+
+impl ConnectionGuard {
+    /// A newly seen client connection.
+    pub fn open() -> ConnectionGuard {
+        Metrics::global().downstream_connections.inc();
+        ConnectionGuard(())
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        Metrics::global().downstream_connections.dec();
     }
 }

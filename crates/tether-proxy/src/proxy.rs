@@ -2,6 +2,7 @@
 //! retry connect failures on the next owner, and answer errors with the right status.
 
 use crate::forwarding::{self, X_REQUEST_ID};
+use crate::metrics::ConnectionGuard;
 use crate::passive;
 use crate::state::{InFlight, Installed, ProxyState};
 use crate::streams::{CloseReason, Registration, StreamKind};
@@ -17,7 +18,7 @@ use pingora::{ErrorSource, ErrorType};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tether_routing::{BackendState, Decision, RequestView};
 
 /// What kind of exchange a request is; streams are governed by `timeouts.idle`.
@@ -51,6 +52,12 @@ pub struct RequestCtx {
     registration: Option<Registration>,
     /// Counts this request for graceful stop while it lives.
     _in_flight: Option<InFlight>,
+    /// When the request arrived.
+    started: Instant,
+    /// When the current upstream connection attempt began.
+    connect_started: Option<Instant>,
+    /// The client connection, counted in `downstream_connections` while any request holds it.
+    connection: Option<Arc<ConnectionGuard>>,
 }
 
 /// The Tether proxy application.
@@ -175,6 +182,52 @@ impl Drop for RequestCtx {
     }
 }
 
+impl TetherProxy {
+    fn write_access_log(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        installed: &Installed,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let router = &installed.router;
+        let decision = ctx.decision.as_ref();
+        let backend = match (decision, ctx.tried.last()) {
+            (Some(d), Some(&i)) => router.upstreams()[d.upstream]
+                .backends
+                .get(i)
+                .map(|b| b.address.to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let kind = match ctx.kind {
+            ExchangeKind::Plain => "plain",
+            ExchangeKind::WebSocket => "websocket",
+            ExchangeKind::Sse => "sse",
+            ExchangeKind::LongPoll => "long_poll",
+        };
+        let entry = crate::access_log::Entry {
+            request_id: ctx
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+            method: session.req_header().method.as_str(),
+            route: decision.map_or("", |d| router.routes()[d.route].name.as_str()),
+            key_source: decision.map_or("none", |d| d.key_source.as_str()),
+            key: decision.and_then(|d| d.key.as_deref()),
+            upstream: decision.map_or("", |d| router.upstreams()[d.upstream].name.as_str()),
+            backend: &backend,
+            kind,
+            status,
+            bytes: session.body_bytes_sent(),
+            duration: elapsed.as_secs_f64(),
+        };
+        crate::access_log::log(&installed.config.server.access_log, &entry);
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
@@ -191,10 +244,38 @@ impl ProxyHttp for TetherProxy {
             holding: None,
             registration: None,
             _in_flight: Some(self.state.enter()),
+            started: Instant::now(),
+            connect_started: None,
+            connection: None,
         }
     }
 
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        previous: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(guard) = previous.downcast::<Arc<ConnectionGuard>>() {
+            ctx.connection = Some(*guard);
+        }
+    }
+
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        // Travels with the keep-alive connection; dropped (and uncounted) when it closes.
+        ctx.connection
+            .clone()
+            .map(|c| Box::new(c) as Box<dyn std::any::Any + Send + Sync>)
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if ctx.connection.is_none() {
+            ctx.connection = Some(Arc::new(ConnectionGuard::open()));
+        }
         let installed = self.state.current();
         ctx.client_ip = session
             .client_addr()
@@ -225,6 +306,10 @@ impl ProxyHttp for TetherProxy {
         ctx.installed = Some(installed.clone());
         match outcome {
             Ok(decision) => {
+                installed
+                    .counters
+                    .route(Some(decision.route))
+                    .key_from(decision.key_source);
                 let route = &installed.router.routes()[decision.route];
                 ctx.kind = exchange_kind(session, route.long_poll);
                 if ctx.kind != ExchangeKind::Plain {
@@ -270,7 +355,11 @@ impl ProxyHttp for TetherProxy {
         let backend = upstream.backends.get(index).ok_or_else(|| {
             Error::explain(ErrorType::HTTPStatus(500), "backend index out of range")
         })?;
+        if !ctx.tried.is_empty() {
+            installed.counters.route(Some(decision.route)).retried();
+        }
         ctx.tried.push(index);
+        ctx.connect_started = Some(Instant::now());
         ctx.release_backend();
         backend.active.fetch_add(1, Ordering::Relaxed);
         ctx.holding = Some(index);
@@ -357,6 +446,14 @@ impl ProxyHttp for TetherProxy {
         _digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let (Some(installed), Some(d), Some(t)) =
+            (&ctx.installed, &ctx.decision, ctx.connect_started.take())
+        {
+            installed
+                .counters
+                .route(Some(d.route))
+                .connected_in(t.elapsed());
+        }
         let Some(kind) = ctx.kind.stream_kind() else {
             return Ok(());
         };
@@ -495,11 +592,19 @@ impl ProxyHttp for TetherProxy {
             .map(|r| r.status.as_u16())
             .or(ctx.local_status)
             .unwrap_or(0);
-        if let (Some(installed), true) = (&ctx.installed, status > 0) {
+        let elapsed = ctx.started.elapsed();
+        let Some(installed) = &ctx.installed else {
+            return;
+        };
+        if status > 0 {
             installed
                 .counters
                 .route(ctx.decision.as_ref().map(|d| d.route))
-                .observe(status);
+                .observe(status, elapsed);
+        }
+        let log = &installed.config.server.access_log;
+        if log.format != tether_config::AccessLogFormat::Off {
+            self.write_access_log(session, ctx, installed, status, elapsed);
         }
     }
 }

@@ -28,7 +28,7 @@
 //!
 //! let backend = |a: &str| Backend { address: a.parse().unwrap(), weight: 1 };
 //! let config = Config {
-//!     server: Server { threads: None, grace_period: Duration::from_secs(30) },
+//!     server: Server::default(),
 //!     listeners: vec![Listener { address: "127.0.0.1:8080".parse().unwrap() }],
 //!     admin: Admin { address: "127.0.0.1:9901".parse().unwrap() },
 //!     upstreams: vec![Upstream {
@@ -85,6 +85,7 @@ pub use tether_config::{Balance, Config, OnMissing};
 
 mod balance;
 pub mod change;
+pub mod described;
 mod keys;
 pub mod normalize;
 mod percent;

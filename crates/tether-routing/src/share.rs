@@ -75,6 +75,30 @@ pub fn moved_share(old: &[Backend], new: &[Backend]) -> f64 {
     moved as f64 / (1u64 << 32) as f64
 }
 
+/// Each backend's share (0.0..=1.0) of the key space on a ring over `backends` with all of them
+/// available, in `backends` order.
+pub fn ring_shares(backends: &[Backend]) -> Vec<f64> {
+    let points = ring_points(backends);
+    let mut owned = vec![0u64; backends.len()];
+    let Some(&(last, _)) = points.last() else {
+        return vec![0.0; backends.len()];
+    };
+    for (i, &(hash, address)) in points.iter().enumerate() {
+        let len = if i == 0 {
+            u64::from(hash) + (1u64 << 32) - u64::from(last)
+        } else {
+            u64::from(hash - points[i - 1].0)
+        };
+        if let Some(j) = backends.iter().position(|b| b.address == address) {
+            owned[j] += len;
+        }
+    }
+    owned
+        .into_iter()
+        .map(|o| o as f64 / (1u64 << 32) as f64)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +156,15 @@ mod tests {
             "exact {exact} sampled {sampled}"
         );
         assert!(exact > 0.1 && exact < 0.3, "about 1/5 expected: {exact}");
+    }
+
+    #[test]
+    fn shares_add_up_to_one_and_follow_weights() {
+        let mut set = backends(3, 1);
+        set[2].weight = 2;
+        let shares = ring_shares(&set);
+        assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(shares[2] > shares[0] && shares[2] > shares[1], "{shares:?}");
     }
 
     #[test]

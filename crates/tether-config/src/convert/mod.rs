@@ -70,9 +70,17 @@ pub(crate) fn config(cx: &mut Cx, root: &Node) -> (Config, Spots) {
 
 fn server(cx: &mut Cx, node: &Node) -> Server {
     let mut server = Server::default();
-    let Some(f) = cx.map(node, "server", &["threads", "grace_period"], &[]) else {
+    let Some(f) = cx.map(
+        node,
+        "server",
+        &["threads", "grace_period", "access_log"],
+        &[],
+    ) else {
         return server;
     };
+    if let Some(n) = f.get("access_log") {
+        server.access_log = access_log(cx, n).unwrap_or(server.access_log);
+    }
     if let Some(n) = f.get("threads") {
         server.threads = cx.integer(n, "server.threads", 1, 4096).map(|t| t as usize);
     }
@@ -82,6 +90,38 @@ fn server(cx: &mut Cx, node: &Node) -> Server {
             .unwrap_or(server.grace_period);
     }
     server
+}
+
+fn access_log(cx: &mut Cx, node: &Node) -> Option<AccessLog> {
+    let path = "server.access_log";
+    let f = cx.map(node, path, &["format", "sample", "log_keys"], &[])?;
+    let mut log = AccessLog::default();
+    if let Some(n) = f.get("format") {
+        let formats = [
+            ("off", AccessLogFormat::Off),
+            ("json", AccessLogFormat::Json),
+            ("logfmt", AccessLogFormat::Logfmt),
+        ];
+        log.format = cx
+            .choice(n, &field(path, "format"), &formats)
+            .unwrap_or(log.format);
+    }
+    if let Some(n) = f.get("sample") {
+        let text = cx.string(n, &field(path, "sample"));
+        match text.as_deref().map(str::parse::<f64>) {
+            Some(Ok(v)) if (0.0..=1.0).contains(&v) => log.sample = v,
+            Some(_) => cx.error(
+                n.mark,
+                &field(path, "sample"),
+                "must be a number from 0.0 to 1.0",
+            ),
+            None => {}
+        }
+    }
+    if let Some(n) = f.get("log_keys") {
+        log.log_keys = cx.boolean(n, &field(path, "log_keys")).unwrap_or(false);
+    }
+    Some(log)
 }
 
 fn listeners(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Listener> {

@@ -75,10 +75,7 @@ pub fn doc_chain(on_missing: OnMissing) -> Sticky {
 
 pub fn config(upstreams: Vec<Upstream>, routes: Vec<Route>) -> Config {
     Config {
-        server: Server {
-            threads: None,
-            grace_period: Duration::from_secs(30),
-        },
+        server: Server::default(),
         listeners: vec![Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
         }],
