@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tether needs beyond Rust and gcc, on Debian:
 # cmake (Pingora's zlib-ng build) and nginx-light (the ketama compatibility test), then the
-# browser test's Chromium and playwright-core (scripts/setup-browser.sh).
+# browser test's Chromium and playwright-core (scripts/setup-browser.sh), and Prometheus for
+# the dashboard and alert test (scripts/setup-prometheus.sh).
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
 
@@ -18,3 +19,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 "$(dirname "$0")/setup-browser.sh"
+"$(dirname "$0")/setup-prometheus.sh"

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// `tether_access_log_dropped_total`: lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// `(upstream, backend)` label pairs of `backend_up` now exported, to drop removed ones.
+    backend_series: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
@@ -168,18 +170,43 @@ impl Metrics {
                 let _ = prometheus::register(Box::new(c.clone()));
                 c
             },
+            backend_series: Default::default(),
         }
     }
 
+    /// Creates every series an upstream can have at 0, so `increase()` and alerts see the first
+    /// event too (a series born at 1 looks like no change).
+    pub fn touch_upstream(&self, upstream: &str) {
+        for cause in ["health", "passive", "drain", "config"] {
+            self.ring_changes.with_label_values(&[upstream, cause]);
+        }
+        for reason in ["ended", "rebalance", "shutdown"] {
+            self.streams_closed.with_label_values(&[upstream, reason]);
+        }
+        self.split_keys.with_label_values(&[upstream]);
+    }
+
     /// Sets `backend_up` for every backend of `router` from its current state.
+    /// Series of backends a reload removed are deleted, so they cannot alert forever.
     pub fn refresh_backend_up(&self, router: &Router) {
+        let mut now = std::collections::HashSet::new();
         for upstream in router.upstreams() {
             for backend in &upstream.backends {
+                let address = backend.address.to_string();
                 self.backend_up
-                    .with_label_values(&[&upstream.name, &backend.address.to_string()])
+                    .with_label_values(&[&upstream.name, &address])
                     .set(i64::from(backend.is_available()));
+                now.insert((upstream.name.clone(), address));
             }
         }
+        let mut known = self
+            .backend_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (upstream, backend) in known.difference(&now) {
+            let _ = self.backend_up.remove_label_values(&[upstream, backend]);
+        }
+        *known = now;
     }
 
     /// The metrics, registered on first use.
@@ -191,6 +218,9 @@ impl Metrics {
                 .build_info
                 .with_label_values(&[env!("CARGO_PKG_VERSION")])
                 .set(1);
+            for result in ["success", "failure"] {
+                metrics.config_reloads.with_label_values(&[result]);
+            }
             metrics
         })
     }

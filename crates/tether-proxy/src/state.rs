@@ -29,6 +29,10 @@ impl Installed {
     }
 
     fn from_router(config: &Config, router: Router) -> Installed {
+        let metrics = Metrics::global();
+        for upstream in &config.upstreams {
+            metrics.touch_upstream(&upstream.name);
+        }
         let counters = RouterCounters::new(&router);
         Installed {
             config: config.clone(),

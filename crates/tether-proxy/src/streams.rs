@@ -304,17 +304,23 @@ mod tests {
     }
 
     #[test]
-    fn closing_shuts_the_upstream_socket_down() {
+    fn closing_makes_the_relays_next_upstream_read_see_end_of_stream() {
         use std::io::Read;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client =
+        let mut upstream =
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (mut server, _) = listener.accept().expect("accept");
+        let (_backend, _) = listener.accept().expect("accept");
+        // Bounded: the test fails instead of hanging if the read does not end.
+        upstream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
         let reg = Arc::new(StreamRegistry::default());
         let a = register(&reg, "a");
-        a.control().attach_upstream(client.as_raw_fd());
+        a.control().attach_upstream(upstream.as_raw_fd());
         assert!(a.control().close(CloseReason::Rebalance));
         let mut buf = [0u8; 1];
-        assert_eq!(server.read(&mut buf).expect("read"), 0, "peer sees EOF");
+        // The backend sent nothing and is still connected, yet the read ends at once.
+        assert_eq!(upstream.read(&mut buf).expect("read"), 0);
+        assert_eq!(a.control().reason(), Some(CloseReason::Rebalance));
     }
 }
