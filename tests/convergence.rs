@@ -565,3 +565,87 @@ async fn draining_ends_the_sse_and_long_poll_responses_of_moved_keys_only() {
         "sse/long-poll drain: sse ended {ended} of 30, long-polls answered 503 {polls_ended} of 30, others untouched"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fourth_backend_added_by_reload_takes_only_the_streams_of_keys_that_moved_to_it() {
+    let stack = Stack::start(CONFIG).await;
+    let b3 = TestBackend::start("b3").await;
+    let mut sockets = open_all(&stack, 60).await;
+    let before: BTreeMap<String, String> = sockets
+        .iter()
+        .map(|s| (s.key.clone(), s.backend.clone()))
+        .collect();
+
+    let b2 = stack.backend("b2").addr().to_string();
+    let four = stack.config.replace(
+        &format!("      - address: {b2}\n"),
+        &format!("      - address: {b2}\n      - address: {}\n", b3.addr()),
+    );
+    assert_ne!(four, stack.config, "the fourth backend was not added");
+    stack.tether.write_config(&four).expect("write config");
+    let reloaded_at = Instant::now();
+    let r = http_request(
+        http::Method::POST,
+        &stack.tether.admin_url("/reload"),
+        &[],
+        Vec::new(),
+    )
+    .await
+    .expect("reload");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let mut moved = Vec::new();
+    for (i, s) in sockets.iter().enumerate() {
+        let now = http_get(&stack.url(&format!("/docs/{}/state", s.key)), &[])
+            .await
+            .expect("GET");
+        let owner = now.header("x-backend").expect("x-backend").to_string();
+        if owner != before[&s.key] {
+            assert_eq!(owner, "b3", "{} moved between old backends", s.key);
+            moved.push(i);
+        }
+    }
+    assert!(!moved.is_empty(), "no key moved to the new backend");
+    let all_closed = wait_until_async(Duration::from_secs(5), || {
+        let done = moved.iter().all(|&i| sockets[i].closed().is_some());
+        async move { done }
+    })
+    .await;
+    assert!(all_closed, "not every moved stream was closed");
+    let converged_in = moved
+        .iter()
+        .map(|&i| sockets[i].closed().expect("closed").1 - reloaded_at)
+        .max()
+        .unwrap_or_default();
+    let untouched: Vec<usize> = (0..60).filter(|i| !moved.contains(i)).collect();
+    for (n, &i) in untouched.iter().enumerate() {
+        assert!(
+            sockets[i].closed().is_none(),
+            "{} was closed",
+            sockets[i].key
+        );
+        assert!(
+            sockets[i].echoes(n).await,
+            "{} stopped echoing",
+            sockets[i].key
+        );
+    }
+    for &i in &moved {
+        assert_eq!(sockets[i].closed().expect("closed").0, Some(1012));
+        sockets[i] = LiveSocket::open(&stack, &sockets[i].key).await;
+        assert_eq!(sockets[i].backend, "b3");
+    }
+    assert!(split_keys_is_zero(&stack).await);
+    let changes = metric(
+        &stack,
+        r#"tether_ring_changes_total{cause="config",upstream="docs"}"#,
+    )
+    .await;
+    assert_eq!(changes, Some(1.0));
+    eprintln!(
+        "reload 3->4: keys moved {}, streams closed {}, untouched {}, converged in {converged_in:?}",
+        moved.len(),
+        moved.len(),
+        untouched.len()
+    );
+}
