@@ -80,6 +80,10 @@ use pingora_error::{Error, ErrorSource, ErrorType::*, OrErr, Result};
 
 const TASK_BUFFER_SIZE: usize = 4;
 
+/// Tether patch: how long a connection waiting for its request header may still deliver it
+/// after shutdown begins (see `handle_new_request`).
+const SHUTDOWN_READ_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Caps per-proxy padding and one-time shutdown fan-out on very large hosts.
 const MAX_SHUTDOWN_NOTIFY_SHARDS: usize = 256;
 
@@ -329,12 +333,24 @@ where
     {
         // phase 1 read request header
 
-        let res = tokio::select! {
-            biased; // biased select is cheaper, and we don't want to drop already buffered requests
-            res = downstream_session.read_request() => { res }
-            _ = self.await_shutdown() => {
-                // service shutting down, dropping the connection to stop more req from coming in
-                return None;
+        // Tether patch: on shutdown, a connection accepted just before it may already be
+        // carrying its request. Keep polling the same read (read_request is not cancel-safe)
+        // for a short while so that request is served; a connection that stays silent is
+        // idle and is dropped as before. Without this, a graceful stop or binary upgrade under
+        // load failed about one new connection in several thousand.
+        let res = {
+            let read = downstream_session.read_request();
+            tokio::pin!(read);
+            tokio::select! {
+                biased; // biased select is cheaper, and we don't want to drop already buffered requests
+                res = &mut read => { res }
+                _ = self.await_shutdown() => {
+                    match tokio::time::timeout(SHUTDOWN_READ_GRACE, &mut read).await {
+                        Ok(res) => res,
+                        // service shutting down, dropping the connection to stop more req from coming in
+                        Err(_) => return None,
+                    }
+                }
             }
         };
         match res {
