@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::Stack;
+use support::{metric, Stack};
 use tether_testkit::{
     http_get, http_request, wait_until_async, ws_connect, Message, TestBackend, WsClient,
 };
@@ -118,16 +118,6 @@ async fn open_all(stack: &Stack, n: usize) -> Vec<LiveSocket> {
         sockets.push(LiveSocket::open(stack, &format!("doc-{i}")).await);
     }
     sockets
-}
-
-async fn metric(stack: &Stack, name_and_labels: &str) -> Option<f64> {
-    let text = http_get(&stack.tether.admin_url("/metrics"), &[])
-        .await
-        .ok()?
-        .text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 async fn split_keys_is_zero(stack: &Stack) -> bool {
@@ -381,6 +371,59 @@ async fn draining_a_backend_moves_all_its_streams_at_the_configured_rate_and_not
     );
 }
 
+/// After a change that adds `newcomer` to the ring (at `since`): exactly the streams whose key
+/// now belongs to `newcomer` are closed with 1012, every other stream still echoes, reconnects
+/// land on `newcomer`, and split_keys returns to 0. Returns (moved, untouched, converged in).
+async fn assert_only_streams_moving_to(
+    stack: &Stack,
+    sockets: &mut [LiveSocket],
+    before: &BTreeMap<String, String>,
+    newcomer: &str,
+    since: Instant,
+) -> (usize, usize, Duration) {
+    // Which keys moved: ask where a new request for each key goes now.
+    let mut moved = Vec::new();
+    for (i, s) in sockets.iter().enumerate() {
+        let now = http_get(&stack.url(&format!("/docs/{}/state", s.key)), &[])
+            .await
+            .expect("GET");
+        let owner = now.header("x-backend").expect("x-backend").to_string();
+        if owner != before[&s.key] {
+            assert_eq!(owner, newcomer, "{} moved between old backends", s.key);
+            moved.push(i);
+        }
+    }
+    assert!(!moved.is_empty(), "no key moved to {newcomer}");
+    let all_closed = wait_until_async(Duration::from_secs(5), || {
+        let done = moved.iter().all(|&i| sockets[i].closed().is_some());
+        async move { done }
+    })
+    .await;
+    assert!(all_closed, "not every moved stream was closed");
+    let converged_in = moved
+        .iter()
+        .map(|&i| sockets[i].closed().expect("closed").1 - since)
+        .max()
+        .unwrap_or_default();
+    let untouched: Vec<usize> = (0..sockets.len()).filter(|i| !moved.contains(i)).collect();
+    for (n, &i) in untouched.iter().enumerate() {
+        let key = sockets[i].key.clone();
+        assert!(
+            sockets[i].closed().is_none(),
+            "{key} was closed: {:?}",
+            sockets[i].closed()
+        );
+        assert!(sockets[i].echoes(n).await, "{key} stopped echoing");
+    }
+    for &i in &moved {
+        assert_eq!(sockets[i].closed().expect("closed").0, Some(1012));
+        sockets[i] = LiveSocket::open(stack, &sockets[i].key).await;
+        assert_eq!(sockets[i].backend, newcomer);
+    }
+    assert!(split_keys_is_zero(stack).await);
+    (moved.len(), untouched.len(), converged_in)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_joining_the_ring_takes_only_the_streams_of_keys_that_moved_to_it() {
     // b2 starts drained (out of the ring), the stand-in for a fourth backend added by config:
@@ -396,55 +439,10 @@ async fn a_backend_joining_the_ring_takes_only_the_streams_of_keys_that_moved_to
 
     let joined_at = Instant::now();
     set_drain(&stack, "b2", false).await;
-    // Which keys moved: ask where a new request for each key goes now.
-    let mut moved = Vec::new();
-    for (i, s) in sockets.iter().enumerate() {
-        let now = http_get(&stack.url(&format!("/docs/{}/state", s.key)), &[])
-            .await
-            .expect("GET");
-        let owner = now.header("x-backend").expect("x-backend").to_string();
-        if owner != before[&s.key] {
-            assert_eq!(owner, "b2", "{} moved between old backends", s.key);
-            moved.push(i);
-        }
-    }
-    assert!(!moved.is_empty(), "no key moved to the joining backend");
-    let all_closed = wait_until_async(Duration::from_secs(5), || {
-        let done = moved.iter().all(|&i| sockets[i].closed().is_some());
-        async move { done }
-    })
-    .await;
-    assert!(all_closed, "not every moved stream was closed");
-    let converged_in = moved
-        .iter()
-        .map(|&i| sockets[i].closed().expect("closed").1 - joined_at)
-        .max()
-        .unwrap_or_default();
-    let untouched: Vec<usize> = (0..60).filter(|i| !moved.contains(i)).collect();
-    for (n, &i) in untouched.iter().enumerate() {
-        assert!(
-            sockets[i].closed().is_none(),
-            "{} was closed: {:?}",
-            sockets[i].key,
-            sockets[i].closed()
-        );
-        assert!(
-            sockets[i].echoes(n).await,
-            "{} stopped echoing",
-            sockets[i].key
-        );
-    }
-    for &i in &moved {
-        assert_eq!(sockets[i].closed().expect("closed").0, Some(1012));
-        sockets[i] = LiveSocket::open(&stack, &sockets[i].key).await;
-        assert_eq!(sockets[i].backend, "b2");
-    }
-    assert!(split_keys_is_zero(&stack).await);
+    let (moved, untouched, converged_in) =
+        assert_only_streams_moving_to(&stack, &mut sockets, &before, "b2", joined_at).await;
     eprintln!(
-        "join: keys moved {}, streams closed {}, untouched {}, converged in {converged_in:?}",
-        moved.len(),
-        moved.len(),
-        untouched.len()
+        "join: keys moved {moved}, streams closed {moved}, untouched {untouched}, converged in {converged_in:?}"
     );
 }
 
@@ -594,48 +592,8 @@ async fn a_fourth_backend_added_by_reload_takes_only_the_streams_of_keys_that_mo
     .expect("reload");
     assert_eq!(r.status, 200, "{}", r.text());
 
-    let mut moved = Vec::new();
-    for (i, s) in sockets.iter().enumerate() {
-        let now = http_get(&stack.url(&format!("/docs/{}/state", s.key)), &[])
-            .await
-            .expect("GET");
-        let owner = now.header("x-backend").expect("x-backend").to_string();
-        if owner != before[&s.key] {
-            assert_eq!(owner, "b3", "{} moved between old backends", s.key);
-            moved.push(i);
-        }
-    }
-    assert!(!moved.is_empty(), "no key moved to the new backend");
-    let all_closed = wait_until_async(Duration::from_secs(5), || {
-        let done = moved.iter().all(|&i| sockets[i].closed().is_some());
-        async move { done }
-    })
-    .await;
-    assert!(all_closed, "not every moved stream was closed");
-    let converged_in = moved
-        .iter()
-        .map(|&i| sockets[i].closed().expect("closed").1 - reloaded_at)
-        .max()
-        .unwrap_or_default();
-    let untouched: Vec<usize> = (0..60).filter(|i| !moved.contains(i)).collect();
-    for (n, &i) in untouched.iter().enumerate() {
-        assert!(
-            sockets[i].closed().is_none(),
-            "{} was closed",
-            sockets[i].key
-        );
-        assert!(
-            sockets[i].echoes(n).await,
-            "{} stopped echoing",
-            sockets[i].key
-        );
-    }
-    for &i in &moved {
-        assert_eq!(sockets[i].closed().expect("closed").0, Some(1012));
-        sockets[i] = LiveSocket::open(&stack, &sockets[i].key).await;
-        assert_eq!(sockets[i].backend, "b3");
-    }
-    assert!(split_keys_is_zero(&stack).await);
+    let (moved, untouched, converged_in) =
+        assert_only_streams_moving_to(&stack, &mut sockets, &before, "b3", reloaded_at).await;
     let changes = metric(
         &stack,
         r#"tether_ring_changes_total{cause="config",upstream="docs"}"#,
@@ -643,9 +601,6 @@ async fn a_fourth_backend_added_by_reload_takes_only_the_streams_of_keys_that_mo
     .await;
     assert_eq!(changes, Some(1.0));
     eprintln!(
-        "reload 3->4: keys moved {}, streams closed {}, untouched {}, converged in {converged_in:?}",
-        moved.len(),
-        moved.len(),
-        untouched.len()
+        "reload 3->4: keys moved {moved}, streams closed {moved}, untouched {untouched}, converged in {converged_in:?}"
     );
 }

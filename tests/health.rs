@@ -4,21 +4,8 @@
 mod support;
 
 use std::time::Duration;
-use support::Stack;
+use support::{metrics_text, series_value, Stack};
 use tether_testkit::{http_get, wait_until_async, TestBackend};
-
-async fn metrics(stack: &Stack) -> String {
-    http_get(&stack.tether.admin_url("/metrics"), &[])
-        .await
-        .map(|r| r.text())
-        .unwrap_or_default()
-}
-
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 /// Keys owned (per a plain GET) by `backend`.
 async fn keys_of(stack: &Stack, backend: &str) -> Vec<String> {
@@ -67,7 +54,7 @@ async fn a_failing_http_check_takes_a_backend_out_and_a_passing_one_brings_it_ba
 
     b1.set_healthy(false);
     let down = wait_until_async(Duration::from_secs(5), || async {
-        value(&metrics(&stack).await, &up) == Some(0.0)
+        series_value(&metrics_text(&stack).await, &up) == Some(0.0)
     })
     .await;
     assert!(down, "backend_up never went to 0");
@@ -84,7 +71,7 @@ async fn a_failing_http_check_takes_a_backend_out_and_a_passing_one_brings_it_ba
 
     b1.set_healthy(true);
     let back = wait_until_async(Duration::from_secs(5), || async {
-        value(&metrics(&stack).await, &up) == Some(1.0)
+        series_value(&metrics_text(&stack).await, &up) == Some(1.0)
     })
     .await;
     assert!(back, "backend_up never returned to 1");
@@ -94,8 +81,8 @@ async fn a_failing_http_check_takes_a_backend_out_and_a_passing_one_brings_it_ba
             .expect("GET");
         assert_eq!(r.header("x-backend"), Some("b1"), "{key} did not return");
     }
-    let text = metrics(&stack).await;
-    let changes = value(
+    let text = metrics_text(&stack).await;
+    let changes = series_value(
         &text,
         r#"tether_ring_changes_total{cause="health",upstream="docs"}"#,
     );
@@ -104,7 +91,7 @@ async fn a_failing_http_check_takes_a_backend_out_and_a_passing_one_brings_it_ba
         r#"tether_health_checks_total{{backend="{}",result="failure",upstream="docs"}}"#,
         b1.addr()
     );
-    assert!(value(&text, &failures).unwrap_or(0.0) >= 2.0);
+    assert!(series_value(&text, &failures).unwrap_or(0.0) >= 2.0);
 }
 
 const PASSIVE: &str = r#"
@@ -138,10 +125,10 @@ async fn consecutive_connect_failures_eject_a_backend_for_eject_for() {
         assert_eq!(r.status, 200);
         assert_ne!(r.header("x-backend"), Some("b1"));
     }
-    let text = metrics(&stack).await;
-    assert_eq!(value(&text, &up), Some(0.0), "b1 not ejected");
+    let text = metrics_text(&stack).await;
+    assert_eq!(series_value(&text, &up), Some(0.0), "b1 not ejected");
     assert_eq!(
-        value(
+        series_value(
             &text,
             r#"tether_ring_changes_total{cause="passive",upstream="docs"}"#
         ),
@@ -157,7 +144,7 @@ async fn consecutive_connect_failures_eject_a_backend_for_eject_for() {
         .expect("b1");
     stack.backends[i] = restarted;
     let back = wait_until_async(Duration::from_secs(5), || async {
-        value(&metrics(&stack).await, &up) == Some(1.0)
+        series_value(&metrics_text(&stack).await, &up) == Some(1.0)
     })
     .await;
     assert!(back, "ejection never ended");

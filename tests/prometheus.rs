@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::Stack;
+use support::{metrics_text, Stack};
 use tether_testkit::{
     free_addr, http_get, http_request, sse_connect, wait_until_async, ws_connect, Message,
 };
@@ -542,13 +542,6 @@ impl Traffic {
 }
 
 // ---- the end-to-end test --------------------------------------------------------------------
-
-async fn metrics_text(stack: &Stack) -> String {
-    http_get(&stack.tether.admin_url("/metrics"), &[])
-        .await
-        .map(|r| r.text())
-        .unwrap_or_default()
-}
 
 /// Series names (`name` of `name{...} value`) served on tether's `/metrics`.
 fn served_series(text: &str) -> BTreeSet<String> {

@@ -104,6 +104,28 @@ impl Stack {
     }
 }
 
+/// The text of tether's `GET /metrics` ("" if it cannot be fetched).
+pub async fn metrics_text(stack: &Stack) -> String {
+    tether_testkit::http_get(&stack.tether.admin_url("/metrics"), &[])
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default()
+}
+
+/// The value of one series, named with its labels exactly as served (labels sorted by name),
+/// e.g. `tether_split_keys{upstream="docs"}`.
+pub fn series_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// [`series_value`] of a fresh scrape.
+pub async fn metric(stack: &Stack, series: &str) -> Option<f64> {
+    series_value(&metrics_text(stack).await, series)
+}
+
 /// The config most tests use: one sticky route per key source, plus routes for the error cases.
 pub const STANDARD: &str = r#"
 listeners:
