@@ -335,46 +335,49 @@ impl ProxyHttp for TetherProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let (Some(installed), Some(decision)) = (ctx.installed.clone(), ctx.decision.clone())
-        else {
+        let (Some(installed), Some(decision)) = (&ctx.installed, &ctx.decision) else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(500),
                 "request was not routed",
             ));
         };
-        let decision = &decision;
         let router = &installed.router;
-        let index = if ctx.tried.is_empty() {
-            decision.backend
-        } else {
+        let retry = !ctx.tried.is_empty();
+        let index = if retry {
             router.next_backend(decision, &ctx.tried).ok_or_else(|| {
                 Error::explain(ErrorType::HTTPStatus(502), "no backend left to retry")
             })?
+        } else {
+            decision.backend
         };
-        let upstream = &router.upstreams()[decision.upstream];
-        let backend = upstream.backends.get(index).ok_or_else(|| {
-            Error::explain(ErrorType::HTTPStatus(500), "backend index out of range")
-        })?;
-        if !ctx.tried.is_empty() {
+        let backend = router.upstreams()[decision.upstream]
+            .backends
+            .get(index)
+            .ok_or_else(|| {
+                Error::explain(ErrorType::HTTPStatus(500), "backend index out of range")
+            })?
+            .clone();
+        if retry {
             installed.counters.route(Some(decision.route)).retried();
         }
+        let route = &router.routes()[decision.route];
+        let read_timeout = match ctx.kind {
+            ExchangeKind::Plain => route.timeouts.read,
+            _ => route.timeouts.idle,
+        };
+        let connect_timeout = installed
+            .config_upstream(decision.upstream)
+            .map_or(Duration::from_secs(1), |u| u.connect_timeout);
+
+        ctx.release_backend();
         ctx.tried.push(index);
         ctx.connect_started = Some(Instant::now());
-        ctx.release_backend();
         backend.active.fetch_add(1, Ordering::Relaxed);
         ctx.holding = Some(index);
 
-        let route = &router.routes()[decision.route];
-        let connect_timeout = installed
-            .config_upstream(decision.upstream)
-            .map(|u| u.connect_timeout)
-            .unwrap_or(Duration::from_secs(1));
         let mut peer = HttpPeer::new(backend.address, false, String::new());
         peer.options.connection_timeout = Some(connect_timeout);
-        peer.options.read_timeout = Some(match ctx.kind {
-            ExchangeKind::Plain => route.timeouts.read,
-            _ => route.timeouts.idle,
-        });
+        peer.options.read_timeout = Some(read_timeout);
         Ok(Box::new(peer))
     }
 
