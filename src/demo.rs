@@ -118,7 +118,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let config = parse(&config_yaml(args.listen, args.admin, &backends))?;
     print_banner(&args, &servers);
     init_tracing();
-    tether_proxy::run(config, tether_proxy::RunOptions::default())
+    match tether_proxy::run(config, tether_proxy::RunOptions::default())? {}
 }
 
 fn parse(yaml: &str) -> Result<tether_config::Config> {

@@ -145,14 +145,15 @@ fn main() -> ExitCode {
             Ok(config) => {
                 init_tracing("info");
                 tracing::info!(config = %args.config.display(), "starting: {}", config.summary());
-                tether_proxy::run(
-                    config,
-                    tether_proxy::RunOptions {
-                        upgrade: args.upgrade,
-                        config_path: Some(args.config.clone()),
-                        watch: args.watch,
-                    },
-                )
+                let options = tether_proxy::RunOptions {
+                    upgrade: args.upgrade,
+                    config_path: Some(args.config.clone()),
+                    watch: args.watch,
+                };
+                match tether_proxy::run(config, options) {
+                    Ok(never) => match never {},
+                    Err(e) => Err(e.into()),
+                }
             }
             Err(e) => Err(e),
         },

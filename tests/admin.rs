@@ -167,3 +167,95 @@ async fn the_downstream_connection_gauge_follows_open_connections() {
         .await
     );
 }
+
+const WITH_TOKEN: &str = r#"
+listeners: [ { address: $PROXY } ]
+admin:
+  address: $ADMIN
+  token_file: admin.token
+  public: [ /healthz, /metrics ]
+upstreams:
+  docs:
+    backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
+routes:
+  - name: docs
+    upstream: docs
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_token_file_every_admin_request_but_the_public_paths_needs_the_bearer_token() {
+    let backends = [
+        tether_testkit::TestBackend::start("b0").await,
+        tether_testkit::TestBackend::start("b1").await,
+        tether_testkit::TestBackend::start("b2").await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr()).collect();
+    let (proxy, admin) = (tether_testkit::free_addr(), tether_testkit::free_addr());
+    let config = support::fill(WITH_TOKEN, proxy, admin, &addrs, &[]);
+    let tether = tether_testkit::TetherProcess::start_with(
+        support::tether_binary(),
+        &config,
+        admin,
+        tether_testkit::LaunchOptions {
+            files: &[("admin.token", b"s3cret-token\n")],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("start");
+    let url = |p: &str| tether.admin_url(p);
+
+    assert_eq!(
+        http_get(&url("/metrics"), &[])
+            .await
+            .expect("metrics")
+            .status,
+        200
+    );
+    let denied = http_get(&url("/upstreams"), &[]).await.expect("upstreams");
+    assert_eq!(denied.status, 401);
+    assert_eq!(denied.header("www-authenticate"), Some("Bearer"));
+    let wrong = http_get(
+        &url("/upstreams"),
+        &[("authorization", "Bearer s3cret-tokem")],
+    )
+    .await
+    .expect("upstreams");
+    assert_eq!(wrong.status, 401);
+    let ok = http_get(
+        &url("/upstreams"),
+        &[("authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .expect("upstreams");
+    assert_eq!(ok.status, 200);
+
+    let reload = http_request(http::Method::POST, &url("/reload"), &[], Vec::new())
+        .await
+        .expect("reload");
+    assert_eq!(reload.status, 401);
+    let drain = format!("/upstreams/docs/backends/{}/drain", addrs[0]);
+    let r = http_request(http::Method::POST, &url(&drain), &[], Vec::new())
+        .await
+        .expect("drain");
+    assert_eq!(r.status, 401, "an unauthenticated drain must do nothing");
+    let status = http_get(
+        &url("/upstreams"),
+        &[("authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .expect("upstreams")
+    .text();
+    assert!(!status.contains("\"draining\":true"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_token_file_stops_the_start_with_a_message_naming_it() {
+    let (proxy, admin) = (tether_testkit::free_addr(), tether_testkit::free_addr());
+    let addrs: Vec<_> = (0..3).map(|_| tether_testkit::free_addr()).collect();
+    let config = support::fill(WITH_TOKEN, proxy, admin, &addrs, &[]);
+    let result =
+        tether_testkit::TetherProcess::start(support::tether_binary(), &config, admin).await;
+    let error = result.expect_err("must not start").to_string();
+    assert!(error.contains("admin.token_file admin.token"), "{error}");
+}

@@ -45,6 +45,8 @@ impl Default for Admin {
     fn default() -> Self {
         Admin {
             address: ADMIN_ADDRESS,
+            token_file: None,
+            public: Vec::new(),
         }
     }
 }

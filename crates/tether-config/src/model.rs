@@ -76,6 +76,11 @@ pub struct Listener {
 pub struct Admin {
     /// Address of the admin listener. Default 127.0.0.1:9901.
     pub address: SocketAddr,
+    /// File holding the bearer token every admin request must carry (required when the
+    /// address is not loopback). Relative paths are relative to the working directory.
+    pub token_file: Option<std::path::PathBuf>,
+    /// Paths served without a token, e.g. `/metrics` and `/healthz` for scrapers and probes.
+    pub public: Vec<String>,
 }
 
 /// One named upstream (a pool of backends).

@@ -38,6 +38,24 @@ pub fn to_yaml(config: &Config) -> String {
         2,
         &format!("address: {}", scalar(&config.admin.address.to_string())),
     );
+    match &config.admin.token_file {
+        Some(path) => out.line(
+            2,
+            &format!("token_file: {}", scalar(&path.display().to_string())),
+        ),
+        None => out.line(
+            2,
+            "# token_file: not set, so the admin API has no authentication (loopback only)",
+        ),
+    }
+    if config.admin.public.is_empty() {
+        out.line(2, "public: []");
+    } else {
+        out.line(2, "public:");
+        for p in &config.admin.public {
+            out.line(4, &format!("- {}", scalar(p)));
+        }
+    }
     out.line(0, "upstreams:");
     for upstream in &config.upstreams {
         render_upstream(&mut out, upstream);

@@ -70,8 +70,11 @@ fn admin(cx: &mut Cx, config: &Config, spots: &Spots) {
         }
     }
     // Without `token_file` there is no auth on the admin API, so it must stay on loopback.
-    if let (Some(mark), false) = (spots.admin, admin.ip().is_loopback()) {
-        let message = format!("admin address {admin} must be a loopback address (the admin API has no authentication yet)");
+    let has_token = config.admin.token_file.is_some();
+    if let (Some(mark), false, false) = (spots.admin, admin.ip().is_loopback(), has_token) {
+        let message = format!(
+            "admin address {admin} is not loopback, so `admin.token_file` is required (every admin request then needs `Authorization: Bearer <token>`)"
+        );
         cx.error(mark, "admin.address", message);
     }
 }

@@ -62,15 +62,23 @@ fn a_listener_on_the_admin_address_is_refused() {
 }
 
 #[test]
-fn a_non_loopback_admin_address_is_refused_while_it_has_no_auth() {
+fn a_non_loopback_admin_address_needs_a_token_file() {
     assert_eq!(
         only_error(&format!("admin: {{ address: 0.0.0.0:9901 }}\n{BASE}")),
-        "t.yaml:1:19: admin.address: admin address 0.0.0.0:9901 must be a loopback address (the admin API has no authentication yet)"
+        "t.yaml:1:19: admin.address: admin address 0.0.0.0:9901 is not loopback, so `admin.token_file` is required (every admin request then needs `Authorization: Bearer <token>`)"
     );
-    let token = format!("admin: {{ token_file: admin.token }}\n{BASE}");
+    let with_token = format!(
+        "admin: {{ address: 0.0.0.0:9901, token_file: admin.token, public: [/metrics, /healthz] }}\n{BASE}"
+    );
+    let config = tether_config::parse(&with_token, "t.yaml").expect("valid with a token");
     assert_eq!(
-        only_error(&token),
-        "t.yaml:1:10: admin.token_file: `token_file` is not supported yet"
+        config.admin.token_file.as_deref(),
+        Some(std::path::Path::new("admin.token"))
+    );
+    assert_eq!(config.admin.public, ["/metrics", "/healthz"]);
+    assert_eq!(
+        only_error(&format!("admin: {{ public: [metrics] }}\n{BASE}")),
+        "t.yaml:1:19: admin.public[0]: must start with `/`, found `metrics`"
     );
 }
 

@@ -20,12 +20,49 @@ use tether_routing::described::DescribedRequest;
 pub struct AdminApp {
     state: Arc<ProxyState>,
     reloader: Option<Arc<Reloader>>,
+    /// When set, every request must carry `Authorization: Bearer <token>`...
+    token: Option<String>,
+    /// ...except these paths.
+    public: Vec<String>,
+}
+
+/// Compares without an early exit, so response time does not reveal how much of a guess was
+/// right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl AdminApp {
-    /// The admin API over `state`; `reloader` is None when the config is built in.
-    pub fn new(state: Arc<ProxyState>, reloader: Option<Arc<Reloader>>) -> AdminApp {
-        AdminApp { state, reloader }
+    /// The admin API over `state`; `reloader` is None when the config is built in; with a
+    /// `token`, requests outside `public` paths need it as a bearer token.
+    pub fn new(
+        state: Arc<ProxyState>,
+        reloader: Option<Arc<Reloader>>,
+        token: Option<String>,
+        public: &[String],
+    ) -> AdminApp {
+        AdminApp {
+            state,
+            reloader,
+            token,
+            public: public.to_vec(),
+        }
+    }
+
+    /// True when the request may proceed.
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let req = session.req_header();
+        if self.public.iter().any(|p| p == req.uri.path()) {
+            return true;
+        }
+        req.headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes()))
     }
 
     /// `POST /reload`.
@@ -296,6 +333,14 @@ fn metrics_text() -> Response<Vec<u8>> {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if !self.authorized(session) {
+            let mut resp = json_error(StatusCode::UNAUTHORIZED, "admin token required");
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return resp;
+        }
         let req = session.req_header();
         let method = req.method.as_str();
         let path = req.uri.path();

@@ -51,15 +51,48 @@ pub fn upgrade_socket(config: &Config) -> String {
     )
 }
 
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `admin.token_file` could not be read.
+    #[error("admin.token_file {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// The read error.
+        source: std::io::Error,
+    },
+    /// `admin.token_file` holds no token.
+    #[error("admin.token_file {0}: the file is empty")]
+    EmptyToken(PathBuf),
+}
+
 /// Starts the proxy, health checks and admin listener for `config` and serves until the
-/// process is told to stop. Never returns.
-pub fn run(config: Config, options: RunOptions) -> ! {
-    let server = build_server(config, options);
+/// process is told to stop; returns only if it cannot start.
+pub fn run(config: Config, options: RunOptions) -> Result<std::convert::Infallible, StartError> {
+    let server = build_server(config, options)?;
     server.run_forever()
 }
 
+/// The admin bearer token from `admin.token_file`, if one is configured.
+fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| StartError::TokenFile {
+        path: path.clone(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(StartError::EmptyToken(path.clone()));
+    }
+    Ok(Some(token.to_string()))
+}
+
 /// Builds the Pingora server with every Tether service, ready to `run_forever`.
-pub fn build_server(config: Config, options: RunOptions) -> Server {
+pub fn build_server(config: Config, options: RunOptions) -> Result<Server, StartError> {
+    let token = admin_token(&config)?;
     // SIGHUP's default action kills the process; ignore it until the reload service listens.
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
@@ -100,7 +133,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Server {
         .map(|path| Arc::new(reload::Reloader::new(state.clone(), path)));
     let mut admin = Service::new(
         "tether admin".to_string(),
-        admin::AdminApp::new(state.clone(), reloader.clone()),
+        admin::AdminApp::new(state.clone(), reloader.clone(), token, &config.admin.public),
     );
     admin.add_tcp(&config.admin.address.to_string());
 
@@ -134,5 +167,5 @@ pub fn build_server(config: Config, options: RunOptions) -> Server {
     server.add_service(health);
     server.add_service(convergence);
     server.add_service(graceful_exit);
-    server
+    Ok(server)
 }

@@ -150,10 +150,28 @@ fn listeners(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Listener> {
 
 fn admin(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Admin {
     let mut admin = Admin::default();
-    let later = [("token_file", "`token_file` is not supported yet")];
-    let Some(f) = cx.map(node, "admin", &["address"], &later) else {
+    let Some(f) = cx.map(node, "admin", &["address", "token_file", "public"], &[]) else {
         return admin;
     };
+    if let Some(n) = f.get("token_file") {
+        match cx.string(n, "admin.token_file") {
+            Some(path) if !path.trim().is_empty() => admin.token_file = Some(path.into()),
+            Some(_) => cx.error(n.mark, "admin.token_file", "must name a file"),
+            None => {}
+        }
+    }
+    if let Some(n) = f.get("public") {
+        for (i, item_node) in cx
+            .list(n, "admin.public", "path")
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(p) = absolute_path(cx, item_node, &item("admin.public", i)) {
+                admin.public.push(p);
+            }
+        }
+    }
     if let Some(n) = f.get("address") {
         if let Some(address) = cx.address(n, "admin.address") {
             admin.address = address;
