@@ -49,7 +49,7 @@ pub fn to_yaml(config: &Config) -> String {
         ),
     }
     if config.admin.public.is_empty() {
-        out.line(2, "public: []");
+        out.line(2, "# public: not set, so no path is served without the token");
     } else {
         out.line(2, "public:");
         for p in &config.admin.public {

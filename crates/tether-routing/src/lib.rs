@@ -30,7 +30,7 @@
 //! let config = Config {
 //!     server: Server::default(),
 //!     listeners: vec![Listener { address: "127.0.0.1:8080".parse().unwrap() }],
-//!     admin: Admin { address: "127.0.0.1:9901".parse().unwrap() },
+//!     admin: Admin::default(),
 //!     upstreams: vec![Upstream {
 //!         name: "docs".into(),
 //!         backends: vec![backend("10.0.0.1:443"), backend("10.0.0.2:443"), backend("10.0.0.3:443")],

@@ -79,9 +79,7 @@ pub fn config(upstreams: Vec<Upstream>, routes: Vec<Route>) -> Config {
         listeners: vec![Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
         }],
-        admin: Admin {
-            address: SocketAddr::from(([127, 0, 0, 1], 9901)),
-        },
+        admin: Admin::default(),
         upstreams,
         routes,
     }
