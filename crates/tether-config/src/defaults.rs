@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::model::{
-    AccessLog, AccessLogFormat, Admin, HealthCheck, HealthCheckKind, OnMissing, Passive, Rebalance,
-    Server, Timeouts,
+    AccessLog, AccessLogFormat, Admin, HealthCheck, HealthCheckKind, Limits, OnMissing, Passive,
+    Rebalance, Server, Timeouts,
 };
 
 /// `server.grace_period` when not given.
@@ -36,6 +36,7 @@ impl Default for Server {
             threads: None,
             grace_period: GRACE_PERIOD,
             access_log: AccessLog::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -102,6 +103,21 @@ impl Default for AccessLog {
             format: AccessLogFormat::Off,
             sample: 1.0,
             log_keys: false,
+        }
+    }
+}
+
+/// `routes[].max_body` when not given: 10 MiB.
+pub const MAX_BODY: u64 = 10 * 1024 * 1024;
+
+impl Default for Limits {
+    /// 8 KiB target, 64 KiB header block, 16 KiB per header, 100 headers.
+    fn default() -> Self {
+        Limits {
+            max_uri: 8192,
+            max_header_bytes: 65536,
+            max_header_line: 16384,
+            max_headers: 100,
         }
     }
 }

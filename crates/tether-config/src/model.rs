@@ -29,6 +29,21 @@ pub struct Server {
     pub grace_period: Duration,
     /// The per-request access log.
     pub access_log: AccessLog,
+    /// Request size limits.
+    pub limits: Limits,
+}
+
+/// `server.limits`: requests over a limit are answered locally and never reach a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest request target in bytes (414). Default 8192.
+    pub max_uri: usize,
+    /// Largest header block in bytes, names and values (431). Default 65536.
+    pub max_header_bytes: usize,
+    /// Largest single header (name + value) in bytes (431). Default 16384.
+    pub max_header_line: usize,
+    /// Most header fields (431). Default 100.
+    pub max_headers: usize,
 }
 
 /// `server.access_log`: one structured line per request on stdout.
@@ -181,6 +196,8 @@ pub struct Route {
     pub timeouts: Timeouts,
     /// Connect-failure retries, each to the next owner on the ring. Default 2.
     pub retries: u32,
+    /// Largest request body in bytes (413). Default 10 MiB.
+    pub max_body: u64,
     /// Requests on this route are long-polls: governed by `timeouts.idle` instead of
     /// `timeouts.read`, and counted as streams. Default false.
     pub long_poll: bool,

@@ -21,6 +21,12 @@ pub fn to_yaml(config: &Config) -> String {
         2,
         &format!("grace_period: {}", duration(config.server.grace_period)),
     );
+    let l = &config.server.limits;
+    out.line(2, "limits:");
+    out.line(4, &format!("max_uri: {}", l.max_uri));
+    out.line(4, &format!("max_header_bytes: {}", l.max_header_bytes));
+    out.line(4, &format!("max_header_line: {}", l.max_header_line));
+    out.line(4, &format!("max_headers: {}", l.max_headers));
     let log = &config.server.access_log;
     out.line(2, "access_log:");
     out.line(4, &format!("format: {}", log.format.as_str()));
@@ -49,7 +55,10 @@ pub fn to_yaml(config: &Config) -> String {
         ),
     }
     if config.admin.public.is_empty() {
-        out.line(2, "# public: not set, so no path is served without the token");
+        out.line(
+            2,
+            "# public: not set, so no path is served without the token",
+        );
     } else {
         out.line(2, "public:");
         for p in &config.admin.public {
@@ -174,6 +183,7 @@ fn render_route(out: &mut Out, route: &Route) {
     out.line(6, &format!("idle: {}", duration(route.timeouts.idle)));
     out.line(4, &format!("retries: {}", route.retries));
     out.line(4, &format!("long_poll: {}", route.long_poll));
+    out.line(4, &format!("max_body: {}", route.max_body));
 }
 
 #[derive(Default)]

@@ -76,6 +76,7 @@ fn the_design_example_parses_into_the_documented_model() {
             threads: Some(2),
             grace_period: Duration::from_secs(30),
             access_log: AccessLog::default(),
+            limits: tether_config::Limits::default(),
         }
     );
     assert_eq!(
@@ -154,6 +155,7 @@ fn omitted_fields_take_their_defaults() {
             threads: None,
             grace_period: Duration::from_secs(30),
             access_log: AccessLog::default(),
+            limits: tether_config::Limits::default(),
         }
     );
     assert_eq!(config.admin.address, addr("127.0.0.1:9901"));

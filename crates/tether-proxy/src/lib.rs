@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod reload;
 pub mod state;
 pub mod streams;
+pub mod validity;
 
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;

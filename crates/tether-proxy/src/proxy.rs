@@ -58,6 +58,9 @@ pub struct RequestCtx {
     connect_started: Option<Instant>,
     /// The client connection, counted in `downstream_connections` while any request holds it.
     connection: Option<Arc<ConnectionGuard>>,
+    /// The route's body limit, and the body bytes seen so far.
+    max_body: u64,
+    body_seen: u64,
 }
 
 /// The Tether proxy application.
@@ -247,6 +250,8 @@ impl ProxyHttp for TetherProxy {
             started: Instant::now(),
             connect_started: None,
             connection: None,
+            max_body: u64::MAX,
+            body_seen: 0,
         }
     }
 
@@ -277,6 +282,14 @@ impl ProxyHttp for TetherProxy {
             ctx.connection = Some(Arc::new(ConnectionGuard::open()));
         }
         let installed = self.state.current();
+        if let Err((status, reason)) =
+            crate::validity::check(session.req_header(), &installed.config.server.limits)
+        {
+            ctx.installed = Some(installed);
+            ctx.local_status = Some(status);
+            respond_local(session, status, reason).await?;
+            return Ok(true);
+        }
         ctx.client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -318,6 +331,18 @@ impl ProxyHttp for TetherProxy {
                     // traffic in either direction (Pingora's duplex loop re-polls them).
                     session.set_read_timeout(Some(route.timeouts.idle));
                 }
+                let declared = session
+                    .req_header()
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if declared.is_some_and(|len| len > route.max_body) {
+                    ctx.local_status = Some(413);
+                    respond_local(session, 413, "request body too large").await?;
+                    return Ok(true);
+                }
+                ctx.max_body = route.max_body;
                 ctx.decision = Some(decision);
                 Ok(false)
             }
@@ -514,6 +539,29 @@ impl ProxyHttp for TetherProxy {
             });
         }
         Ok(None)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Upgraded WebSocket bytes are not a request body.
+        if ctx.kind == ExchangeKind::WebSocket {
+            return Ok(());
+        }
+        if let Some(chunk) = body {
+            ctx.body_seen += chunk.len() as u64;
+            if ctx.body_seen > ctx.max_body {
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body too large",
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(

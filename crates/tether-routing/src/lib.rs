@@ -54,6 +54,7 @@
 //!         timeouts: Timeouts { read: Duration::from_secs(60), idle: Duration::from_secs(3600) },
 //!         retries: 2,
 //!         long_poll: false,
+//!         max_body: 1 << 20,
 //!     }],
 //! };
 //! let router = Router::new(&config);

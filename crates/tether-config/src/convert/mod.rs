@@ -70,14 +70,13 @@ pub(crate) fn config(cx: &mut Cx, root: &Node) -> (Config, Spots) {
 
 fn server(cx: &mut Cx, node: &Node) -> Server {
     let mut server = Server::default();
-    let Some(f) = cx.map(
-        node,
-        "server",
-        &["threads", "grace_period", "access_log"],
-        &[],
-    ) else {
+    let keys = ["threads", "grace_period", "access_log", "limits"];
+    let Some(f) = cx.map(node, "server", &keys, &[]) else {
         return server;
     };
+    if let Some(n) = f.get("limits") {
+        server.limits = limits(cx, n).unwrap_or(server.limits);
+    }
     if let Some(n) = f.get("access_log") {
         server.access_log = access_log(cx, n).unwrap_or(server.access_log);
     }
@@ -90,6 +89,32 @@ fn server(cx: &mut Cx, node: &Node) -> Server {
             .unwrap_or(server.grace_period);
     }
     server
+}
+
+fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
+    let path = "server.limits";
+    let keys = [
+        "max_uri",
+        "max_header_bytes",
+        "max_header_line",
+        "max_headers",
+    ];
+    let f = cx.map(node, path, &keys, &[])?;
+    let mut limits = Limits::default();
+    for (key, slot, max) in [
+        ("max_uri", &mut limits.max_uri, 1 << 20),
+        ("max_header_bytes", &mut limits.max_header_bytes, 1 << 20),
+        ("max_header_line", &mut limits.max_header_line, 1 << 20),
+        ("max_headers", &mut limits.max_headers, 256),
+    ] {
+        if let Some(n) = f.get(key) {
+            // Pingora itself stops at 1 MiB of headers and 256 fields; limits can only be lower.
+            *slot = cx
+                .integer(n, &field(path, key), 1, max)
+                .map_or(*slot, |v| v as usize);
+        }
+    }
+    Some(limits)
 }
 
 fn access_log(cx: &mut Cx, node: &Node) -> Option<AccessLog> {

@@ -7,7 +7,7 @@ use crate::names::{KEY_SOURCES, ON_MISSING};
 use crate::read::{field, item, Cx};
 use crate::yaml::Node;
 
-const ROUTE: [&str; 7] = [
+const ROUTE: [&str; 8] = [
     "name",
     "match",
     "sticky",
@@ -15,6 +15,7 @@ const ROUTE: [&str; 7] = [
     "timeouts",
     "retries",
     "long_poll",
+    "max_body",
 ];
 
 pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> Route {
@@ -26,6 +27,7 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
         timeouts: Timeouts::default(),
         retries: defaults::RETRIES,
         long_poll: false,
+        max_body: defaults::MAX_BODY,
     };
     let (mut name_mark, mut upstream_mark) = (None, None);
     if let Some(f) = cx.map(node, path, &ROUTE, &[]) {
@@ -57,6 +59,11 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
             route.retries = cx
                 .integer(n, &field(path, "retries"), 0, max)
                 .map_or(route.retries, |r| r as u32);
+        }
+        if let Some(n) = f.get("max_body") {
+            route.max_body = cx
+                .integer(n, &field(path, "max_body"), 0, u64::MAX >> 1)
+                .unwrap_or(route.max_body);
         }
         if let Some(n) = f.get("long_poll") {
             route.long_poll = cx.boolean(n, &field(path, "long_poll")).unwrap_or(false);

@@ -1,0 +1,104 @@
+//! End-to-end: malformed or oversized requests get the right 4xx from Tether and never reach a
+//! backend (raw sockets, since client libraries refuse to send these bytes).
+
+mod support;
+
+use std::time::Duration;
+use support::Stack;
+use tether_testkit::{raw_request_within, raw_status};
+
+const CONFIG: &str = r#"
+listeners: [ { address: $PROXY } ]
+admin: { address: $ADMIN }
+server:
+  limits: { max_uri: 1024, max_header_bytes: 8192, max_header_line: 4096, max_headers: 20 }
+upstreams:
+  docs:
+    backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
+routes:
+  - name: docs
+    match: { path_prefix: /docs/ }
+    sticky: { keys: [ { path: "/docs/{key}" } ] }
+    upstream: docs
+    max_body: 1000
+"#;
+
+async fn status_of(stack: &Stack, request: &[u8]) -> Option<u16> {
+    let response = raw_request_within(stack.proxy, request, Duration::from_secs(5))
+        .await
+        .expect("raw request");
+    raw_status(&response)
+}
+
+fn received(stack: &Stack) -> u64 {
+    stack.backends.iter().map(|b| b.requests()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_the_right_status_and_never_reach_a_backend() {
+    let stack = Stack::start(CONFIG).await;
+    let long_target = format!(
+        "GET /docs/a/{} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        "x".repeat(2000)
+    );
+    let big_header = format!(
+        "GET /docs/a HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "y".repeat(5000)
+    );
+    let many_headers = format!(
+        "GET /docs/a HTTP/1.1\r\nHost: h\r\n{}Connection: close\r\n\r\n",
+        (0..30)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let big_block = format!(
+        "GET /docs/a HTTP/1.1\r\nHost: h\r\n{}Connection: close\r\n\r\n",
+        (0..3)
+            .map(|i| format!("X-B{i}: {}\r\n", "z".repeat(3000)))
+            .collect::<String>()
+    );
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("target over max_uri", long_target.into_bytes(), 414),
+        ("header over max_header_line", big_header.into_bytes(), 431),
+        ("more than max_headers", many_headers.into_bytes(), 431),
+        ("block over max_header_bytes", big_block.into_bytes(), 431),
+        ("no Host on HTTP/1.1", b"GET /docs/a HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), 400),
+        ("two Host headers", b"GET /docs/a HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n".to_vec(), 400),
+        ("Host with a space", b"GET /docs/a HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n".to_vec(), 400),
+        ("Host with userinfo", b"GET /docs/a HTTP/1.1\r\nHost: a@b\r\nConnection: close\r\n\r\n".to_vec(), 400),
+        ("Host with a bad port", b"GET /docs/a HTTP/1.1\r\nHost: h:99999\r\nConnection: close\r\n\r\n".to_vec(), 400),
+        ("absolute form naming another host", b"GET http://other/docs/a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".to_vec(), 400),
+        ("TRACE", b"TRACE /docs/a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".to_vec(), 405),
+        ("declared body over max_body", b"POST /docs/a HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n".to_vec(), 413),
+    ];
+    let before = received(&stack);
+    for (what, request, expected) in &cases {
+        assert_eq!(status_of(&stack, request).await, Some(*expected), "{what}");
+    }
+    assert_eq!(
+        received(&stack),
+        before,
+        "a refused request reached a backend"
+    );
+
+    // The same requests within the limits pass.
+    let fine = b"GET /docs/a HTTP/1.1\r\nHost: h:8080\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&stack, fine).await, Some(200));
+    let small_body =
+        b"POST /docs/a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+    assert_eq!(status_of(&stack, small_body).await, Some(200));
+    let absolute_same = b"GET http://h/docs/a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&stack, absolute_same).await, Some(200));
+    let http10 = b"GET /docs/a HTTP/1.0\r\n\r\n";
+    assert_eq!(status_of(&stack, http10).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunked_body_that_grows_past_max_body_is_refused_with_413() {
+    let stack = Stack::start(CONFIG).await;
+    let chunk = "a".repeat(600);
+    let request = format!(
+        "POST /docs/a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    assert_eq!(status_of(&stack, request.as_bytes()).await, Some(413));
+}
