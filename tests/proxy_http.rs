@@ -87,6 +87,7 @@ async fn forwarding_headers_arrive_at_the_backend_and_hop_by_hop_headers_do_not(
         &[
             ("x-doc-id", "fwd"),
             ("x-forwarded-for", "203.0.113.7"),
+            ("forwarded", "for=203.0.113.7"),
             ("connection", "keep-alive, x-secret"),
             ("x-secret", "must-not-pass"),
             ("keep-alive", "timeout=5"),
@@ -97,7 +98,12 @@ async fn forwarding_headers_arrive_at_the_backend_and_hop_by_hop_headers_do_not(
     assert_eq!(resp.status, 200);
     let seen = resp.json().expect("echo JSON");
     let h = &seen["headers"];
-    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    // The client is not a trusted proxy: its claims are replaced, not extended.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert!(
+        h.get("forwarded").is_none(),
+        "an untrusted Forwarded header passed"
+    );
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], stack.proxy.to_string());
     let id = h["x-request-id"].as_str().expect("x-request-id generated");
@@ -238,4 +244,21 @@ async fn a_killed_backends_keys_are_retried_on_the_next_owner_without_client_err
             "key {key} of a live backend moved"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_proxys_forwarded_for_chain_is_extended() {
+    let config = STANDARD.replace(
+        "listeners:",
+        "server:\n  trusted_proxies: [127.0.0.0/8]\nlisteners:",
+    );
+    let stack = Stack::start(&config).await;
+    let resp = http_get(
+        &stack.url("/h/fwd"),
+        &[("x-doc-id", "fwd"), ("x-forwarded-for", "203.0.113.7")],
+    )
+    .await
+    .expect("request through proxy");
+    let seen = resp.json().expect("echo JSON");
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
 }

@@ -37,6 +37,7 @@ impl Default for Server {
             grace_period: GRACE_PERIOD,
             access_log: AccessLog::default(),
             limits: Limits::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }

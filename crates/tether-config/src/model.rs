@@ -31,6 +31,65 @@ pub struct Server {
     pub access_log: AccessLog,
     /// Request size limits.
     pub limits: Limits,
+    /// Networks whose `X-Forwarded-For` and `Forwarded` headers are believed and appended to;
+    /// from anyone else they are replaced. Default: none.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An IP network, `10.0.0.0/8` or `::1/128` (a bare address means a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network address.
+    pub address: std::net::IpAddr,
+    /// Prefix length in bits.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ip/prefix` or a bare `ip`.
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (ip, prefix) = match text.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (text, None),
+        };
+        let address: std::net::IpAddr = ip.trim().parse().ok()?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(Cidr { address, prefix })
+    }
+
+    /// True when `ip` lies in this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
 }
 
 /// `server.limits`: requests over a limit are answered locally and never reach a backend.

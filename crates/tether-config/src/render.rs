@@ -21,6 +21,17 @@ pub fn to_yaml(config: &Config) -> String {
         2,
         &format!("grace_period: {}", duration(config.server.grace_period)),
     );
+    if config.server.trusted_proxies.is_empty() {
+        out.line(
+            2,
+            "# trusted_proxies: not set, so incoming X-Forwarded-For is replaced",
+        );
+    } else {
+        out.line(2, "trusted_proxies:");
+        for cidr in &config.server.trusted_proxies {
+            out.line(4, &format!("- {}", scalar(&cidr.to_string())));
+        }
+    }
     let l = &config.server.limits;
     out.line(2, "limits:");
     out.line(4, &format!("max_uri: {}", l.max_uri));

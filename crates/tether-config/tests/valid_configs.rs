@@ -77,6 +77,7 @@ fn the_design_example_parses_into_the_documented_model() {
             grace_period: Duration::from_secs(30),
             access_log: AccessLog::default(),
             limits: tether_config::Limits::default(),
+            trusted_proxies: Vec::new(),
         }
     );
     assert_eq!(
@@ -156,6 +157,7 @@ fn omitted_fields_take_their_defaults() {
             grace_period: Duration::from_secs(30),
             access_log: AccessLog::default(),
             limits: tether_config::Limits::default(),
+            trusted_proxies: Vec::new(),
         }
     );
     assert_eq!(config.admin.address, addr("127.0.0.1:9901"));
@@ -331,4 +333,35 @@ fn the_access_log_settings_parse_and_round_trip() {
     );
     let again = parse_ok(&tether_config::to_yaml(&config));
     assert_eq!(again, config);
+}
+
+#[test]
+fn trusted_proxies_parse_as_networks_and_round_trip() {
+    let text = BASE.replace(
+        "listeners:",
+        "server:\n  trusted_proxies: [10.0.0.0/8, \"::1\", 192.168.1.7]\nlisteners:",
+    );
+    let config = parse_ok(&text);
+    let nets = &config.server.trusted_proxies;
+    assert_eq!(nets.len(), 3);
+    assert!(nets[0].contains("10.200.3.4".parse().unwrap()));
+    assert!(!nets[0].contains("11.0.0.1".parse().unwrap()));
+    assert!(nets[1].contains("::1".parse().unwrap()));
+    assert!(
+        nets[2].contains("::ffff:192.168.1.7".parse().unwrap()),
+        "v4-mapped"
+    );
+    assert!(!nets[2].contains("192.168.1.8".parse().unwrap()));
+    assert_eq!(parse_ok(&tether_config::to_yaml(&config)), config);
+    let bad = BASE.replace(
+        "listeners:",
+        "server:\n  trusted_proxies: [10.0.0.0/33]\nlisteners:",
+    );
+    let errors = tether_config::parse(&bad, "t.yaml")
+        .expect_err("bad network")
+        .to_string();
+    assert!(
+        errors.contains("server.trusted_proxies[0]: expected an IP network"),
+        "{errors}"
+    );
 }

@@ -12,6 +12,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Hop-by-hop response fields that must not reach the client (RFC 9110 7.6.1). Framing headers
 /// (`Transfer-Encoding`, `Content-Length`) are left to Pingora, which re-frames the body.
@@ -47,19 +48,33 @@ fn random_prefix() -> u64 {
     h.finish()
 }
 
-/// Adds the forwarding headers to a request about to go upstream.
+/// Adds the forwarding headers to a request about to go upstream. An incoming
+/// `X-Forwarded-For` is appended to only when the client is a trusted proxy; from anyone else
+/// it (and `Forwarded`) is replaced, so a client cannot make up the chain a backend believes.
 pub fn add_forwarding_headers(
     req: &mut RequestHeader,
     client_ip: Option<IpAddr>,
+    client_trusted: bool,
     original_host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) -> pingora::Result<()> {
-    if let Some(ip) = client_ip {
-        let value = match req.headers.get(&X_FORWARDED_FOR).map(|v| v.to_str()) {
-            Some(Ok(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-            _ => ip.to_string(),
-        };
-        req.insert_header(X_FORWARDED_FOR, value)?;
+    if !client_trusted {
+        req.remove_header(&FORWARDED);
+    }
+    match client_ip {
+        Some(ip) => {
+            let value = match req.headers.get(&X_FORWARDED_FOR).map(|v| v.to_str()) {
+                Some(Ok(prev)) if client_trusted && !prev.trim().is_empty() => {
+                    format!("{prev}, {ip}")
+                }
+                _ => ip.to_string(),
+            };
+            req.insert_header(X_FORWARDED_FOR, value)?;
+        }
+        None if !client_trusted => {
+            req.remove_header(&X_FORWARDED_FOR);
+        }
+        None => {}
     }
     req.insert_header(X_FORWARDED_PROTO, "http")?;
     if let Some(host) = original_host {

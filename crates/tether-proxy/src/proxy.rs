@@ -575,9 +575,19 @@ impl ProxyHttp for TetherProxy {
             .request_id
             .clone()
             .unwrap_or_else(forwarding::new_request_id);
+        let trusted = match (&ctx.installed, ctx.client_ip) {
+            (Some(installed), Some(ip)) => installed
+                .config
+                .server
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(ip)),
+            _ => false,
+        };
         forwarding::add_forwarding_headers(
             upstream_request,
             ctx.client_ip,
+            trusted,
             original_host.as_ref(),
             &request_id,
         )

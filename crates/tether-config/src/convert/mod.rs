@@ -70,10 +70,35 @@ pub(crate) fn config(cx: &mut Cx, root: &Node) -> (Config, Spots) {
 
 fn server(cx: &mut Cx, node: &Node) -> Server {
     let mut server = Server::default();
-    let keys = ["threads", "grace_period", "access_log", "limits"];
+    let keys = [
+        "threads",
+        "grace_period",
+        "access_log",
+        "limits",
+        "trusted_proxies",
+    ];
     let Some(f) = cx.map(node, "server", &keys, &[]) else {
         return server;
     };
+    if let Some(n) = f.get("trusted_proxies") {
+        for (i, entry) in cx
+            .list(n, "server.trusted_proxies", "network")
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let path = item("server.trusted_proxies", i);
+            match cx.string(entry, &path).map(|t| (Cidr::parse(&t), t)) {
+                Some((Some(cidr), _)) => server.trusted_proxies.push(cidr),
+                Some((None, text)) => cx.error(
+                    entry.mark,
+                    &path,
+                    format!("expected an IP network like 10.0.0.0/8, found `{text}`"),
+                ),
+                None => {}
+            }
+        }
+    }
     if let Some(n) = f.get("limits") {
         server.limits = limits(cx, n).unwrap_or(server.limits);
     }
