@@ -102,3 +102,36 @@ async fn a_chunked_body_that_grows_past_max_body_is_refused_with_413() {
     );
     assert_eq!(status_of(&stack, request.as_bytes()).await, Some(413));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_websocket_upgrades_are_tunnelled_and_h2c_is_not() {
+    let stack = Stack::start(CONFIG).await;
+    let h2c = b"GET /docs/a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n";
+    let response = raw_request_within(stack.proxy, h2c, Duration::from_secs(5))
+        .await
+        .expect("raw request");
+    let text = String::from_utf8_lossy(&response);
+    // Served as a plain request: no 101, and the backend never saw an upgrade offer.
+    assert_eq!(raw_status(&response), Some(200), "{text}");
+    let body = &text[text.find("\r\n\r\n").expect("head") + 4..];
+    let json_start = body.find('{').expect("echo body");
+    let seen: serde_json::Value =
+        serde_json::from_str(body[json_start..].trim_end_matches(|c| c != '}')).expect("json");
+    assert!(seen["headers"].get("upgrade").is_none(), "{seen}");
+    assert!(seen["headers"].get("http2-settings").is_none(), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_port_never_serves_admin_or_metrics() {
+    let stack = Stack::start(CONFIG).await;
+    for path in ["/metrics", "/healthz", "/reload", "/config"] {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let response = raw_request_within(stack.proxy, request.as_bytes(), Duration::from_secs(5))
+            .await
+            .expect("raw request");
+        let text = String::from_utf8_lossy(&response);
+        assert_eq!(raw_status(&response), Some(404), "{path}: {text}");
+        assert!(!text.contains("# TYPE"), "{path} served metrics");
+    }
+}
