@@ -135,3 +135,60 @@ async fn the_proxy_port_never_serves_admin_or_metrics() {
         assert!(!text.contains("# TYPE"), "{path} served metrics");
     }
 }
+
+const LIMITED: &str = r#"
+listeners: [ { address: $PROXY } ]
+admin: { address: $ADMIN }
+upstreams:
+  docs:
+    backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
+routes:
+  - name: by-ip
+    match: { path_prefix: /ip/ }
+    upstream: docs
+    rate_limit: { by: client_ip, per_second: 5, burst: 2 }
+  - name: by-key
+    match: { path_prefix: /docs/ }
+    sticky: { keys: [ { path: "/docs/{key}" } ] }
+    upstream: docs
+    rate_limit: { by: key, per_second: 5 }
+"#;
+
+async fn burst(stack: &Stack, path: &str, n: usize) -> (usize, usize, bool) {
+    let (mut ok, mut limited, mut retry_after) = (0, 0, true);
+    for _ in 0..n {
+        let r = tether_testkit::http_get(&stack.url(path), &[])
+            .await
+            .expect("GET");
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                retry_after &= r.header("retry-after") == Some("1");
+            }
+            other => panic!("{path}: unexpected {other}"),
+        }
+    }
+    (ok, limited, retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_route_answers_429_with_retry_after_and_keys_are_limited_apart() {
+    let stack = Stack::start(LIMITED).await;
+    let before = received(&stack);
+    // 20 requests well within one second (or two windows at most): 5/s + burst 2.
+    let (ok, limited, retry_after) = burst(&stack, "/ip/x", 20).await;
+    assert!(limited >= 6, "only {limited} of 20 limited");
+    assert!(ok >= 7 && ok <= 14, "{ok} passed");
+    assert!(retry_after, "429 without Retry-After: 1");
+    assert_eq!(
+        received(&stack) - before,
+        ok as u64,
+        "a limited request reached a backend"
+    );
+    // Per key: another document has its own allowance.
+    let (a_ok, a_limited, _) = burst(&stack, "/docs/doc-a/x", 12).await;
+    let (b_ok, _, _) = burst(&stack, "/docs/doc-b/x", 5).await;
+    assert!(a_limited >= 1, "doc-a never limited ({a_ok} passed)");
+    assert_eq!(b_ok, 5, "doc-b was limited by doc-a's traffic");
+}

@@ -257,6 +257,8 @@ pub struct Route {
     pub retries: u32,
     /// Largest request body in bytes (413). Default 10 MiB.
     pub max_body: u64,
+    /// Optional request rate limit (429 with `Retry-After`).
+    pub rate_limit: Option<RateLimit>,
     /// Requests on this route are long-polls: governed by `timeouts.idle` instead of
     /// `timeouts.read`, and counted as streams. Default false.
     pub long_poll: bool,
@@ -324,4 +326,24 @@ pub struct Timeouts {
     pub read: Duration,
     /// Max silence on WebSocket, SSE and long-poll streams. Default 1h.
     pub idle: Duration,
+}
+
+/// `rate_limit:` of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// What is limited: each client address, or each sticky key (document).
+    pub by: RateLimitBy,
+    /// Requests allowed per second.
+    pub per_second: u32,
+    /// Extra requests allowed on top within one second. Default 0.
+    pub burst: u32,
+}
+
+/// The subject of a rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitBy {
+    /// The client IP address.
+    ClientIp,
+    /// The request's sticky key (requests without one are limited by client IP).
+    Key,
 }

@@ -195,6 +195,16 @@ fn render_route(out: &mut Out, route: &Route) {
     out.line(4, &format!("retries: {}", route.retries));
     out.line(4, &format!("long_poll: {}", route.long_poll));
     out.line(4, &format!("max_body: {}", route.max_body));
+    if let Some(r) = &route.rate_limit {
+        let by = match r.by {
+            RateLimitBy::ClientIp => "client_ip",
+            RateLimitBy::Key => "key",
+        };
+        out.line(4, "rate_limit:");
+        out.line(6, &format!("by: {by}"));
+        out.line(6, &format!("per_second: {}", r.per_second));
+        out.line(6, &format!("burst: {}", r.burst));
+    }
 }
 
 #[derive(Default)]

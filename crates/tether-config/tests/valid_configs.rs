@@ -365,3 +365,16 @@ fn trusted_proxies_parse_as_networks_and_round_trip() {
         "{errors}"
     );
 }
+
+#[test]
+fn a_rate_limit_parses_and_round_trips() {
+    let text = BASE.replace(
+        "    upstream: docs",
+        "    upstream: docs\n    rate_limit: { by: key, per_second: 50, burst: 10 }",
+    );
+    let config = parse_ok(&text);
+    let limit = config.routes[0].rate_limit.expect("rate limit");
+    assert_eq!(limit.by, tether_config::RateLimitBy::Key);
+    assert_eq!((limit.per_second, limit.burst), (50, 10));
+    assert_eq!(parse_ok(&tether_config::to_yaml(&config)), config);
+}

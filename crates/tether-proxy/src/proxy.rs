@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tether_config::RateLimitBy;
 use tether_routing::{BackendState, Decision, RequestView};
 
 /// What kind of exchange a request is; streams are governed by `timeouts.idle`.
@@ -341,6 +342,24 @@ impl ProxyHttp for TetherProxy {
                     ctx.local_status = Some(413);
                     respond_local(session, 413, "request body too large").await?;
                     return Ok(true);
+                }
+                if let (Some(limit), Some(Some(rate))) =
+                    (route.rate_limit, installed.limiters.get(decision.route))
+                {
+                    // Count-min estimate over one-second windows (pingora-limits).
+                    let seen = match (limit.by, decision.key.as_deref(), ctx.client_ip) {
+                        (RateLimitBy::Key, Some(key), _) => rate.observe(&key, 1),
+                        (_, _, Some(ip)) => rate.observe(&ip, 1),
+                        (_, _, None) => 0,
+                    };
+                    if seen > limit.per_second as isize + limit.burst as isize {
+                        ctx.local_status = Some(429);
+                        let mut resp = ResponseHeader::build(429, Some(2))?;
+                        resp.insert_header(http::header::RETRY_AFTER, "1")?;
+                        resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+                        session.write_response_header(Box::new(resp), true).await?;
+                        return Ok(true);
+                    }
                 }
                 ctx.max_body = route.max_body;
                 ctx.decision = Some(decision);

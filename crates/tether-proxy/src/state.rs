@@ -20,6 +20,8 @@ pub struct Installed {
     pub router: Router,
     /// Pre-resolved request counters for the router's routes.
     pub counters: RouterCounters,
+    /// Per route, the request-rate estimator of its `rate_limit` (None without one).
+    pub limiters: Vec<Option<pingora_limits::rate::Rate>>,
 }
 
 impl Installed {
@@ -34,10 +36,19 @@ impl Installed {
             metrics.touch_upstream(&upstream.name);
         }
         let counters = RouterCounters::new(&router);
+        let limiters = config
+            .routes
+            .iter()
+            .map(|r| {
+                r.rate_limit
+                    .map(|_| pingora_limits::rate::Rate::new(std::time::Duration::from_secs(1)))
+            })
+            .collect();
         Installed {
             config: config.clone(),
             router,
             counters,
+            limiters,
         }
     }
 

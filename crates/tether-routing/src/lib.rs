@@ -55,6 +55,7 @@
 //!         retries: 2,
 //!         long_poll: false,
 //!         max_body: 1 << 20,
+//!         rate_limit: None,
 //!     }],
 //! };
 //! let router = Router::new(&config);

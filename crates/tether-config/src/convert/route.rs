@@ -7,7 +7,7 @@ use crate::names::{KEY_SOURCES, ON_MISSING};
 use crate::read::{field, item, Cx};
 use crate::yaml::Node;
 
-const ROUTE: [&str; 8] = [
+const ROUTE: [&str; 9] = [
     "name",
     "match",
     "sticky",
@@ -16,6 +16,7 @@ const ROUTE: [&str; 8] = [
     "retries",
     "long_poll",
     "max_body",
+    "rate_limit",
 ];
 
 pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> Route {
@@ -28,6 +29,7 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
         retries: defaults::RETRIES,
         long_poll: false,
         max_body: defaults::MAX_BODY,
+        rate_limit: None,
     };
     let (mut name_mark, mut upstream_mark) = (None, None);
     if let Some(f) = cx.map(node, path, &ROUTE, &[]) {
@@ -59,6 +61,9 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
             route.retries = cx
                 .integer(n, &field(path, "retries"), 0, max)
                 .map_or(route.retries, |r| r as u32);
+        }
+        if let Some(n) = f.get("rate_limit") {
+            route.rate_limit = rate_limit(cx, n, &field(path, "rate_limit"));
         }
         if let Some(n) = f.get("max_body") {
             route.max_body = cx
@@ -254,4 +259,30 @@ fn host(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
         return None;
     }
     Some(value)
+}
+
+fn rate_limit(cx: &mut Cx, node: &Node, path: &str) -> Option<RateLimit> {
+    let f = cx.map(node, path, &["by", "per_second", "burst"], &[])?;
+    let by = match f.get("by") {
+        Some(n) => cx.choice(
+            n,
+            &field(path, "by"),
+            &[
+                ("client_ip", RateLimitBy::ClientIp),
+                ("key", RateLimitBy::Key),
+            ],
+        )?,
+        None => RateLimitBy::ClientIp,
+    };
+    let per_second = cx.required(f, path, "per_second")?;
+    let per_second = cx.integer(per_second, &field(path, "per_second"), 1, 10_000_000)? as u32;
+    let burst = match f.get("burst") {
+        Some(n) => cx.integer(n, &field(path, "burst"), 0, 10_000_000)? as u32,
+        None => 0,
+    };
+    Some(RateLimit {
+        by,
+        per_second,
+        burst,
+    })
 }

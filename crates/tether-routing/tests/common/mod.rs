@@ -48,6 +48,7 @@ pub fn route(name: &str, matcher: RouteMatch, sticky: Option<Sticky>, upstream: 
         retries: 2,
         long_poll: false,
         max_body: 1 << 20,
+        rate_limit: None,
     }
 }
 
