@@ -179,7 +179,7 @@ async fn a_rate_limited_route_answers_429_with_retry_after_and_keys_are_limited_
     // 20 requests well within one second (or two windows at most): 5/s + burst 2.
     let (ok, limited, retry_after) = burst(&stack, "/ip/x", 20).await;
     assert!(limited >= 6, "only {limited} of 20 limited");
-    assert!(ok >= 7 && ok <= 14, "{ok} passed");
+    assert!((7..=14).contains(&ok), "{ok} passed");
     assert!(retry_after, "429 without Retry-After: 1");
     assert_eq!(
         received(&stack) - before,
