@@ -184,25 +184,13 @@ routes:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_token_file_every_admin_request_but_the_public_paths_needs_the_bearer_token() {
-    let backends = [
-        tether_testkit::TestBackend::start("b0").await,
-        tether_testkit::TestBackend::start("b1").await,
-        tether_testkit::TestBackend::start("b2").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr()).collect();
-    let (proxy, admin) = (tether_testkit::free_addr(), tether_testkit::free_addr());
-    let config = support::fill(WITH_TOKEN, proxy, admin, &addrs, &[]);
-    let tether = tether_testkit::TetherProcess::start_with(
-        support::tether_binary(),
-        &config,
-        admin,
-        tether_testkit::LaunchOptions {
-            files: &[("admin.token", b"s3cret-token\n")],
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("start");
+    let options = tether_testkit::LaunchOptions {
+        files: &[("admin.token", b"s3cret-token\n")],
+        ..Default::default()
+    };
+    let stack = Stack::start_with(WITH_TOKEN, options).await;
+    let tether = &stack.tether;
+    let addrs: Vec<_> = stack.backends.iter().map(|b| b.addr()).collect();
     let url = |p: &str| tether.admin_url(p);
 
     assert_eq!(
@@ -230,14 +218,9 @@ async fn with_a_token_file_every_admin_request_but_the_public_paths_needs_the_be
     .expect("upstreams");
     assert_eq!(ok.status, 200);
 
-    let reload = http_request(http::Method::POST, &url("/reload"), &[], Vec::new())
-        .await
-        .expect("reload");
-    assert_eq!(reload.status, 401);
+    assert_eq!(stack.admin_post("/reload").await.status, 401);
     let drain = format!("/upstreams/docs/backends/{}/drain", addrs[0]);
-    let r = http_request(http::Method::POST, &url(&drain), &[], Vec::new())
-        .await
-        .expect("drain");
+    let r = stack.admin_post(&drain).await;
     assert_eq!(r.status, 401, "an unauthenticated drain must do nothing");
     let status = http_get(
         &url("/upstreams"),

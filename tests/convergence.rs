@@ -582,14 +582,7 @@ async fn a_fourth_backend_added_by_reload_takes_only_the_streams_of_keys_that_mo
     assert_ne!(four, stack.config, "the fourth backend was not added");
     stack.tether.write_config(&four).expect("write config");
     let reloaded_at = Instant::now();
-    let r = http_request(
-        http::Method::POST,
-        &stack.tether.admin_url("/reload"),
-        &[],
-        Vec::new(),
-    )
-    .await
-    .expect("reload");
+    let r = stack.admin_post("/reload").await;
     assert_eq!(r.status, 200, "{}", r.text());
 
     let (moved, untouched, converged_in) =

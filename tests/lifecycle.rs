@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{tether_binary, Stack};
 use tether_testkit::{
-    http_get, http_request, wait_until_async, ws_connect, LaunchOptions, Message, Signal,
-    TetherProcess,
+    http_get, wait_until_async, ws_connect, LaunchOptions, Message, Signal, TetherProcess,
 };
 
 /// Two valid configs over the same backends: B adds a route and changes timeouts and retries,
@@ -131,14 +130,7 @@ async fn fifty_reloads_under_load_fail_no_request_and_an_open_websocket_keeps_ec
         if n % 2 == 0 {
             stack.tether.signal(Signal::SIGHUP).expect("SIGHUP");
         } else {
-            let r = http_request(
-                http::Method::POST,
-                &stack.tether.admin_url("/reload"),
-                &[],
-                Vec::new(),
-            )
-            .await
-            .expect("POST /reload");
+            let r = stack.admin_post("/reload").await;
             assert_eq!(r.status, 200, "{}", r.text());
         }
         let generation = n + 2;
@@ -167,14 +159,7 @@ async fn a_bad_file_changes_nothing_and_the_status_names_line_and_column() {
     let semantic = good.replace("    upstream: docs\n", "    upstream: nowhere\n");
     for (bad, expect) in [(&syntax, "tether.yaml:"), (&semantic, "routes[0].upstream")] {
         stack.tether.write_config(bad).expect("write");
-        let r = http_request(
-            http::Method::POST,
-            &stack.tether.admin_url("/reload"),
-            &[],
-            Vec::new(),
-        )
-        .await
-        .expect("POST /reload");
+        let r = stack.admin_post("/reload").await;
         assert_eq!(r.status, 422, "{}", r.text());
         let s = status(&stack.tether).await;
         assert_eq!(s["generation"], 1, "{s}");
@@ -204,34 +189,21 @@ async fn a_bad_file_changes_nothing_and_the_status_names_line_and_column() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_watch_reloads_when_the_file_changes() {
-    let backends = [
-        tether_testkit::TestBackend::start("b0").await,
-        tether_testkit::TestBackend::start("b1").await,
-        tether_testkit::TestBackend::start("b2").await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr()).collect();
-    let (proxy, admin) = (tether_testkit::free_addr(), tether_testkit::free_addr());
-    let config = support::fill(A, proxy, admin, &addrs, &[]);
-    let tether = TetherProcess::start_with(
-        tether_binary(),
-        &config,
-        admin,
-        LaunchOptions {
-            args: &["--watch"],
-            ..LaunchOptions::default()
-        },
-    )
-    .await
-    .expect("start");
-    tether.write_config(&config_b(&config)).expect("write");
+    let options = LaunchOptions {
+        args: &["--watch"],
+        ..LaunchOptions::default()
+    };
+    let stack = Stack::start_with(A, options).await;
+    stack
+        .tether
+        .write_config(&config_b(&stack.config))
+        .expect("write");
     let reloaded = wait_until_async(Duration::from_secs(5), || async {
-        status(&tether).await["generation"] == 2
+        status(&stack.tether).await["generation"] == 2
     })
     .await;
     assert!(reloaded, "the watched file change was not reloaded");
-    let extra = http_get(&format!("http://{proxy}/extra/x"), &[])
-        .await
-        .expect("GET");
+    let extra = http_get(&stack.url("/extra/x"), &[]).await.expect("GET");
     assert_eq!(extra.status, 200);
 }
 

@@ -22,9 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{metrics_text, Stack};
-use tether_testkit::{
-    free_addr, http_get, http_request, sse_connect, wait_until_async, ws_connect, Message,
-};
+use tether_testkit::{free_addr, http_get, sse_connect, wait_until_async, ws_connect, Message};
 
 const SETUP_HINT: &str =
     "install it with scripts/setup-prometheus.sh (Debian's `prometheus` package)";
@@ -554,14 +552,7 @@ fn served_series(text: &str) -> BTreeSet<String> {
 
 async fn reload(stack: &Stack, config: &str) -> u16 {
     stack.tether.write_config(config).expect("write config");
-    let response = http_request(
-        http::Method::POST,
-        &stack.tether.admin_url("/reload"),
-        &[],
-        Vec::new(),
-    )
-    .await
-    .expect("POST /reload");
+    let response = stack.admin_post("/reload").await;
     response.status.as_u16()
 }
 

@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use tether_testkit::{free_addr, wait_until_async, TestBackend, TetherProcess};
+use tether_testkit::{
+    free_addr, http_request, wait_until_async, HttpResponse, LaunchOptions, TestBackend,
+    TetherProcess,
+};
 
 /// Three backends named `b0`, `b1`, `b2`, and tether in front of them.
 pub struct Stack {
@@ -50,6 +53,11 @@ impl Stack {
     /// Starts three backends and tether with `template` (see [`fill`]), and waits until the
     /// proxy listener accepts connections.
     pub async fn start(template: &str) -> Stack {
+        Stack::start_with(template, LaunchOptions::default()).await
+    }
+
+    /// [`Stack::start`] with extra arguments, files or environment for tether.
+    pub async fn start_with(template: &str, options: LaunchOptions<'_>) -> Stack {
         let mut backends = Vec::new();
         for i in 0..3 {
             backends.push(TestBackend::start(&format!("b{i}")).await);
@@ -59,7 +67,8 @@ impl Stack {
         let proxy = free_addr();
         let admin = free_addr();
         let config = fill(template, proxy, admin, &addrs, &dead);
-        let tether = match TetherProcess::start(tether_binary(), &config, admin).await {
+        let tether = match TetherProcess::start_with(tether_binary(), &config, admin, options).await
+        {
             Ok(t) => t,
             Err(e) => panic!("tether did not start: {e}\nconfig:\n{config}"),
         };
@@ -92,6 +101,21 @@ impl Stack {
         match self.backends.iter().find(|b| b.name() == name) {
             Some(b) => b,
             None => panic!("no backend named {name}"),
+        }
+    }
+
+    /// `POST` to the admin API (`/reload`, a drain path) with no body.
+    pub async fn admin_post(&self, path: &str) -> HttpResponse {
+        match http_request(
+            http::Method::POST,
+            &self.tether.admin_url(path),
+            &[],
+            Vec::new(),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => panic!("POST {path}: {e}"),
         }
     }
 
