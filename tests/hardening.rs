@@ -192,3 +192,115 @@ async fn a_rate_limited_route_answers_429_with_retry_after_and_keys_are_limited_
     assert!(a_limited >= 1, "doc-a never limited ({a_ok} passed)");
     assert_eq!(b_ok, 5, "doc-b was limited by doc-a's traffic");
 }
+
+const SMUGGLED: &str = "GET /docs/s/__smuggled HTTP/1.1\r\nHost: h\r\n\r\n";
+
+fn smuggled_arrived(stack: &Stack) -> bool {
+    stack
+        .backends
+        .iter()
+        .any(|b| b.seen_targets().iter().any(|t| t.contains("__smuggled")))
+}
+
+/// Sends `request` on one connection and returns the first status line's code.
+async fn first_status(stack: &Stack, request: &str) -> Option<u16> {
+    let response = raw_request_within(stack.proxy, request.as_bytes(), Duration::from_secs(3))
+        .await
+        .expect("raw request");
+    raw_status(&response)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn framing_attacks_are_refused_and_nothing_is_smuggled() {
+    let stack = Stack::start(CONFIG).await;
+    let cl_te = format!(
+        "POST /docs/a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+    );
+    let te_cl = format!(
+        "POST /docs/a HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n",
+        SMUGGLED.len()
+    );
+    // CL + TE: Pingora drops the Content-Length, frames by chunked (RFC 9112 6.3) and closes the
+    // connection after the response (6.1) — the RFC's alternative to a 400. Either way the
+    // smuggled request must never arrive, and the connection must not be reused.
+    for (what, request) in [("A1 CL.TE", &cl_te), ("A2 TE.CL", &te_cl)] {
+        let started = std::time::Instant::now();
+        let response = raw_request_within(stack.proxy, request.as_bytes(), Duration::from_secs(3))
+            .await
+            .expect("raw request");
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: connection kept open"
+        );
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{what}: {text}");
+    }
+    let cases: Vec<(&str, String, u16)> = vec![
+        (
+            "A3 space before colon",
+            format!("POST /docs/a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\nContent-Length: 3\r\n\r\nabc{SMUGGLED}"),
+            400,
+        ),
+        (
+            "A3 xchunked",
+            format!("POST /docs/a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\nContent-Length: 3\r\n\r\nabc{SMUGGLED}"),
+            400,
+        ),
+        (
+            "A3 chunked, identity",
+            format!("POST /docs/a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{SMUGGLED}"),
+            400,
+        ),
+        (
+            "A4 two different Content-Lengths",
+            format!("POST /docs/a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+            400,
+        ),
+        (
+            "A5 Content-Length +5",
+            format!("POST /docs/a HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nhello{SMUGGLED}"),
+            400,
+        ),
+        (
+            "A5 Content-Length overflow",
+            format!("POST /docs/a HTTP/1.1\r\nHost: h\r\nContent-Length: 18446744073709551617\r\n\r\nh{SMUGGLED}"),
+            400,
+        ),
+        (
+            "A6 HTTP/1.0 with chunked",
+            format!("POST /docs/a HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
+            400,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, request, expected) in &cases {
+        let got = first_status(&stack, request).await;
+        if got != Some(*expected) {
+            wrong.push(format!("{what}: got {got:?}, expected {expected}"));
+        }
+    }
+    assert!(
+        !smuggled_arrived(&stack),
+        "a smuggled request reached a backend"
+    );
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_behind_a_local_reply_never_becomes_a_request() {
+    let stack = Stack::start(CONFIG).await;
+    // 404 (no route), 413 (declared body over max_body): the proxy answers itself.
+    for head in ["POST /nowhere HTTP/1.1", "POST /docs/a HTTP/1.1"] {
+        let body = if head.contains("nowhere") {
+            SMUGGLED.to_string()
+        } else {
+            format!("{SMUGGLED}{}", "x".repeat(2000))
+        };
+        let request = format!(
+            "{head}\r\nHost: h\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = first_status(&stack, &request).await;
+    }
+    assert!(!smuggled_arrived(&stack), "a body became a request");
+}

@@ -34,6 +34,13 @@ pub(super) async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     shared.requests.fetch_add(1, Ordering::SeqCst);
+    if let Ok(mut seen) = shared.seen_targets.lock() {
+        seen.push(
+            req.uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_string(), |p| p.to_string()),
+        );
+    }
     let query = req.uri().query().unwrap_or("").to_owned();
     let mut response = match classify(&req) {
         Endpoint::WebSocket => websocket::accept(req, Arc::clone(&shared)),

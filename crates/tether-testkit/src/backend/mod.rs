@@ -47,6 +47,8 @@ struct Shared {
     name_header: HeaderValue,
     healthy: AtomicBool,
     requests: AtomicU64,
+    /// Request targets (path and query) in arrival order, for "never reached the backend" checks.
+    seen_targets: std::sync::Mutex<Vec<String>>,
     health_checks: AtomicU64,
     open_websockets: AtomicUsize,
     open_event_streams: AtomicUsize,
@@ -78,6 +80,7 @@ impl TestBackend {
             name_header,
             healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
+            seen_targets: std::sync::Mutex::new(Vec::new()),
             health_checks: AtomicU64::new(0),
             open_websockets: AtomicUsize::new(0),
             open_event_streams: AtomicUsize::new(0),
@@ -110,7 +113,16 @@ impl TestBackend {
         self.shared.healthy.store(healthy, Ordering::SeqCst);
     }
 
-    /// HTTP requests received so far, upgrades and health checks included.
+    /// Every request target (path and query) received so far, in order.
+    pub fn seen_targets(&self) -> Vec<String> {
+        self.shared
+            .seen_targets
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Requests received so far, including upgrades and health checks.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
     }
