@@ -304,3 +304,23 @@ async fn a_body_behind_a_local_reply_never_becomes_a_request() {
     }
     assert!(!smuggled_arrived(&stack), "a body became a request");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_sticky_key_gets_400_and_never_reaches_a_backend() {
+    let stack = Stack::start(CONFIG).await;
+    let before = received(&stack);
+    let long = "k".repeat(300);
+    for target in [
+        format!("/docs/{long}/x"),
+        "/docs/a%0Ab/x".to_string(),
+        "/docs/a%zzb/x".to_string(),
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        assert_eq!(
+            status_of(&stack, request.as_bytes()).await,
+            Some(400),
+            "{target}"
+        );
+    }
+    assert_eq!(received(&stack), before, "a bad key reached a backend");
+}

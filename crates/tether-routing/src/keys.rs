@@ -12,8 +12,11 @@
 //!   (percent-decoded, so `/docs/a%20b` and header `a b` are the same key), and extra trailing
 //!   segments are allowed (`/docs/42/ws` yields `42`).
 //!
-//! A source whose value is empty, not UTF-8, badly encoded or longer than [`MAX_KEY_LEN`] bytes
-//! counts as missing, and the chain moves on to the next source.
+//! An empty value counts as missing, and the chain moves on to the next source. A present value
+//! that is not UTF-8, badly percent-encoded, longer than [`MAX_KEY_LEN`] bytes or holding control
+//! characters is a bad key: the request is refused (400) rather than routed somewhere arbitrary.
+
+use std::borrow::Cow;
 
 use http::header::COOKIE;
 use http::HeaderName;
@@ -22,8 +25,31 @@ use tether_config::{KeySource, OnMissing, Sticky};
 use crate::percent;
 use crate::{KeySourceKind, RequestView};
 
-/// Keys longer than this many bytes are treated as missing.
-pub(crate) const MAX_KEY_LEN: usize = 1024;
+/// Keys longer than this many bytes are bad keys (400).
+pub(crate) const MAX_KEY_LEN: usize = 256;
+
+/// A key source that is present in the request.
+enum Found<'a> {
+    /// Usable as a key.
+    Key(Cow<'a, str>),
+    /// Present but unusable.
+    Bad,
+}
+
+/// Judges a present value: empty is absent; too long or with control characters is bad.
+fn judge(value: Cow<'_, str>) -> Option<Found<'_>> {
+    if value.is_empty() {
+        None
+    } else if value.len() > MAX_KEY_LEN || value.chars().any(char::is_control) {
+        Some(Found::Bad)
+    } else {
+        Some(Found::Key(value))
+    }
+}
+
+/// A present source holding a bad key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BadKey;
 
 /// A route's sticky policy, prepared once.
 #[derive(Debug)]
@@ -61,41 +87,45 @@ impl StickyPolicy {
         }
     }
 
-    /// The first key present in `req`, and where it came from.
+    /// The first key present in `req` and where it came from; `Ok(None)` when no source is
+    /// present, `Err(BadKey)` when the first present one is unusable.
     pub(crate) fn extract(
         &self,
         req: &RequestView<'_>,
         normalized_path: &str,
-    ) -> Option<(String, KeySourceKind)> {
-        self.keys.iter().find_map(|source| {
-            let (key, kind) = match source {
-                Source::Header(name) => (
-                    header(req, name.as_ref()?).map(str::to_owned),
-                    KeySourceKind::Header,
-                ),
-                Source::Cookie(name) => {
-                    (cookie(req, name).map(str::to_owned), KeySourceKind::Cookie)
-                }
-                Source::Query(name) => (query(req.query?, name), KeySourceKind::Query),
+    ) -> Result<Option<(String, KeySourceKind)>, BadKey> {
+        for source in &self.keys {
+            let (found, kind) = match source {
+                Source::Header(name) => match name {
+                    Some(name) => (header(req, name), KeySourceKind::Header),
+                    None => continue,
+                },
+                Source::Cookie(name) => (cookie(req, name), KeySourceKind::Cookie),
+                Source::Query(name) => match req.query {
+                    Some(q) => (query(q, name), KeySourceKind::Query),
+                    None => continue,
+                },
                 Source::Path(pattern) => (path(pattern, normalized_path), KeySourceKind::Path),
             };
-            key.filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
-                .map(|k| (k, kind))
-        })
+            match found {
+                None => continue,
+                Some(Found::Bad) => return Err(BadKey),
+                Some(Found::Key(key)) => return Ok(Some((key.into_owned(), kind))),
+            }
+        }
+        Ok(None)
     }
 }
 
-/// Checked before copying so oversized values are never allocated.
-fn usable(value: &str) -> Option<&str> {
-    (!value.is_empty() && value.len() <= MAX_KEY_LEN).then_some(value)
-}
-
-fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<&'a str> {
+fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<Found<'a>> {
     let value = req.headers.get(name)?;
-    usable(std::str::from_utf8(value.as_bytes()).ok()?)
+    match std::str::from_utf8(value.as_bytes()) {
+        Ok(text) => judge(Cow::Borrowed(text)),
+        Err(_) => Some(Found::Bad),
+    }
 }
 
-fn cookie<'a>(req: &RequestView<'a>, name: &str) -> Option<&'a str> {
+fn cookie<'a>(req: &RequestView<'a>, name: &str) -> Option<Found<'a>> {
     let value = req
         .headers
         .get_all(COOKIE)
@@ -109,19 +139,33 @@ fn cookie<'a>(req: &RequestView<'a>, name: &str) -> Option<&'a str> {
         .strip_prefix('"')
         .and_then(|v| v.strip_suffix('"'))
         .unwrap_or(value);
-    usable(value)
+    judge(Cow::Borrowed(value))
 }
 
-fn query(query: &str, name: &str) -> Option<String> {
+/// Percent-decodes a present raw value; oversized input is judged before any allocation.
+fn decoded(raw: &str, plus_is_space: bool) -> Option<Found<'static>> {
+    if raw.is_empty() {
+        return None;
+    }
+    if raw.len() > 3 * MAX_KEY_LEN {
+        return Some(Found::Bad);
+    }
+    match percent::decode(raw, plus_is_space) {
+        Some(text) => judge(Cow::Owned(text)),
+        None => Some(Found::Bad),
+    }
+}
+
+fn query(query: &str, name: &str) -> Option<Found<'static>> {
     let raw = query
         .split('&')
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
         .find(|(n, _)| *n == name)
         .map(|(_, value)| value)?;
-    percent::decode(raw, true)
+    decoded(raw, true)
 }
 
-fn path(pattern: &str, normalized_path: &str) -> Option<String> {
+fn path(pattern: &str, normalized_path: &str) -> Option<Found<'static>> {
     let mut segments = normalized_path.split('/').filter(|s| !s.is_empty());
     let mut captured = None;
     for expected in pattern.split('/').filter(|s| !s.is_empty()) {
@@ -132,7 +176,7 @@ fn path(pattern: &str, normalized_path: &str) -> Option<String> {
             return None;
         }
     }
-    percent::decode(captured?, false)
+    decoded(captured?, false)
 }
 
 #[cfg(test)]
@@ -175,8 +219,8 @@ mod tests {
         map
     }
 
-    fn key(kind: KeySourceKind, key: &str) -> Option<(String, KeySourceKind)> {
-        Some((key.to_owned(), kind))
+    fn key(kind: KeySourceKind, key: &str) -> Result<Option<(String, KeySourceKind)>, BadKey> {
+        Ok(Some((key.to_owned(), kind)))
     }
 
     #[test]
@@ -212,7 +256,7 @@ mod tests {
     #[test]
     fn cookie_name_must_match_exactly() {
         let h = headers(&[("cookie", "my_doc_id=x; doc_id_old=y")]);
-        assert_eq!(chain().extract(&request(&h, None), "/"), None);
+        assert_eq!(chain().extract(&request(&h, None), "/"), Ok(None));
     }
 
     #[test]
@@ -228,10 +272,13 @@ mod tests {
     #[test]
     fn query_key_that_is_empty_or_badly_encoded_is_missing() {
         let h = HeaderMap::new();
-        assert_eq!(chain().extract(&request(&h, Some("doc=")), "/"), None);
-        assert_eq!(chain().extract(&request(&h, Some("doc")), "/"), None);
-        assert_eq!(chain().extract(&request(&h, Some("doc=%zz")), "/"), None);
-        assert_eq!(chain().extract(&request(&h, Some("xdoc=1")), "/"), None);
+        assert_eq!(chain().extract(&request(&h, Some("doc=")), "/"), Ok(None));
+        assert_eq!(chain().extract(&request(&h, Some("doc")), "/"), Ok(None));
+        assert_eq!(
+            chain().extract(&request(&h, Some("doc=%zz")), "/"),
+            Err(BadKey)
+        );
+        assert_eq!(chain().extract(&request(&h, Some("xdoc=1")), "/"), Ok(None));
     }
 
     #[test]
@@ -256,16 +303,16 @@ mod tests {
     fn path_key_needs_literal_segments_and_a_key_segment() {
         let h = HeaderMap::new();
         let req = request(&h, None);
-        assert_eq!(chain().extract(&req, "/docs/"), None);
-        assert_eq!(chain().extract(&req, "/docs"), None);
-        assert_eq!(chain().extract(&req, "/doc/42"), None);
-        assert_eq!(chain().extract(&req, "/v1/docs/42"), None);
+        assert_eq!(chain().extract(&req, "/docs/"), Ok(None));
+        assert_eq!(chain().extract(&req, "/docs"), Ok(None));
+        assert_eq!(chain().extract(&req, "/doc/42"), Ok(None));
+        assert_eq!(chain().extract(&req, "/v1/docs/42"), Ok(None));
         let nested = policy(vec![KeySource::Path("/api/{key}/live".into())]);
         assert_eq!(
             nested.extract(&req, "/api/7/live"),
             key(KeySourceKind::Path, "7")
         );
-        assert_eq!(nested.extract(&req, "/api/7/dead"), None);
+        assert_eq!(nested.extract(&req, "/api/7/dead"), Ok(None));
     }
 
     #[test]
@@ -290,16 +337,27 @@ mod tests {
     }
 
     #[test]
-    fn oversized_key_counts_as_missing() {
+    fn an_oversized_or_control_character_key_is_bad_not_missing() {
         let long = "k".repeat(MAX_KEY_LEN + 1);
         let h = headers(&[("x-doc-id", &long)]);
         let req = request(&h, Some("doc=q"));
-        assert_eq!(chain().extract(&req, "/"), key(KeySourceKind::Query, "q"));
+        assert_eq!(chain().extract(&req, "/"), Err(BadKey));
         let exact = "k".repeat(MAX_KEY_LEN);
         let h = headers(&[("x-doc-id", &exact)]);
         assert_eq!(
             chain().extract(&request(&h, None), "/"),
             key(KeySourceKind::Header, &exact)
+        );
+        let h = HeaderMap::new();
+        assert_eq!(
+            chain().extract(&request(&h, Some("doc=a%0Ab")), "/"),
+            Err(BadKey),
+            "a decoded newline"
+        );
+        assert_eq!(
+            chain().extract(&request(&h, Some("doc=%zz")), "/"),
+            Err(BadKey),
+            "bad percent-encoding"
         );
     }
 }

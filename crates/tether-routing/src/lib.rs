@@ -185,6 +185,10 @@ pub enum Reject {
         /// Index into `Router::routes()`.
         route: usize,
     },
+    /// Sticky route, a key source is present but its value is unusable (too long, control
+    /// characters, bad encoding): 400. Carries the route index.
+    #[error("invalid sticky key")]
+    BadKey { route: usize },
     /// Every backend of the upstream is down: 503.
     #[error("no healthy backend")]
     NoHealthyBackend {
@@ -199,7 +203,7 @@ impl Reject {
     /// The HTTP status code for this rejection (400/404/503).
     pub fn status(&self) -> u16 {
         match self {
-            Reject::BadPath(_) | Reject::MissingKey { .. } => 400,
+            Reject::BadPath(_) | Reject::MissingKey { .. } | Reject::BadKey { .. } => 400,
             Reject::NoRoute => 404,
             Reject::NoHealthyBackend { .. } => 503,
         }

@@ -62,7 +62,10 @@ impl Router {
 
         let (key, key_source, backend) = match &compiled.sticky {
             None => (None, KeySourceKind::None, balance::keyless(upstream, up)),
-            Some(sticky) => match sticky.extract(req, &normalized_path) {
+            Some(sticky) => match sticky
+                .extract(req, &normalized_path)
+                .map_err(|_| Reject::BadKey { route })?
+            {
                 Some((key, source)) => {
                     let backend = upstream
                         .ring
