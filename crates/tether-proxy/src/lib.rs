@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod convergence;
+pub mod exchange;
 pub mod forwarding;
 pub mod health;
 pub mod lifecycle;

@@ -1,14 +1,15 @@
 //! The `ProxyHttp` implementation: route with `Router::decide`, connect to the chosen backend,
 //! retry connect failures on the next owner, and answer errors with the right status.
 
+use crate::exchange::{exchange_kind, status_for, websocket_close_frame, ExchangeKind};
 use crate::forwarding::{self, X_REQUEST_ID};
 use crate::metrics::ConnectionGuard;
 use crate::passive;
 use crate::state::{InFlight, Installed, ProxyState};
-use crate::streams::{CloseReason, Registration, StreamKind};
+use crate::streams::{CloseReason, Registration};
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{ACCEPT, HOST};
+use http::header::HOST;
 use http::HeaderValue;
 use pingora::prelude::*;
 use pingora::protocols::Digest;
@@ -21,19 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_config::RateLimitBy;
 use tether_routing::{BackendState, Decision, RequestView};
-
-/// What kind of exchange a request is; streams are governed by `timeouts.idle`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExchangeKind {
-    /// An ordinary request/response, governed by `timeouts.read`.
-    Plain,
-    /// A WebSocket upgrade.
-    WebSocket,
-    /// A Server-Sent Events stream (`Accept: text/event-stream`).
-    Sse,
-    /// A request on a `long_poll: true` route.
-    LongPoll,
-}
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -73,47 +61,6 @@ impl TetherProxy {
     /// A proxy serving whatever `state` holds at each request's start.
     pub fn new(state: Arc<ProxyState>) -> TetherProxy {
         TetherProxy { state }
-    }
-}
-
-fn exchange_kind(session: &Session, long_poll_route: bool) -> ExchangeKind {
-    if session.is_upgrade_req() {
-        return ExchangeKind::WebSocket;
-    }
-    let wants_sse = session
-        .req_header()
-        .headers
-        .get_all(ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("text/event-stream"));
-    if wants_sse {
-        ExchangeKind::Sse
-    } else if long_poll_route {
-        ExchangeKind::LongPoll
-    } else {
-        ExchangeKind::Plain
-    }
-}
-
-/// Maps a proxy error to the status the client gets: the explicit status when a filter chose
-/// one, 504 for upstream timeouts, 502 for other upstream failures.
-fn status_for(e: &Error) -> u16 {
-    match e.etype() {
-        ErrorType::HTTPStatus(code) => *code,
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout
-            if e.esource() == &ErrorSource::Upstream =>
-        {
-            504
-        }
-        _ => match e.esource() {
-            ErrorSource::Upstream => 502,
-            ErrorSource::Downstream => match e.etype() {
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                _ => 400,
-            },
-            ErrorSource::Internal | ErrorSource::Unset => 500,
-        },
     }
 }
 
@@ -157,28 +104,6 @@ impl RequestCtx {
     }
 }
 
-impl ExchangeKind {
-    fn stream_kind(self) -> Option<StreamKind> {
-        match self {
-            ExchangeKind::Plain => None,
-            ExchangeKind::WebSocket => Some(StreamKind::WebSocket),
-            ExchangeKind::Sse => Some(StreamKind::Sse),
-            ExchangeKind::LongPoll => Some(StreamKind::LongPoll),
-        }
-    }
-}
-
-/// A server-to-client WebSocket close frame (RFC 6455 5.5.1: unmasked, code then reason).
-fn websocket_close_frame(code: u16, reason: &str) -> Bytes {
-    let reason = &reason.as_bytes()[..reason.len().min(123)];
-    let mut frame = Vec::with_capacity(4 + reason.len());
-    frame.push(0x88); // FIN + opcode 8 (close)
-    frame.push(2 + reason.len() as u8);
-    frame.extend_from_slice(&code.to_be_bytes());
-    frame.extend_from_slice(reason);
-    Bytes::from(frame)
-}
-
 impl Drop for RequestCtx {
     fn drop(&mut self) {
         // `logging` normally releases; this covers requests Pingora abandons early.
@@ -205,12 +130,6 @@ impl TetherProxy {
                 .unwrap_or_default(),
             _ => String::new(),
         };
-        let kind = match ctx.kind {
-            ExchangeKind::Plain => "plain",
-            ExchangeKind::WebSocket => "websocket",
-            ExchangeKind::Sse => "sse",
-            ExchangeKind::LongPoll => "long_poll",
-        };
         let entry = crate::access_log::Entry {
             request_id: ctx
                 .request_id
@@ -223,7 +142,7 @@ impl TetherProxy {
             key: decision.and_then(|d| d.key.as_deref()),
             upstream: decision.map_or("", |d| router.upstreams()[d.upstream].name.as_str()),
             backend: &backend,
-            kind,
+            kind: ctx.kind.as_str(),
             status,
             bytes: session.body_bytes_sent(),
             duration: elapsed.as_secs_f64(),

@@ -1,0 +1,91 @@
+//! What kind of exchange a request is, and the small pure pieces that depend on it: the
+//! status an error maps to, and the WebSocket close frame Tether sends when it ends a stream.
+
+use crate::streams::StreamKind;
+use bytes::Bytes;
+use http::header::ACCEPT;
+use pingora::prelude::*;
+use pingora::{ErrorSource, ErrorType};
+
+/// What kind of exchange a request is; streams are governed by `timeouts.idle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// An ordinary request/response, governed by `timeouts.read`.
+    Plain,
+    /// A WebSocket upgrade.
+    WebSocket,
+    /// A Server-Sent Events stream (`Accept: text/event-stream`).
+    Sse,
+    /// A request on a `long_poll: true` route.
+    LongPoll,
+}
+
+/// The kind of `session`'s request on a route with `long_poll_route`.
+pub fn exchange_kind(session: &Session, long_poll_route: bool) -> ExchangeKind {
+    if session.is_upgrade_req() {
+        return ExchangeKind::WebSocket;
+    }
+    let wants_sse = session
+        .req_header()
+        .headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        ExchangeKind::Sse
+    } else if long_poll_route {
+        ExchangeKind::LongPoll
+    } else {
+        ExchangeKind::Plain
+    }
+}
+
+/// Maps a proxy error to the status the client gets: the explicit status when a filter chose
+/// one, 504 for upstream timeouts, 502 for other upstream failures.
+pub fn status_for(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if e.esource() == &ErrorSource::Upstream =>
+        {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+impl ExchangeKind {
+    /// The access log label: `plain`, `websocket`, `sse` or `long_poll`.
+    pub fn as_str(self) -> &'static str {
+        self.stream_kind().map_or("plain", StreamKind::as_str)
+    }
+
+    /// The registry kind of a stream exchange (None for plain requests).
+    pub fn stream_kind(self) -> Option<StreamKind> {
+        match self {
+            ExchangeKind::Plain => None,
+            ExchangeKind::WebSocket => Some(StreamKind::WebSocket),
+            ExchangeKind::Sse => Some(StreamKind::Sse),
+            ExchangeKind::LongPoll => Some(StreamKind::LongPoll),
+        }
+    }
+}
+
+/// A server-to-client WebSocket close frame (RFC 6455 5.5.1: unmasked, code then reason).
+pub fn websocket_close_frame(code: u16, reason: &str) -> Bytes {
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut frame = Vec::with_capacity(4 + reason.len());
+    frame.push(0x88); // FIN + opcode 8 (close)
+    frame.push(2 + reason.len() as u8);
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    Bytes::from(frame)
+}
