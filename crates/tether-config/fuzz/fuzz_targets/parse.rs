@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
     match tether_config::parse(text, "fuzz.yaml") {
         Ok(config) => {
             let again = tether_config::parse(&tether_config::to_yaml(&config), "again.yaml");
-            assert_eq!(again.ok().as_ref(), Some(&config), "round trip changed the config");
+            assert_eq!(
+                again.ok().as_ref(),
+                Some(&config),
+                "round trip changed the config"
+            );
         }
         Err(errors) => assert!(!errors.0.is_empty()),
     }

@@ -54,7 +54,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(decision) = router().decide(&view) {
         if let Some(key) = &decision.key {
-            assert!(key.len() <= 256 && !key.chars().any(char::is_control), "{key:?}");
+            assert!(
+                key.len() <= 256 && !key.chars().any(char::is_control),
+                "{key:?}"
+            );
         }
         assert!(decision.backend < 3);
     }

@@ -13,8 +13,15 @@ fuzz_target!(|data: &[u8]| {
         assert!(path.starts_with('/'), "{path:?}");
         let inner = path.trim_end_matches('/');
         for segment in inner.split('/').skip(1) {
-            assert!(!segment.is_empty() && segment != "." && segment != "..", "{path:?}");
+            assert!(
+                !segment.is_empty() && segment != "." && segment != "..",
+                "{path:?}"
+            );
         }
-        assert_eq!(normalize_path(&path).as_deref(), Ok(path.as_str()), "not idempotent");
+        assert_eq!(
+            normalize_path(&path).as_deref(),
+            Ok(path.as_str()),
+            "not idempotent"
+        );
     }
 });
