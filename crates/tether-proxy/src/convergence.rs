@@ -83,11 +83,11 @@ impl Convergence {
 
     /// Streams whose key is now owned by another backend, oldest first, with their upstream's
     /// rate limit and close code.
-    fn moved_streams(&self) -> Vec<(StreamInfo, u32)> {
+    fn moved_streams<'a>(&self, streams: &'a [StreamInfo]) -> Vec<(&'a StreamInfo, u32)> {
         let installed = self.state.current();
         let router = &installed.router;
         let mut moved = Vec::new();
-        for stream in self.state.registry.snapshot() {
+        for stream in streams {
             let Some(key) = &stream.key else { continue };
             if stream.control.is_closing() {
                 continue;
@@ -121,10 +121,14 @@ impl Convergence {
 
     /// Closes moved streams within each upstream's budget; returns how long to wait before
     /// more may be closed (None when nothing is left to close).
-    fn close_moved(&self, budgets: &mut HashMap<Arc<str>, Budget>) -> Option<Duration> {
+    fn close_moved(
+        &self,
+        streams: &[StreamInfo],
+        budgets: &mut HashMap<Arc<str>, Budget>,
+    ) -> Option<Duration> {
         let now = Instant::now();
         let mut wait: Option<Duration> = None;
-        for (stream, rate) in self.moved_streams() {
+        for (stream, rate) in self.moved_streams(streams) {
             let budget = budgets.entry(stream.upstream.clone()).or_insert(Budget {
                 tokens: f64::from(rate.max(1)),
                 last: now,
@@ -146,13 +150,13 @@ impl Convergence {
     }
 
     /// Sets `split_keys{upstream}`: keys with open streams on more than one backend.
-    fn update_split_keys(&self, known_upstreams: &mut HashSet<Arc<str>>) {
+    fn update_split_keys(&self, streams: &[StreamInfo], known_upstreams: &mut HashSet<Arc<str>>) {
         let mut backends_of: HashMap<(Arc<str>, Arc<str>), HashSet<SocketAddr>> = HashMap::new();
-        for stream in self.state.registry.snapshot() {
-            if let Some(key) = stream.key {
+        for stream in streams {
+            if let Some(key) = &stream.key {
                 known_upstreams.insert(stream.upstream.clone());
                 backends_of
-                    .entry((stream.upstream, key))
+                    .entry((stream.upstream.clone(), key.clone()))
                     .or_default()
                     .insert(stream.backend);
             }
@@ -181,8 +185,10 @@ impl BackgroundService for Convergence {
             known_upstreams.insert(Arc::from(upstream.name.as_str()));
         }
         loop {
-            let retry_in = self.close_moved(&mut budgets);
-            self.update_split_keys(&mut known_upstreams);
+            // One copy of the registry per round serves both jobs.
+            let streams = self.state.registry.snapshot();
+            let retry_in = self.close_moved(&streams, &mut budgets);
+            self.update_split_keys(&streams, &mut known_upstreams);
             let sleep = retry_in.unwrap_or(GAUGE_INTERVAL).min(GAUGE_INTERVAL);
             tokio::select! {
                 _ = self.state.owners_changed() => {}
