@@ -112,6 +112,19 @@ impl LiveSocket {
     }
 }
 
+/// The sockets at `indices` were not closed and still echo.
+async fn assert_open_and_echoing(sockets: &mut [LiveSocket], indices: &[usize]) {
+    for (n, &i) in indices.iter().enumerate() {
+        let key = sockets[i].key.clone();
+        assert!(
+            sockets[i].closed().is_none(),
+            "{key} was closed: {:?}",
+            sockets[i].closed()
+        );
+        assert!(sockets[i].echoes(n).await, "{key} stopped echoing");
+    }
+}
+
 async fn open_all(stack: &Stack, n: usize) -> Vec<LiveSocket> {
     let mut sockets = Vec::new();
     for i in 0..n {
@@ -240,19 +253,7 @@ async fn a_killed_backend_fails_over_and_its_return_moves_back_exactly_its_keys_
         converged_in < Duration::from_millis(2200),
         "took {converged_in:?}"
     );
-    for (n, &i) in others.iter().enumerate() {
-        assert!(
-            sockets[i].closed().is_none(),
-            "{} was closed: {:?}",
-            sockets[i].key,
-            sockets[i].closed()
-        );
-        assert!(
-            sockets[i].echoes(n).await,
-            "{} stopped echoing",
-            sockets[i].key
-        );
-    }
+    assert_open_and_echoing(&mut sockets, &others).await;
     // Reconnected clients land on the restored backend.
     for &i in &victims {
         let again = LiveSocket::open(&stack, &sockets[i].key).await;
@@ -344,19 +345,7 @@ async fn draining_a_backend_moves_all_its_streams_at_the_configured_rate_and_not
         last <= expected + Duration::from_secs(2),
         "too slow: {last:?}"
     );
-    for (n, &i) in others.iter().enumerate() {
-        assert!(
-            sockets[i].closed().is_none(),
-            "{} was closed: {:?}",
-            sockets[i].key,
-            sockets[i].closed()
-        );
-        assert!(
-            sockets[i].echoes(n).await,
-            "{} stopped echoing",
-            sockets[i].key
-        );
-    }
+    assert_open_and_echoing(&mut sockets, &others).await;
     for &i in &drained {
         let again = LiveSocket::open(&stack, &sockets[i].key).await;
         assert_ne!(again.backend, target, "a drained backend took a new stream");
@@ -406,15 +395,7 @@ async fn assert_only_streams_moving_to(
         .max()
         .unwrap_or_default();
     let untouched: Vec<usize> = (0..sockets.len()).filter(|i| !moved.contains(i)).collect();
-    for (n, &i) in untouched.iter().enumerate() {
-        let key = sockets[i].key.clone();
-        assert!(
-            sockets[i].closed().is_none(),
-            "{key} was closed: {:?}",
-            sockets[i].closed()
-        );
-        assert!(sockets[i].echoes(n).await, "{key} stopped echoing");
-    }
+    assert_open_and_echoing(sockets, &untouched).await;
     for &i in &moved {
         assert_eq!(sockets[i].closed().expect("closed").0, Some(1012));
         sockets[i] = LiveSocket::open(stack, &sockets[i].key).await;
