@@ -94,6 +94,9 @@ fn check(args: CheckArgs) -> Result<()> {
         print!("{}", tether_config::to_yaml(&config));
         return Ok(());
     }
+    // Certificates are files the proxy reads at start; a config naming a bad one would not run.
+    tether_proxy::tls::TlsListeners::load(&config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     println!("{}: ok: {}", args.config.display(), config.summary());
     if let Some(old_path) = &args.against {
         let old = load(old_path)?;

@@ -92,7 +92,8 @@ impl std::fmt::Display for Cidr {
     }
 }
 
-/// `server.limits`: requests over a limit are answered locally and never reach a backend.
+/// `server.limits`: requests over a limit are answered locally and never reach a backend;
+/// connections over a limit are closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Longest request target in bytes (414). Default 8192.
@@ -103,6 +104,18 @@ pub struct Limits {
     pub max_header_line: usize,
     /// Most header fields (431). Default 100.
     pub max_headers: usize,
+    /// Time a client has to send a whole request header, counted from the accept (first
+    /// request) or from the end of keep-alive idle (later requests); then the connection is
+    /// closed. Default 15s.
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection waits for its next request. Default 60s.
+    pub keepalive_timeout: Duration,
+    /// Most client connections open at once; more are answered 503 and closed. Default 10000.
+    pub max_connections: usize,
+    /// Requests served on one keep-alive connection before it is closed. Default: no limit.
+    pub max_requests_per_connection: Option<u32>,
+    /// HTTP/2 streams open at once on one connection (TLS listeners with h2). Default 100.
+    pub max_concurrent_streams: u32,
 }
 
 /// `server.access_log`: one structured line per request on stdout.
@@ -143,6 +156,18 @@ impl AccessLogFormat {
 pub struct Listener {
     /// Address to bind, `ip:port`.
     pub address: SocketAddr,
+    /// Terminate TLS here (HTTP/2 and HTTP/1.1 offered by ALPN). None = plain HTTP/1.1.
+    pub tls: Option<ListenerTls>,
+}
+
+/// `listeners[].tls`: the certificate chain and private key, PEM files read at start and at
+/// every config reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 /// `admin:` section.

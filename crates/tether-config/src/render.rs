@@ -38,6 +38,23 @@ pub fn to_yaml(config: &Config) -> String {
     out.line(4, &format!("max_header_bytes: {}", l.max_header_bytes));
     out.line(4, &format!("max_header_line: {}", l.max_header_line));
     out.line(4, &format!("max_headers: {}", l.max_headers));
+    out.line(
+        4,
+        &format!("header_timeout: {}", duration(l.header_timeout)),
+    );
+    out.line(
+        4,
+        &format!("keepalive_timeout: {}", duration(l.keepalive_timeout)),
+    );
+    out.line(4, &format!("max_connections: {}", l.max_connections));
+    match l.max_requests_per_connection {
+        Some(n) => out.line(4, &format!("max_requests_per_connection: {n}")),
+        None => out.line(4, "# max_requests_per_connection: not set, so no limit"),
+    }
+    out.line(
+        4,
+        &format!("max_concurrent_streams: {}", l.max_concurrent_streams),
+    );
     let log = &config.server.access_log;
     out.line(2, "access_log:");
     out.line(4, &format!("format: {}", log.format.as_str()));
@@ -49,6 +66,17 @@ pub fn to_yaml(config: &Config) -> String {
             2,
             &format!("- address: {}", scalar(&listener.address.to_string())),
         );
+        if let Some(tls) = &listener.tls {
+            out.line(4, "tls:");
+            out.line(
+                6,
+                &format!("cert: {}", scalar(&tls.cert.display().to_string())),
+            );
+            out.line(
+                6,
+                &format!("key: {}", scalar(&tls.key.display().to_string())),
+            );
+        }
     }
     out.line(0, "admin:");
     out.line(

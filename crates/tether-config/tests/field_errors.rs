@@ -269,12 +269,16 @@ fn invalid_names_tokens_and_hosts_are_refused() {
 }
 
 #[test]
-fn features_not_built_yet_are_refused_not_ignored() {
-    let tls = BASE.replace("8080\n", "8080\n    tls: { cert: c.pem, key: k.pem }\n");
+fn a_tls_listener_needs_both_files() {
+    let tls = BASE.replace("8080\n", "8080\n    tls: { cert: c.pem }\n");
     assert_eq!(
         only_error(&tls),
-        "t.yaml:3:5: listeners[0].tls: TLS listeners are not supported yet"
+        "t.yaml:3:10: listeners[0].tls.key: missing required field `key`"
     );
+}
+
+#[test]
+fn features_not_built_yet_are_refused_not_ignored() {
     let discovery = BASE.replace("9101\n", "9101\n    discovery: { dns: {} }\n");
     assert_eq!(
         only_error(&discovery),

@@ -21,7 +21,7 @@ fn parse_ok(text: &str) -> Config {
     }
 }
 
-/// DESIGN.md's example, minus the keys of features not built yet (tls, token_file,
+/// DESIGN.md's example, minus the keys of features not built yet (token_file,
 /// discovery, passive, rebalance).
 const DESIGN_EXAMPLE: &str = "\
 server:
@@ -30,6 +30,7 @@ server:
 listeners:                      # required, at least one
   - address: 0.0.0.0:8080
   - address: 0.0.0.0:8443
+    tls: { cert: cert.pem, key: key.pem }     # rustls; ALPN h2 + http/1.1
 admin:
   address: 127.0.0.1:9901       # /metrics and the admin API; loopback by default
 upstreams:                      # required
@@ -84,10 +85,15 @@ fn the_design_example_parses_into_the_documented_model() {
         config.listeners,
         [
             Listener {
-                address: addr("0.0.0.0:8080")
+                address: addr("0.0.0.0:8080"),
+                tls: None,
             },
             Listener {
-                address: addr("0.0.0.0:8443")
+                address: addr("0.0.0.0:8443"),
+                tls: Some(tether_config::ListenerTls {
+                    cert: "cert.pem".into(),
+                    key: "key.pem".into(),
+                }),
             }
         ]
     );
@@ -221,7 +227,10 @@ fn a_full_config_survives_the_round_trip_through_to_yaml() {
     config.server.grace_period = Duration::from_millis(1500);
     config.listeners.push(Listener {
         address: addr("[::1]:8081"),
+        tls: None,
     });
+    config.server.limits.max_requests_per_connection = Some(1000);
+    config.server.limits.header_timeout = Duration::from_millis(2500);
     config.upstreams[0].balance = Balance::LeastConnections;
     config.routes[1].matcher.path = Some(PathMatch::Exact("/exact path?".into()));
     config.routes[1].matcher.host = Some("*.example.com".into());

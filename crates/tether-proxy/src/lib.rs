@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod convergence;
+pub mod downstream;
 pub mod exchange;
 pub mod forwarding;
 pub mod health;
@@ -18,6 +19,7 @@ pub mod proxy;
 pub mod reload;
 pub mod state;
 pub mod streams;
+pub mod tls;
 pub mod validity;
 
 use pingora::server::configuration::{Opt, ServerConf};
@@ -67,6 +69,9 @@ pub enum StartError {
     /// `admin.token_file` holds no token.
     #[error("admin.token_file {0}: the file is empty")]
     EmptyToken(PathBuf),
+    /// A TLS listener's certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Starts the proxy, health checks and admin listener for `config` and serves until the
@@ -95,6 +100,7 @@ fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
 /// Builds the Pingora server with every Tether service, ready to `run_forever`.
 pub fn build_server(config: Config, options: RunOptions) -> Result<Server, StartError> {
     let token = admin_token(&config)?;
+    let tls = Arc::new(tls::TlsListeners::load(&config)?);
     // SIGHUP's default action kills the process; ignore it until the reload service listens.
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
@@ -123,16 +129,27 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
 
     let state = Arc::new(ProxyState::new(&config));
 
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, TetherProxy::new(state.clone()));
+    let limits = &config.server.limits;
+    let mut http =
+        pingora::proxy::http_proxy(&server.configuration, TetherProxy::new(state.clone()));
+    http.server_options = Some(downstream::server_options(limits));
+    let app = downstream::ConnectionCap::new(
+        downstream::HeaderDeadline::new(http, state.clone(), limits),
+        state.clone(),
+    );
+    let mut proxy = Service::new("tether proxy".to_string(), app);
     for listener in &config.listeners {
-        proxy.add_tcp(&listener.address.to_string());
+        let address = listener.address.to_string();
+        match tls.settings(listener.address) {
+            Some(settings) => proxy.add_tls_with_settings(&address, None, settings),
+            None => proxy.add_tcp(&address),
+        }
     }
 
     let reloader = options
         .config_path
         .clone()
-        .map(|path| Arc::new(reload::Reloader::new(state.clone(), path)));
+        .map(|path| Arc::new(reload::Reloader::new(state.clone(), path, tls)));
     let mut admin = Service::new(
         "tether admin".to_string(),
         admin::AdminApp::new(state.clone(), reloader.clone(), token, &config.admin.public),

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub upstream_connect_duration: HistogramVec,
     /// `tether_downstream_connections`.
     pub downstream_connections: IntGauge,
+    /// `tether_downstream_closed_total{reason}`: connections closed before a request was read.
+    pub downstream_closed: IntCounterVec,
     /// `tether_retries_total{route,upstream}`.
     pub retries: IntCounterVec,
     /// `tether_sticky_keys_total{route,source}`.
@@ -144,7 +146,13 @@ impl Metrics {
             ),
             downstream_connections: plain_gauge(
                 "tether_downstream_connections",
-                "Open client connections that have sent at least one request",
+                "Open client connections (from accept to close)",
+            ),
+            downstream_closed: counter(
+                "tether_downstream_closed_total",
+                "Client connections closed by Tether before a request was read, by why: \
+                 header_timeout (slow or silent client) | max_connections",
+                &["reason"],
             ),
             retries: counter(
                 "tether_retries_total",
@@ -220,6 +228,9 @@ impl Metrics {
                 .set(1);
             for result in ["success", "failure"] {
                 metrics.config_reloads.with_label_values(&[result]);
+            }
+            for reason in ["header_timeout", "max_connections"] {
+                metrics.downstream_closed.with_label_values(&[reason]);
             }
             metrics
         })
@@ -321,22 +332,5 @@ impl RouterCounters {
         index
             .and_then(|i| self.routes.get(i))
             .unwrap_or(&self.unrouted)
-    }
-}
-
-/// Counts one open client connection while it lives (shared by its requests).
-pub struct ConnectionGuard(());
-
-impl ConnectionGuard {
-    /// A newly seen client connection.
-    pub fn open() -> ConnectionGuard {
-        Metrics::global().downstream_connections.inc();
-        ConnectionGuard(())
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        Metrics::global().downstream_connections.dec();
     }
 }

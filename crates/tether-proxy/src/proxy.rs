@@ -3,7 +3,6 @@
 
 use crate::exchange::{exchange_kind, status_for, websocket_close_frame, ExchangeKind};
 use crate::forwarding::{self, X_REQUEST_ID};
-use crate::metrics::ConnectionGuard;
 use crate::passive;
 use crate::state::{InFlight, Installed, ProxyState};
 use crate::streams::{CloseReason, Registration};
@@ -45,8 +44,6 @@ pub struct RequestCtx {
     started: Instant,
     /// When the current upstream connection attempt began.
     connect_started: Option<Instant>,
-    /// The client connection, counted in `downstream_connections` while any request holds it.
-    connection: Option<Arc<ConnectionGuard>>,
     /// The route's body limit, and the body bytes seen so far.
     max_body: u64,
     body_seen: u64,
@@ -156,6 +153,8 @@ impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        // Pingora makes the context right after reading a request header: stop its deadline.
+        crate::downstream::mark_header_read();
         RequestCtx {
             installed: None,
             decision: None,
@@ -169,38 +168,12 @@ impl ProxyHttp for TetherProxy {
             _in_flight: Some(self.state.enter()),
             started: Instant::now(),
             connect_started: None,
-            connection: None,
             max_body: u64::MAX,
             body_seen: 0,
         }
     }
 
-    fn on_connection_reuse(
-        &self,
-        _session: &mut Session,
-        ctx: &mut RequestCtx,
-        previous: Box<dyn std::any::Any + Send + Sync>,
-    ) {
-        if let Ok(guard) = previous.downcast::<Arc<ConnectionGuard>>() {
-            ctx.connection = Some(*guard);
-        }
-    }
-
-    fn persist_connection_context(
-        &self,
-        _session: &Session,
-        ctx: &RequestCtx,
-    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        // Travels with the keep-alive connection; dropped (and uncounted) when it closes.
-        ctx.connection
-            .clone()
-            .map(|c| Box::new(c) as Box<dyn std::any::Any + Send + Sync>)
-    }
-
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if ctx.connection.is_none() {
-            ctx.connection = Some(Arc::new(ConnectionGuard::open()));
-        }
         let installed = self.state.current();
         if let Err((status, reason)) =
             crate::validity::check(session.req_header(), &installed.config.server.limits)

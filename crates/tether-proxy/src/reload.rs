@@ -4,6 +4,7 @@
 
 use crate::metrics::Metrics;
 use crate::state::ProxyState;
+use crate::tls::TlsListeners;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -37,6 +38,7 @@ struct Status {
 pub struct Reloader {
     state: Arc<ProxyState>,
     path: PathBuf,
+    tls: Arc<TlsListeners>,
     status: Mutex<Status>,
     serial: tokio::sync::Mutex<()>,
 }
@@ -48,11 +50,13 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 impl Reloader {
     /// A reloader of `path` (the file the running `config` came from) into `state`.
-    pub fn new(state: Arc<ProxyState>, path: PathBuf) -> Reloader {
+    /// `tls` holds the running TLS listeners' certificates, re-read on every reload.
+    pub fn new(state: Arc<ProxyState>, path: PathBuf, tls: Arc<TlsListeners>) -> Reloader {
         Metrics::global().config_generation.set(1);
         Reloader {
             state,
             path,
+            tls,
             status: Mutex::new(Status {
                 generation: 1,
                 loaded_at: SystemTime::now(),
@@ -72,11 +76,19 @@ impl Reloader {
     pub async fn reload(&self, trigger: Trigger) -> Result<u64, String> {
         let _one_at_a_time = self.serial.lock().await;
         let path = self.path.clone();
+        let tls = self.tls.clone();
         // Reading and validating is blocking file work; keep it off the async workers.
-        let loaded = tokio::task::spawn_blocking(move || tether_config::load(&path))
-            .await
-            .map_err(|e| format!("config loader failed: {e}"))
-            .and_then(|r| r.map_err(|errors| errors.to_string()));
+        // Certificates are swapped only when the whole file is good, and the file is installed
+        // only when every certificate loaded.
+        let loaded = tokio::task::spawn_blocking(move || {
+            let config = tether_config::load(&path).map_err(|errors| errors.to_string())?;
+            tls.reload(&config)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(config)
+        })
+        .await
+        .map_err(|e| format!("config loader failed: {e}"))
+        .and_then(|r| r);
         let metrics = Metrics::global();
         let now = SystemTime::now();
         match loaded {
@@ -113,16 +125,28 @@ impl Reloader {
         }
     }
 
-    /// Listeners, the admin address and server settings are bound at start; say so.
+    /// Listener addresses, the admin listener, threads, the grace period and the keep-alive
+    /// request cap are bound at start; say so. (Limits, trusted proxies, the access log and
+    /// certificates follow the reload.)
     fn warn_about_restart_only_changes(&self, new: &Config) {
         let old = self.state.current();
-        if old.config.listeners != new.listeners
+        let addresses = |c: &Config| -> Vec<_> {
+            c.listeners
+                .iter()
+                .map(|l| (l.address, l.tls.is_some()))
+                .collect()
+        };
+        let (o, n) = (&old.config.server, &new.server);
+        if addresses(&old.config) != addresses(new)
             || old.config.admin != new.admin
-            || old.config.server != new.server
+            || o.threads != n.threads
+            || o.grace_period != n.grace_period
+            || o.limits.max_requests_per_connection != n.limits.max_requests_per_connection
         {
             tracing::warn!(
-                "listeners, admin and server settings change only on restart or binary upgrade; \
-                 routes and upstreams were reloaded"
+                "listener addresses, admin, threads, grace_period and \
+                 max_requests_per_connection change only on restart or binary upgrade; \
+                 everything else was reloaded"
             );
         }
     }

@@ -29,7 +29,7 @@
 //! let backend = |a: &str| Backend { address: a.parse().unwrap(), weight: 1 };
 //! let config = Config {
 //!     server: Server::default(),
-//!     listeners: vec![Listener { address: "127.0.0.1:8080".parse().unwrap() }],
+//!     listeners: vec![Listener { address: "127.0.0.1:8080".parse().unwrap(), tls: None }],
 //!     admin: Admin::default(),
 //!     upstreams: vec![Upstream {
 //!         name: "docs".into(),

@@ -42,8 +42,9 @@ mod wait;
 
 pub use backend::TestBackend;
 pub use client::{
-    http_get, http_request, raw_request, raw_request_within, raw_status, sse_connect, sse_events,
-    ws_connect, HttpResponse, SseEvent, SseStream, WsClient, HTTP_TIMEOUT,
+    http_get, http_request, https_requests, raw_request, raw_request_within, raw_status,
+    sse_connect, sse_events, tls_connect, ws_connect, wss_connect, Alpn, HttpResponse, SseEvent,
+    SseStream, TlsConnection, WsClient, WssClient, HTTP_TIMEOUT,
 };
 pub use clock::unix_micros;
 pub use error::{Result, TestkitError};

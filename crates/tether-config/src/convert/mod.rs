@@ -123,6 +123,11 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
         "max_header_bytes",
         "max_header_line",
         "max_headers",
+        "header_timeout",
+        "keepalive_timeout",
+        "max_connections",
+        "max_requests_per_connection",
+        "max_concurrent_streams",
     ];
     let f = cx.map(node, path, &keys, &[])?;
     let mut limits = Limits::default();
@@ -131,6 +136,7 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
         ("max_header_bytes", &mut limits.max_header_bytes, 1 << 20),
         ("max_header_line", &mut limits.max_header_line, 1 << 20),
         ("max_headers", &mut limits.max_headers, 256),
+        ("max_connections", &mut limits.max_connections, 1_000_000),
     ] {
         if let Some(n) = f.get(key) {
             // Pingora itself stops at 1 MiB of headers and 256 fields; limits can only be lower.
@@ -138,6 +144,26 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
                 .integer(n, &field(path, key), 1, max)
                 .map_or(*slot, |v| v as usize);
         }
+    }
+    for (key, slot) in [
+        ("header_timeout", &mut limits.header_timeout),
+        ("keepalive_timeout", &mut limits.keepalive_timeout),
+    ] {
+        if let Some(n) = f.get(key) {
+            *slot = cx.positive_duration(n, &field(path, key)).unwrap_or(*slot);
+        }
+    }
+    if let Some(n) = f.get("max_requests_per_connection") {
+        let key = field(path, "max_requests_per_connection");
+        limits.max_requests_per_connection = cx
+            .integer(n, &key, 1, u64::from(u32::MAX))
+            .map(|v| v as u32);
+    }
+    if let Some(n) = f.get("max_concurrent_streams") {
+        let key = field(path, "max_concurrent_streams");
+        limits.max_concurrent_streams = cx
+            .integer(n, &key, 1, 10_000)
+            .map_or(limits.max_concurrent_streams, |v| v as u32);
     }
     Some(limits)
 }
@@ -183,19 +209,44 @@ fn listeners(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Listener> {
         .enumerate()
     {
         let path = item("listeners", i);
-        let later = [("tls", "TLS listeners are not supported yet")];
-        let Some(f) = cx.map(node, &path, &["address"], &later) else {
+        let Some(f) = cx.map(node, &path, &["address", "tls"], &[]) else {
             continue;
         };
+        let tls = f
+            .get("tls")
+            .and_then(|n| listener_tls(cx, n, &field(&path, "tls")));
         let Some(n) = cx.required(f, &path, "address") else {
             continue;
         };
         if let Some(address) = cx.address(n, &field(&path, "address")) {
-            out.push(Listener { address });
+            out.push(Listener { address, tls });
             spots.listeners.push((i, n.mark));
         }
     }
     out
+}
+
+/// `tls: { cert, key }`. The files are read by the proxy (at start and on reload), which
+/// reports a missing or unreadable file with the same field path.
+fn listener_tls(cx: &mut Cx, node: &Node, path: &str) -> Option<ListenerTls> {
+    let f = cx.map(node, path, &["cert", "key"], &[])?;
+    let file = |cx: &mut Cx, key: &str| {
+        let n = cx.required(f, path, key)?;
+        match cx.string(n, &field(path, key)) {
+            Some(p) if !p.trim().is_empty() => Some(std::path::PathBuf::from(p)),
+            Some(_) => {
+                cx.error(n.mark, &field(path, key), "must name a PEM file");
+                None
+            }
+            None => None,
+        }
+    };
+    let cert = file(cx, "cert");
+    let key = file(cx, "key");
+    Some(ListenerTls {
+        cert: cert?,
+        key: key?,
+    })
 }
 
 fn admin(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Admin {

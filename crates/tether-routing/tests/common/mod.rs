@@ -80,6 +80,7 @@ pub fn config(upstreams: Vec<Upstream>, routes: Vec<Route>) -> Config {
         server: Server::default(),
         listeners: vec![Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: None,
         }],
         admin: Admin::default(),
         upstreams,

@@ -56,13 +56,7 @@ pub async fn http_request(
     let (request, authority) = build_request(method, url, headers, body.into())?;
     let exchange = async {
         let (response, _connection) = send_on_new_connection(&authority, request).await?;
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(HttpResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        collect(response).await
     };
     tokio::time::timeout(HTTP_TIMEOUT, exchange)
         .await
@@ -70,4 +64,17 @@ pub async fn http_request(
             after: HTTP_TIMEOUT,
             during: "waiting for an HTTP response",
         })?
+}
+
+/// Reads a whole response.
+pub(super) async fn collect(
+    response: http::Response<hyper::body::Incoming>,
+) -> Result<HttpResponse> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(HttpResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }

@@ -4,11 +4,13 @@
 mod http;
 mod raw;
 mod sse;
+mod tls;
 mod websocket;
 
 pub use self::http::{http_get, http_request, HttpResponse, HTTP_TIMEOUT};
 pub use self::raw::{raw_request, raw_request_within, raw_status};
 pub use self::sse::{sse_connect, sse_events, SseEvent, SseStream};
+pub use self::tls::{https_requests, tls_connect, wss_connect, Alpn, TlsConnection, WssClient};
 pub use self::websocket::{ws_connect, WsClient};
 
 use ::http::{Request, Response, Uri};
