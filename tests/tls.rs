@@ -77,6 +77,8 @@ async fn owners(stack: &Stack, ca: &Ca, alpn: Alpn, keys: &[String]) -> HashMap<
         .zip(responses)
         .map(|(k, r)| {
             assert_eq!(r.status, 200, "{k}: {}", r.text());
+            let seen = r.json().expect("echo json");
+            assert_eq!(seen["headers"]["x-forwarded-proto"], "https", "{seen}");
             (
                 k.clone(),
                 r.header("x-backend").expect("x-backend").to_string(),

@@ -41,6 +41,36 @@ pub fn exchange_kind(session: &Session, long_poll_route: bool) -> ExchangeKind {
     }
 }
 
+/// The `Sec-WebSocket-Accept` a server must answer to `key` (RFC 6455 4.2.2).
+pub fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    use sha1::Digest;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha = sha1::Sha1::new();
+    sha.update(key);
+    sha.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// A `Sec-WebSocket-Key` must be the base64 of 16 bytes (RFC 6455 4.1).
+pub fn valid_websocket_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
+/// Whether a backend's `101` completes the WebSocket handshake the client asked for: a 101
+/// to anything but a WebSocket upgrade, or with a wrong `Sec-WebSocket-Accept`, would open a
+/// tunnel the client never agreed to (catalogue E1/E4), so it becomes a 502.
+pub fn valid_switch(request_key: Option<&[u8]>, accept: Option<&[u8]>) -> bool {
+    match (request_key, accept) {
+        (Some(key), Some(accept)) => websocket_accept(key).as_bytes() == accept,
+        _ => false,
+    }
+}
+
 /// Maps a proxy error to the status the client gets: the explicit status when a filter chose
 /// one, 504 for upstream timeouts, 502 for other upstream failures.
 pub fn status_for(e: &Error) -> u16 {
@@ -88,4 +118,35 @@ pub fn websocket_close_frame(code: u16, reason: &str) -> Bytes {
     frame.extend_from_slice(&code.to_be_bytes());
     frame.extend_from_slice(reason);
     Bytes::from(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rfc_6455_example_key_gives_its_accept() {
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert!(valid_switch(
+            Some(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            Some(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        ));
+        assert!(!valid_switch(
+            Some(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            Some(b"d3Jvbmc=")
+        ));
+        assert!(!valid_switch(None, Some(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")));
+        assert!(!valid_switch(Some(b"dGhlIHNhbXBsZSBub25jZQ=="), None));
+    }
+
+    #[test]
+    fn a_key_must_be_sixteen_bytes_of_base64() {
+        assert!(valid_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!valid_websocket_key(b"short"));
+        assert!(!valid_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=!"));
+        assert!(!valid_websocket_key(b""));
+    }
 }

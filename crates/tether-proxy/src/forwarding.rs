@@ -51,15 +51,29 @@ fn random_prefix() -> u64 {
 /// Adds the forwarding headers to a request about to go upstream. An incoming
 /// `X-Forwarded-For` is appended to only when the client is a trusted proxy; from anyone else
 /// it (and `Forwarded`) is replaced, so a client cannot make up the chain a backend believes.
+/// Header names with `_` are dropped (as nginx does by default): CGI-style backends read
+/// `X_Forwarded_For` and `X-Forwarded-For` as the same variable.
 pub fn add_forwarding_headers(
     req: &mut RequestHeader,
     client_ip: Option<IpAddr>,
     client_trusted: bool,
+    tls: bool,
     original_host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) -> pingora::Result<()> {
     if !client_trusted {
         req.remove_header(&FORWARDED);
+    }
+    if req.headers.keys().any(|name| name.as_str().contains('_')) {
+        let underscored: Vec<_> = req
+            .headers
+            .keys()
+            .filter(|name| name.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in underscored {
+            req.remove_header(&name);
+        }
     }
     match client_ip {
         Some(ip) => {
@@ -76,7 +90,7 @@ pub fn add_forwarding_headers(
         }
         None => {}
     }
-    req.insert_header(X_FORWARDED_PROTO, "http")?;
+    req.insert_header(X_FORWARDED_PROTO, if tls { "https" } else { "http" })?;
     if let Some(host) = original_host {
         req.insert_header(X_FORWARDED_HOST, host.clone())?;
     }

@@ -63,6 +63,18 @@ impl TetherProxy {
 
 async fn respond_local(session: &mut Session, status: u16, reason: &str) -> Result<()> {
     let body = Bytes::from(format!("{status} {reason}\n"));
+    if status == 426 {
+        // RFC 6455 4.4: say which WebSocket version we speak.
+        let mut header = ResponseHeader::build(426, Some(3))?;
+        header.insert_header("Sec-WebSocket-Version", "13")?;
+        header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        header.insert_header(http::header::CONNECTION, "close")?;
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        return session.write_response_body(Some(body), true).await;
+    }
     session.respond_error_with_body(status, body).await
 }
 
@@ -495,10 +507,12 @@ impl ProxyHttp for TetherProxy {
                 .any(|net| net.contains(ip)),
             _ => false,
         };
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         forwarding::add_forwarding_headers(
             upstream_request,
             ctx.client_ip,
             trusted,
+            tls,
             original_host.as_ref(),
             &request_id,
         )
@@ -506,12 +520,33 @@ impl ProxyHttp for TetherProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some((_, _, backend)) = ctx.current_backend() {
             passive::record_success(backend);
+        }
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let key = (ctx.kind == ExchangeKind::WebSocket)
+                .then(|| {
+                    session
+                        .req_header()
+                        .headers
+                        .get(http::header::SEC_WEBSOCKET_KEY)
+                })
+                .flatten()
+                .map(|k| k.as_bytes());
+            let accept = upstream_response
+                .headers
+                .get(http::header::SEC_WEBSOCKET_ACCEPT)
+                .map(|a| a.as_bytes());
+            if !crate::exchange::valid_switch(key, accept) {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(502),
+                    "backend switched protocols without completing the WebSocket handshake",
+                );
+            }
         }
         forwarding::strip_response_hop_by_hop(upstream_response);
         Ok(())

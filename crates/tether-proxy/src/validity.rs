@@ -33,7 +33,77 @@ pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
     if req.method == Method::TRACE {
         return Err((405, "TRACE is not allowed"));
     }
+    check_target(req.raw_path())?;
+    check_websocket(req)?;
     check_host(req)
+}
+
+/// A fragment never belongs in a request target (RFC 9112 3.2), and the path's
+/// percent-escapes must decode to UTF-8: an overlong `%C0%AE` is a classic way to smuggle a `.`
+/// past a proxy. (The query is the application's business.)
+fn check_target(raw: &[u8]) -> Result<(), Refusal> {
+    if raw.contains(&b'#') {
+        return Err((400, "fragment in request target"));
+    }
+    let raw = raw.split(|&b| b == b'?').next().unwrap_or(raw);
+    if !raw.contains(&b'%') {
+        return Ok(());
+    }
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let byte = match (raw[i], raw.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => match std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(b) => {
+                    i += 2;
+                    b
+                }
+                None => return Err((400, "bad percent-encoding in request target")),
+            },
+            (b'%', None) => return Err((400, "bad percent-encoding in request target")),
+            (b, _) => b,
+        };
+        decoded.push(byte);
+        i += 1;
+    }
+    match std::str::from_utf8(&decoded) {
+        Ok(_) => Ok(()),
+        Err(_) => Err((400, "request target is not UTF-8 once decoded")),
+    }
+}
+
+/// A WebSocket upgrade must be an HTTP/1.1 GET with a well-formed `Sec-WebSocket-Key`
+/// (RFC 6455 4.1); anything else could only be completed by a lax backend, so it is refused.
+fn check_websocket(req: &RequestHeader) -> Result<(), Refusal> {
+    let wants_websocket = req
+        .headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("websocket"));
+    if !wants_websocket {
+        return Ok(());
+    }
+    // RFC 6455 4.1: the opening handshake is an HTTP/1.1 GET.
+    if req.method != Method::GET || req.version != Version::HTTP_11 {
+        return Err((400, "WebSocket upgrade must be an HTTP/1.1 GET"));
+    }
+    if req
+        .headers
+        .get(http::header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err((426, "WebSocket version 13 required"));
+    }
+    let mut keys = req.headers.get_all(http::header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) if crate::exchange::valid_websocket_key(key.as_bytes()) => Ok(()),
+        _ => Err((400, "WebSocket upgrade without a valid Sec-WebSocket-Key")),
+    }
 }
 
 fn check_host(req: &RequestHeader) -> Result<(), Refusal> {

@@ -1,9 +1,10 @@
 //! The sticky key chain: sources are tried in order and the first one present wins.
 //!
-//! - **header**: the first value of the header, if it is non-empty UTF-8.
-//! - **cookie**: every `Cookie` header is parsed as `name=value; name=value`; the first cookie
-//!   with the name wins. Names and values are trimmed, a double-quoted value is unquoted, and the
-//!   value is otherwise opaque (not percent-decoded).
+//! - **header**: the value of the header, if it is non-empty UTF-8. The header repeated with
+//!   different values is a bad key (which one would the application read?).
+//! - **cookie**: every `Cookie` header is parsed as `name=value; name=value`. Names and values
+//!   are trimmed, a double-quoted value is unquoted, and the value is otherwise opaque (not
+//!   percent-decoded). The cookie repeated with different values is a bad key.
 //! - **query**: the raw query `a=1&b=2` is split on `&`; the first parameter with exactly the
 //!   name wins and its value is decoded as a form value (`%XX` escapes, `+` is a space, as browsers'
 //!   `URLSearchParams` encode it).
@@ -118,7 +119,11 @@ impl StickyPolicy {
 }
 
 fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<Found<'a>> {
-    let value = req.headers.get(name)?;
+    let mut values = req.headers.get_all(name).iter();
+    let value = values.next()?;
+    if values.any(|other| other != value) {
+        return Some(Found::Bad);
+    }
     match std::str::from_utf8(value.as_bytes()) {
         Ok(text) => judge(Cow::Borrowed(text)),
         Err(_) => Some(Found::Bad),
@@ -126,19 +131,25 @@ fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<Found<'a>> {
 }
 
 fn cookie<'a>(req: &RequestView<'a>, name: &str) -> Option<Found<'a>> {
-    let value = req
+    let mut values = req
         .headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|header| std::str::from_utf8(header.as_bytes()).ok())
         .flat_map(|header| header.split(';'))
         .filter_map(|pair| pair.split_once('='))
-        .find(|(n, _)| n.trim() == name)
-        .map(|(_, value)| value.trim())?;
-    let value = value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .unwrap_or(value);
+        .filter(|(n, _)| n.trim() == name)
+        .map(|(_, value)| {
+            let value = value.trim();
+            value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value)
+        });
+    let value = values.next()?;
+    if values.any(|other| other != value) {
+        return Some(Found::Bad);
+    }
     judge(Cow::Borrowed(value))
 }
 
@@ -224,8 +235,8 @@ mod tests {
     }
 
     #[test]
-    fn header_key_is_the_first_value() {
-        let h = headers(&[("x-doc-id", "doc-1"), ("x-doc-id", "doc-2")]);
+    fn header_key_is_its_value() {
+        let h = headers(&[("x-doc-id", "doc-1"), ("x-other", "doc-2")]);
         assert_eq!(
             chain().extract(&request(&h, None), "/"),
             key(KeySourceKind::Header, "doc-1")
@@ -245,11 +256,24 @@ mod tests {
     fn cookie_key_is_found_in_any_cookie_header() {
         let h = headers(&[
             ("cookie", "a=1; b=2"),
-            ("cookie", "theme=dark;  doc_id = \"d-7\" ; doc_id=later"),
+            ("cookie", "theme=dark;  doc_id = \"d-7\" ; doc_id=d-7"),
         ]);
         assert_eq!(
             chain().extract(&request(&h, None), "/"),
             key(KeySourceKind::Cookie, "d-7")
+        );
+    }
+
+    #[test]
+    fn a_key_repeated_with_different_values_is_bad() {
+        let cookies = headers(&[("cookie", "doc_id=a"), ("cookie", "doc_id=b")]);
+        assert_eq!(chain().extract(&request(&cookies, None), "/"), Err(BadKey));
+        let twice = headers(&[("x-doc-id", "a"), ("x-doc-id", "b")]);
+        assert_eq!(chain().extract(&request(&twice, None), "/"), Err(BadKey));
+        let same = headers(&[("x-doc-id", "a"), ("x-doc-id", "a")]);
+        assert_eq!(
+            chain().extract(&request(&same, None), "/"),
+            key(KeySourceKind::Header, "a")
         );
     }
 
