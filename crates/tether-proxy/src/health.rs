@@ -37,12 +37,16 @@ impl HealthChecker {
     }
 }
 
-fn probe_for(check: &HealthCheck, address: SocketAddr) -> Box<dyn Probe + Send + Sync> {
+/// A probe for one backend. Built once per backend and check and then reused: building one
+/// makes a Pingora connector, which (with TLS compiled in) loads the system's CA certificates.
+type SharedProbe = Arc<dyn Probe + Send + Sync>;
+
+fn probe_for(check: &HealthCheck, address: SocketAddr) -> SharedProbe {
     match &check.kind {
         HealthCheckKind::Tcp => {
             let mut probe = TcpHealthCheck::new();
             probe.peer_template.options.connection_timeout = Some(check.timeout);
-            probe
+            Arc::new(*probe)
         }
         HealthCheckKind::Http {
             path,
@@ -66,7 +70,7 @@ fn probe_for(check: &HealthCheck, address: SocketAddr) -> Box<dyn Probe + Send +
                     )
                 }
             }));
-            Box::new(probe)
+            Arc::new(probe)
         }
     }
 }
@@ -76,6 +80,7 @@ impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut streaks: HashMap<(String, SocketAddr), Streak> = HashMap::new();
         let mut due: HashMap<String, Instant> = HashMap::new();
+        let mut built: HashMap<(String, SocketAddr), (HealthCheck, SharedProbe)> = HashMap::new();
         loop {
             let installed = self.state.current();
             let now = Instant::now();
@@ -99,8 +104,14 @@ impl BackgroundService for HealthChecker {
                     let backend = backend.clone();
                     let check = check.clone();
                     let name = upstream.name.clone();
+                    let slot = built
+                        .entry((name.clone(), backend.address))
+                        .or_insert_with(|| (check.clone(), probe_for(&check, backend.address)));
+                    if slot.0 != check {
+                        *slot = (check.clone(), probe_for(&check, backend.address));
+                    }
+                    let probe = slot.1.clone();
                     probes.spawn(async move {
-                        let probe = probe_for(&check, backend.address);
                         let target = Backend {
                             addr: pingora::protocols::l4::socket::SocketAddr::Inet(backend.address),
                             weight: 1,
@@ -113,6 +124,14 @@ impl BackgroundService for HealthChecker {
                     });
                 }
             }
+            // Forget probes of backends a reload removed.
+            let current: std::collections::HashSet<(&str, SocketAddr)> = installed
+                .router
+                .upstreams()
+                .iter()
+                .flat_map(|u| u.backends.iter().map(|b| (u.name.as_str(), b.address)))
+                .collect();
+            built.retain(|(name, address), _| current.contains(&(name.as_str(), *address)));
             while let Some(done) = probes.join_next().await {
                 let Ok((name, backend, check, ok)) = done else {
                     continue;
