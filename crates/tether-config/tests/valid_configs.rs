@@ -438,3 +438,33 @@ fn dns_discovery_parses_with_defaults_and_round_trips() {
     assert_eq!(dns.resolver, Some(addr("127.0.0.1:5353")));
     assert_eq!(parse_ok(&to_yaml(&config)), config);
 }
+
+/// The config inside the ConfigMap of the Kubernetes example (`deploy/kubernetes/tether.yaml`).
+#[test]
+fn the_kubernetes_example_config_parses() {
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/tether.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    // The block scalar under `tether.yaml: |`, indented by four spaces, ends at the next `---`.
+    let embedded: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "tether.yaml: |")
+        .skip(1)
+        .take_while(|l| *l != "---")
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let config = parse_ok(&embedded);
+    assert!(matches!(
+        config.upstreams[0].discovery,
+        Some(Discovery::Dns(_))
+    ));
+    assert_eq!(config.admin.public, ["/healthz", "/readyz", "/metrics"]);
+    // The commented etcd alternative is valid too.
+    let etcd = embedded
+        .replace("          dns: {", "          # dns: {")
+        .replace("          # etcd: {", "          etcd: {");
+    assert!(matches!(
+        parse_ok(&etcd).upstreams[0].discovery,
+        Some(Discovery::Etcd(_))
+    ));
+}
