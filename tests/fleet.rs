@@ -420,13 +420,14 @@ async fn two_proxies_agree_on_every_owner_and_follow_announcements_and_lease_exp
     eprintln!("4 backends: {agree} of 10000 keys have the same owner on both proxies");
     assert_eq!(agree, 10_000);
 
-    // A crashed announcer (SIGKILL) stops renewing: its backend leaves both rings within the
-    // lease TTL (2 s) plus etcd's expiry sweep (every 500 ms).
+    // A crashed announcer (SIGKILL) stops renewing: its backend leaves both rings when the
+    // lease expires, at most the TTL (2 s) after the kill, plus etcd's expiry sweep (every
+    // 500 ms) and a margin for a busy machine.
     fourth.signal(Signal::SIGKILL);
     let removal = wait_for_members(&[&a, &b], &addr[..3], Duration::from_secs(6)).await;
     eprintln!("SIGKILLed announcer: its backend left both proxies after {removal:?} (TTL 2s)");
     assert!(
-        removal <= Duration::from_millis(2700),
+        removal <= Duration::from_secs(3),
         "removal took {removal:?}"
     );
 

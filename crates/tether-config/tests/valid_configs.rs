@@ -461,8 +461,8 @@ fn the_kubernetes_example_config_parses() {
     assert_eq!(config.admin.public, ["/healthz", "/readyz", "/metrics"]);
     // The commented etcd alternative is valid too.
     let etcd = embedded
-        .replace("          dns: {", "          # dns: {")
-        .replace("          # etcd: {", "          etcd: {");
+        .replace("  dns: { name", "  # dns: { name")
+        .replace("  # etcd: {", "  etcd: {");
     assert!(matches!(
         parse_ok(&etcd).upstreams[0].discovery,
         Some(Discovery::Etcd(_))

@@ -183,3 +183,62 @@ async fn fail(
     tokio::time::sleep(*backoff).await;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::client::KeyValue;
+
+    fn put(key: &str, value: &str, revision: i64) -> Event {
+        Event::Put(KeyValue {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: revision,
+        })
+    }
+
+    #[test]
+    fn members_follow_puts_and_deletes_and_the_smaller_key_wins_an_address() {
+        let mut known = Known {
+            keys: BTreeMap::new(),
+            revision: 0,
+        };
+        known.apply(
+            "/p/",
+            &put("/p/b", r#"{"address":"10.0.0.1:80","weight":5}"#, 3),
+        );
+        known.apply(
+            "/p/",
+            &put("/p/a", r#"{"address":"10.0.0.1:80","weight":2}"#, 4),
+        );
+        known.apply("/p/", &put("/p/c", r#"{"address":"10.0.0.0:80"}"#, 5));
+        known.apply("/p/", &put("/p/d", "not json", 6));
+        let members = crate::canonical(known.members());
+        let shown: Vec<(String, u32)> = members
+            .iter()
+            .map(|m| (m.address.to_string(), m.weight))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("10.0.0.0:80".to_string(), 1),
+                ("10.0.0.1:80".to_string(), 2)
+            ]
+        );
+        assert_eq!(known.revision, 6);
+        known.apply(
+            "/p/",
+            &Event::Delete(KeyValue {
+                key: b"/p/a".to_vec(),
+                value: Vec::new(),
+                mod_revision: 7,
+            }),
+        );
+        let members = crate::canonical(known.members());
+        assert_eq!(members.len(), 2);
+        assert_eq!(
+            members[1].weight, 5,
+            "the other key for the address takes over"
+        );
+    }
+}
