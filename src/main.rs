@@ -4,7 +4,7 @@ mod demo;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tether_routing::described::DescribedRequest;
@@ -28,6 +28,28 @@ enum Command {
     Route(RouteArgs),
     /// Run a live demo: collaborative-document app servers behind the proxy, on loopback.
     Demo(demo::DemoArgs),
+    /// Register an app server in etcd for `discovery.etcd` upstreams, keep its lease alive,
+    /// and revoke it on SIGTERM or Ctrl-C so it leaves every proxy's ring at once.
+    Announce(AnnounceArgs),
+}
+
+#[derive(Args)]
+struct AnnounceArgs {
+    /// etcd client endpoint, `http://host:port` or `host:port` (repeatable).
+    #[arg(long = "etcd", required = true)]
+    etcd: Vec<String>,
+    /// The prefix of the upstream's `discovery.etcd.prefix`, e.g. `/tether/upstreams/docs/`.
+    #[arg(long)]
+    prefix: String,
+    /// The app server's `ip:port`, as the proxies should connect to it.
+    #[arg(long)]
+    address: SocketAddr,
+    /// Relative weight, 1..=1000.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    weight: u32,
+    /// Lease TTL: how long a crashed server stays a member (etcd's minimum is about 2s).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -141,6 +163,50 @@ fn route(args: RouteArgs) -> Result<()> {
     }
 }
 
+fn announce(args: AnnounceArgs) -> Result<()> {
+    init_tracing("info");
+    let mut endpoints = Vec::new();
+    for e in &args.etcd {
+        let bare = e.trim().strip_prefix("http://").unwrap_or(e.trim());
+        if e.trim().starts_with("https://") {
+            bail!("--etcd {e}: TLS to etcd is not supported yet; use http://");
+        }
+        endpoints.push(bare.trim_end_matches('/').to_string());
+    }
+    if args.prefix.is_empty() {
+        bail!("--prefix must not be empty");
+    }
+    let what = tether_discovery::Announcement {
+        endpoints,
+        prefix: args.prefix,
+        address: args.address,
+        weight: args.weight,
+        ttl: args.ttl,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let stop = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        tether_discovery::announce(&what, stop, |_| {}).await
+    })?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -163,6 +229,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Route(args) => route(args),
         Command::Demo(args) => demo::run(args),
+        Command::Announce(args) => announce(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,8 @@ pub const WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u32 = 1000;
 /// `upstreams.*.connect_timeout` when not given.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// `discovery.dns.interval` when not given.
+pub const DNS_INTERVAL: Duration = Duration::from_secs(5);
 /// `health_check.http.path` when not given.
 pub const HEALTH_PATH: &str = "/healthz";
 /// `health_check.http.expect_status` when not given.

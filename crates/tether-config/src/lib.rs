@@ -4,9 +4,9 @@
 //! (routes name existing upstreams, names and addresses are unique, values are in range), and a
 //! file that is wrong in any way is refused with **every** problem listed as
 //! `FILE:LINE:COLUMN: field.path: what is wrong`. Parsing is strict: unknown fields are errors
-//! (with a "did you mean" for likely typos), and keys of features not built yet (`tls`,
-//! `discovery`, `passive`, `rebalance`, `token_file`) are refused rather than ignored.
-//! This crate opens no sockets and resolves no names: addresses are `ip:port`.
+//! (with a "did you mean" for likely typos), and keys of features not built yet (`tls`) are
+//! refused rather than ignored. This crate opens no sockets and resolves no names: backend
+//! addresses are `ip:port` (an upstream with `discovery` gets its backends at run time).
 //!
 //! ```
 //! let yaml = "
@@ -102,16 +102,29 @@ pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigErrors> {
 }
 
 impl Config {
-    /// One line for logs and `tether check`: `3 routes, 2 upstreams, 5 backends, 1 listener`.
+    /// One line for logs and `tether check`: `3 routes, 2 upstreams, 5 backends, 1 listener`,
+    /// plus `(1 upstream by discovery)` when some upstreams take their backends from a source.
     pub fn summary(&self) -> String {
         let backends: usize = self.upstreams.iter().map(|u| u.backends.len()).sum();
+        let discovered = self
+            .upstreams
+            .iter()
+            .filter(|u| u.discovery.is_some())
+            .count();
         let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-        format!(
+        let mut line = format!(
             "{}, {}, {}, {}",
             count(self.routes.len(), "route"),
             count(self.upstreams.len(), "upstream"),
             count(backends, "backend"),
             count(self.listeners.len(), "listener")
-        )
+        );
+        if discovered > 0 {
+            line.push_str(&format!(
+                " ({} by discovery)",
+                count(discovered, "upstream")
+            ));
+        }
+        line
     }
 }

@@ -187,8 +187,11 @@ pub struct Admin {
 pub struct Upstream {
     /// The map key under `upstreams:`.
     pub name: String,
-    /// At least one backend; addresses unique within the upstream.
+    /// Backends from the file: at least one, addresses unique within the upstream. Empty when
+    /// `discovery` is set (the running proxy fills them in from the membership source).
     pub backends: Vec<Backend>,
+    /// Where the backends come from at run time instead of the file; None = `backends`.
+    pub discovery: Option<Discovery>,
     /// Balancing algorithm. Default ketama.
     pub balance: Balance,
     /// TCP connect timeout to a backend. Default 1s.
@@ -199,6 +202,48 @@ pub struct Upstream {
     pub passive: Option<Passive>,
     /// How open streams whose key changed owner are moved.
     pub rebalance: Rebalance,
+}
+
+/// `discovery:` of an upstream: a membership source that replaces the static backend list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Discovery {
+    /// Keys under a prefix in etcd, each bound to a lease.
+    Etcd(EtcdDiscovery),
+    /// A and AAAA records of a DNS name, re-resolved every interval.
+    Dns(DnsDiscovery),
+}
+
+impl Discovery {
+    /// The metric label of the source: `etcd` or `dns`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Discovery::Etcd(_) => "etcd",
+            Discovery::Dns(_) => "dns",
+        }
+    }
+}
+
+/// `discovery.etcd`: backends are the keys under `prefix`, with JSON values
+/// `{"address": "ip:port", "weight": 1}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EtcdDiscovery {
+    /// etcd client endpoints as `host:port` (plain HTTP), tried in order. At least one.
+    pub endpoints: Vec<String>,
+    /// The key prefix; every key under it is one backend.
+    pub prefix: String,
+}
+
+/// `discovery.dns`: backends are `ip:port` for every A/AAAA record of `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DnsDiscovery {
+    /// The name to resolve, e.g. a Kubernetes headless service.
+    pub name: String,
+    /// The backend port (DNS A/AAAA records carry none).
+    pub port: u16,
+    /// Time between resolutions. Default 5s.
+    pub interval: Duration,
+    /// A nameserver to ask instead of the system's (`/etc/resolv.conf`), `ip:port`.
+    pub resolver: Option<SocketAddr>,
 }
 
 /// `passive:` of an upstream: eject a backend after consecutive connect or transport failures.

@@ -117,13 +117,19 @@ pub fn to_yaml(config: &Config) -> String {
 
 fn render_upstream(out: &mut Out, upstream: &Upstream) {
     out.line(2, &format!("{}:", scalar(&upstream.name)));
-    out.line(4, "backends:");
-    for backend in &upstream.backends {
-        out.line(
-            6,
-            &format!("- address: {}", scalar(&backend.address.to_string())),
-        );
-        out.line(8, &format!("weight: {}", backend.weight));
+    match &upstream.discovery {
+        // The backends of a discovery upstream are whatever the source says at run time.
+        Some(discovery) => render_discovery(out, discovery),
+        None => {
+            out.line(4, "backends:");
+            for backend in &upstream.backends {
+                out.line(
+                    6,
+                    &format!("- address: {}", scalar(&backend.address.to_string())),
+                );
+                out.line(8, &format!("weight: {}", backend.weight));
+            }
+        }
     }
     out.line(4, &format!("balance: {}", upstream.balance.as_str()));
     out.line(
@@ -172,6 +178,35 @@ fn render_upstream(out: &mut Out, upstream: &Upstream) {
     out.line(6, &format!("timeout: {}", duration(check.timeout)));
     out.line(6, &format!("healthy_after: {}", check.healthy_after));
     out.line(6, &format!("unhealthy_after: {}", check.unhealthy_after));
+}
+
+fn render_discovery(out: &mut Out, discovery: &Discovery) {
+    out.line(4, "discovery:");
+    match discovery {
+        Discovery::Etcd(etcd) => {
+            out.line(6, "etcd:");
+            out.line(8, "endpoints:");
+            for endpoint in &etcd.endpoints {
+                out.line(10, &format!("- {}", scalar(endpoint)));
+            }
+            out.line(8, &format!("prefix: {}", scalar(&etcd.prefix)));
+        }
+        Discovery::Dns(dns) => {
+            out.line(6, "dns:");
+            out.line(8, &format!("name: {}", scalar(&dns.name)));
+            out.line(8, &format!("port: {}", dns.port));
+            out.line(8, &format!("interval: {}", duration(dns.interval)));
+            match dns.resolver {
+                Some(resolver) => {
+                    out.line(8, &format!("resolver: {}", scalar(&resolver.to_string())))
+                }
+                None => out.line(
+                    8,
+                    "# resolver: not set, so the system resolver (/etc/resolv.conf)",
+                ),
+            }
+        }
+    }
 }
 
 fn render_route(out: &mut Out, route: &Route) {

@@ -278,11 +278,53 @@ fn a_tls_listener_needs_both_files() {
 }
 
 #[test]
-fn features_not_built_yet_are_refused_not_ignored() {
-    let discovery = BASE.replace("9101\n", "9101\n    discovery: { dns: {} }\n");
+fn discovery_is_checked_field_by_field() {
+    let both = BASE.replace(
+        "9101\n",
+        "9101\n    discovery: { dns: { name: a.test, port: 80 } }\n",
+    );
     assert_eq!(
-        only_error(&discovery),
-        "t.yaml:7:5: upstreams.docs.discovery: `discovery` is not supported yet; list the backends"
+        only_error(&both),
+        "t.yaml:5:5: upstreams.docs.backends: `backends` and `discovery` exclude each other: with discovery the backends come from the source"
+    );
+    let replace = |discovery: &str| {
+        BASE.replace(
+            "    backends:\n      - address: 127.0.0.1:9101\n",
+            &format!("    discovery: {discovery}\n"),
+        )
+    };
+    assert_eq!(
+        only_error(&replace("{}")),
+        "t.yaml:5:16: upstreams.docs.discovery: needs a source: `etcd: { endpoints: [...], prefix: ... }` or `dns: { name: ..., port: ... }`"
+    );
+    assert_eq!(
+        errors(&replace("{ etcd: { endpoints: [], prefix: \"\" } }")),
+        [
+            "t.yaml:5:37: upstreams.docs.discovery.etcd.endpoints: at least one endpoint is required",
+            "t.yaml:5:49: upstreams.docs.discovery.etcd.prefix: must not be empty",
+        ]
+    );
+    assert_eq!(
+        only_error(&replace("{ etcd: { endpoints: [\"https://e:2379\"], prefix: /p/ } }")),
+        "t.yaml:5:38: upstreams.docs.discovery.etcd.endpoints[0]: TLS to etcd is not supported yet; use http://"
+    );
+    assert_eq!(
+        only_error(&replace("{ etcd: { endpoints: [e], prefix: /p/ } }")),
+        "t.yaml:5:38: upstreams.docs.discovery.etcd.endpoints[0]: expected host:port or http://host:port such as 127.0.0.1:2379, found `e`"
+    );
+    assert_eq!(
+        errors(&replace("{ dns: { name: \"a b\", port: 0, intervl: 1s } }")),
+        [
+            "t.yaml:5:31: upstreams.docs.discovery.dns.name: expected a DNS name such as docs.default.svc.cluster.local, found `a b`",
+            "t.yaml:5:44: upstreams.docs.discovery.dns.port: must be >= 1, found 0",
+            "t.yaml:5:47: upstreams.docs.discovery.dns.intervl: unknown field `intervl`, did you mean `interval`?",
+        ]
+    );
+    assert_eq!(
+        only_error(&replace(
+            "{ dns: { name: a.test, port: 80 }, etcd: { endpoints: [e:1], prefix: /p/ } }"
+        )),
+        "t.yaml:5:51: upstreams.docs.discovery.etcd: use either `etcd` or `dns`, not both"
     );
 }
 

@@ -387,3 +387,93 @@ fn a_rate_limit_parses_and_round_trips() {
     assert_eq!((limit.per_second, limit.burst), (50, 10));
     assert_eq!(parse_ok(&tether_config::to_yaml(&config)), config);
 }
+
+/// `BASE` with the backend list replaced by `discovery` lines (indent 4).
+fn with_discovery(discovery: &str) -> String {
+    BASE.replace(
+        "    backends:\n      - address: 127.0.0.1:9101\n",
+        discovery,
+    )
+}
+
+#[test]
+fn etcd_discovery_parses_and_round_trips() {
+    let text = with_discovery(
+        "    discovery:\n      etcd: { endpoints: [127.0.0.1:2379, \"http://etcd-1.example:2379/\"], prefix: /tether/docs/ }\n",
+    );
+    let config = parse_ok(&text);
+    let up = &config.upstreams[0];
+    assert!(up.backends.is_empty());
+    assert_eq!(
+        up.discovery,
+        Some(Discovery::Etcd(EtcdDiscovery {
+            endpoints: vec!["127.0.0.1:2379".into(), "etcd-1.example:2379".into()],
+            prefix: "/tether/docs/".into(),
+        }))
+    );
+    assert_eq!(
+        config.summary(),
+        "1 route, 1 upstream, 0 backends, 1 listener (1 upstream by discovery)"
+    );
+    assert_eq!(parse_ok(&to_yaml(&config)), config);
+}
+
+#[test]
+fn dns_discovery_parses_with_defaults_and_round_trips() {
+    let text = with_discovery(
+        "    discovery:\n      dns: { name: docs.default.svc.cluster.local, port: 8080 }\n",
+    );
+    let config = parse_ok(&text);
+    let Some(Discovery::Dns(dns)) = &config.upstreams[0].discovery else {
+        panic!(
+            "dns discovery expected: {:?}",
+            config.upstreams[0].discovery
+        );
+    };
+    assert_eq!(dns.name, "docs.default.svc.cluster.local");
+    assert_eq!(dns.port, 8080);
+    assert_eq!(dns.interval, Duration::from_secs(5));
+    assert_eq!(dns.resolver, None);
+    assert_eq!(parse_ok(&to_yaml(&config)), config);
+
+    let text = with_discovery(
+        "    discovery:\n      dns: { name: app.test, port: 80, interval: 200ms, resolver: 127.0.0.1:5353 }\n",
+    );
+    let config = parse_ok(&text);
+    let Some(Discovery::Dns(dns)) = &config.upstreams[0].discovery else {
+        panic!("dns discovery expected");
+    };
+    assert_eq!(dns.interval, Duration::from_millis(200));
+    assert_eq!(dns.resolver, Some(addr("127.0.0.1:5353")));
+    assert_eq!(parse_ok(&to_yaml(&config)), config);
+}
+
+/// The config inside the ConfigMap of the Kubernetes example (`deploy/kubernetes/tether.yaml`).
+#[test]
+fn the_kubernetes_example_config_parses() {
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/tether.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    // The block scalar under `tether.yaml: |`, indented by four spaces, ends at the next `---`.
+    let embedded: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "tether.yaml: |")
+        .skip(1)
+        .take_while(|l| *l != "---")
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let config = parse_ok(&embedded);
+    assert!(matches!(
+        config.upstreams[0].discovery,
+        Some(Discovery::Dns(_))
+    ));
+    assert_eq!(config.admin.public, ["/healthz", "/readyz", "/metrics"]);
+    // The commented etcd alternative is valid too.
+    let etcd = embedded
+        .replace("  dns: { name", "  # dns: { name")
+        .replace("  # etcd: {", "  etcd: {");
+    assert!(matches!(
+        parse_ok(&etcd).upstreams[0].discovery,
+        Some(Discovery::Etcd(_))
+    ));
+}

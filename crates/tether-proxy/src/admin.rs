@@ -87,6 +87,11 @@ impl AdminApp {
 
     /// `GET /readyz`: 200 once every listener accepts and every upstream has a backend that
     /// may own keys; 503 with the reasons otherwise.
+    ///
+    /// A discovery source that cannot be reached does not make the instance unready: it keeps
+    /// routing on the last known members, which is what the fleet needs (turning every proxy
+    /// unready because etcd is down would take the whole service down). It stays 200 with
+    /// `"degraded"` listing the stale sources; `tether_discovery_up` says the same.
     async fn readyz(&self) -> Response<Vec<u8>> {
         let installed = self.state.current();
         let mut problems = Vec::new();
@@ -100,17 +105,42 @@ impl AdminApp {
                 problems.push(format!("listener {} is not accepting", listener.address));
             }
         }
+        let discovery = self.state.discovery_status();
+        let mut degraded = Vec::new();
         for u in installed.router.upstreams() {
+            let status = discovery.get(&u.name);
             if !u.backends.iter().any(|b| b.is_available()) {
-                problems.push(format!("upstream {} has no available backend", u.name));
+                let why = match status {
+                    Some(s) if !s.loaded => format!(
+                        "upstream {} has no available backend: its {} discovery has not loaded yet{}",
+                        u.name,
+                        s.source,
+                        s.problem.as_deref().map(|p| format!(" ({p})")).unwrap_or_default()
+                    ),
+                    _ => format!("upstream {} has no available backend", u.name),
+                };
+                problems.push(why);
+            }
+            if let Some(s) = status.filter(|s| s.loaded && !s.up) {
+                degraded.push(format!(
+                    "upstream {}: {} discovery unreachable ({}); serving the last known members ({})",
+                    u.name,
+                    s.source,
+                    s.problem.as_deref().unwrap_or("no answer"),
+                    s.members
+                ));
             }
         }
         if problems.is_empty() {
-            json_reply(StatusCode::OK, &json!({ "ready": true }))
+            let mut body = json!({ "ready": true });
+            if !degraded.is_empty() {
+                body["degraded"] = json!(degraded);
+            }
+            json_reply(StatusCode::OK, &body)
         } else {
             json_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({ "ready": false, "problems": problems }),
+                &json!({ "ready": false, "problems": problems, "degraded": degraded }),
             )
         }
     }
@@ -201,6 +231,7 @@ impl AdminApp {
     /// `GET /upstreams`: every backend with its state and open streams.
     fn upstreams(&self) -> Response<Vec<u8>> {
         let installed = self.state.current();
+        let discovery = self.state.discovery_status();
         let mut streams: HashMap<(String, SocketAddr), usize> = HashMap::new();
         for s in self.state.registry.snapshot() {
             *streams
@@ -235,7 +266,17 @@ impl AdminApp {
                         })
                     })
                     .collect();
-                json!({ "name": u.name, "balance": format!("{:?}", u.balance), "backends": backends })
+                let mut entry = json!({ "name": u.name, "balance": format!("{:?}", u.balance), "backends": backends });
+                if let Some(d) = discovery.get(&u.name) {
+                    entry["discovery"] = json!({
+                        "source": d.source,
+                        "loaded": d.loaded,
+                        "up": d.up,
+                        "problem": d.problem,
+                        "members": d.members,
+                    });
+                }
+                entry
             })
             .collect();
         json_reply(StatusCode::OK, &json!({ "upstreams": upstreams }))

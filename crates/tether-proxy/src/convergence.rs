@@ -1,5 +1,5 @@
 //! Convergence: whenever the owner function of an upstream changes (health flip, passive
-//! ejection, drain, config change), close exactly the open streams whose key now has another
+//! ejection, drain, config change, discovery membership change), close exactly the open streams whose key now has another
 //! owner, oldest first, at no more than `rebalance.max_per_second` per upstream. Clients
 //! reconnect and land on the new owner; no other stream is touched.
 //!
@@ -28,6 +28,8 @@ pub enum Cause {
     Drain,
     /// A new config was installed.
     Config,
+    /// A discovery source (etcd, DNS) reported another member set.
+    Discovery,
 }
 
 impl Cause {
@@ -38,6 +40,7 @@ impl Cause {
             Cause::Passive => "passive",
             Cause::Drain => "drain",
             Cause::Config => "config",
+            Cause::Discovery => "discovery",
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod convergence;
+pub mod discovery;
 pub mod downstream;
 pub mod exchange;
 pub mod forwarding;
@@ -164,6 +165,10 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
         "tether convergence",
         convergence::Convergence::new(state.clone()),
     );
+    let discovery = background_service(
+        "tether discovery",
+        discovery::DiscoveryService::new(state.clone()),
+    );
     let graceful_exit = background_service(
         "tether graceful exit",
         lifecycle::GracefulExit::new(state, config.server.grace_period),
@@ -185,6 +190,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
     server.add_service(admin);
     server.add_service(health);
     server.add_service(convergence);
+    server.add_service(discovery);
     server.add_service(graceful_exit);
     Ok(server)
 }

@@ -46,6 +46,15 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// `tether_access_log_dropped_total`: lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// `tether_discovery_up{upstream,source}`: 1 while the membership source answers.
+    pub discovery_up: IntGaugeVec,
+    /// `tether_discovery_members{upstream}`: members the source reports (last known).
+    pub discovery_members: IntGaugeVec,
+    /// `tether_discovery_full_loads_total{upstream}`: full reads of the member set.
+    pub discovery_full_loads: IntCounterVec,
+    /// `tether_discovery_watch_resumes_total{upstream}`: etcd watches resumed from the last
+    /// seen revision after a disconnect (no full reload).
+    pub discovery_resumes: IntCounterVec,
     /// `(upstream, backend)` label pairs of `backend_up` now exported, to drop removed ones.
     backend_series: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
@@ -109,7 +118,7 @@ impl Metrics {
             ),
             ring_changes: counter(
                 "tether_ring_changes_total",
-                "Changes of an upstream's key owners, by cause (health|passive|drain|config)",
+                "Changes of an upstream's key owners, by cause (health|passive|drain|config|discovery)",
                 &["upstream", "cause"],
             ),
             split_keys: gauge(
@@ -178,6 +187,26 @@ impl Metrics {
                 let _ = prometheus::register(Box::new(c.clone()));
                 c
             },
+            discovery_up: gauge(
+                "tether_discovery_up",
+                "1 while the upstream's membership source (etcd, dns) answers; 0 = serving the last known members",
+                &["upstream", "source"],
+            ),
+            discovery_members: gauge(
+                "tether_discovery_members",
+                "Members the upstream's discovery source reports (the last known set while it is down)",
+                &["upstream"],
+            ),
+            discovery_full_loads: counter(
+                "tether_discovery_full_loads_total",
+                "Full reads of an upstream's member set (etcd range loads, DNS answers)",
+                &["upstream"],
+            ),
+            discovery_resumes: counter(
+                "tether_discovery_watch_resumes_total",
+                "etcd watches resumed from the last seen revision after a disconnect",
+                &["upstream"],
+            ),
             backend_series: Default::default(),
         }
     }
@@ -185,7 +214,7 @@ impl Metrics {
     /// Creates every series an upstream can have at 0, so `increase()` and alerts see the first
     /// event too (a series born at 1 looks like no change).
     pub fn touch_upstream(&self, upstream: &str) {
-        for cause in ["health", "passive", "drain", "config"] {
+        for cause in ["health", "passive", "drain", "config", "discovery"] {
             self.ring_changes.with_label_values(&[upstream, cause]);
         }
         for reason in ["ended", "rebalance", "shutdown"] {

@@ -1,14 +1,19 @@
 //! The one owner of the running state: the current `Router` and its metric handles (swapped
 //! as a whole on reload; requests take a snapshot at start and finish on it), the registry of
 //! open streams, and the signal that an upstream's key owners changed.
+//!
+//! The installed config is the file's config with the backends of every `discovery` upstream
+//! filled in from its source. Both a reload and a membership change go through one install
+//! path, so health state, metrics and convergence behave the same for either.
 
 use crate::convergence::Cause;
 use crate::metrics::{Metrics, RouterCounters};
 use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use tether_config::Config;
+use std::sync::{Arc, Mutex};
+use tether_config::{Backend, Config, Discovery};
 use tether_routing::Router;
 use tokio::sync::Notify;
 
@@ -58,9 +63,54 @@ impl Installed {
     }
 }
 
+/// What an install is made from: the file's config and the members each source reported.
+struct Inputs {
+    /// The config as read from the file (discovery upstreams have no backends here).
+    file: Config,
+    /// Per upstream name: the source those members came from, and the members in address order.
+    discovered: HashMap<String, (Discovery, Vec<Backend>)>,
+}
+
+impl Inputs {
+    /// The file config with discovered backends filled in. Members count only while the
+    /// upstream still names the source they came from.
+    fn merged(&self) -> Config {
+        let mut config = self.file.clone();
+        for upstream in &mut config.upstreams {
+            let Some(spec) = &upstream.discovery else {
+                continue;
+            };
+            upstream.backends = match self.discovered.get(&upstream.name) {
+                Some((from, members)) if from == spec => members.clone(),
+                _ => Vec::new(),
+            };
+        }
+        config
+    }
+}
+
+/// How a discovery source is doing, for `/readyz` and `/upstreams`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryStatus {
+    /// `etcd` or `dns`.
+    pub source: &'static str,
+    /// True once the source delivered a membership.
+    pub loaded: bool,
+    /// True while the source answers.
+    pub up: bool,
+    /// Why not, when not up.
+    pub problem: Option<String>,
+    /// Members in force.
+    pub members: usize,
+}
+
 /// Shared, swappable proxy state.
 pub struct ProxyState {
     current: ArcSwap<Installed>,
+    /// Serialises installs (reload and discovery) and holds what they are built from.
+    inputs: Mutex<Inputs>,
+    /// Per discovery upstream, the state of its source.
+    discovery: Mutex<HashMap<String, DiscoveryStatus>>,
     /// Every open WebSocket, SSE and long-poll stream.
     pub registry: Arc<StreamRegistry>,
     owners_changed: Notify,
@@ -84,6 +134,11 @@ impl ProxyState {
         Metrics::global().refresh_backend_up(&installed.router);
         ProxyState {
             current: ArcSwap::from_pointee(installed),
+            inputs: Mutex::new(Inputs {
+                file: config.clone(),
+                discovered: HashMap::new(),
+            }),
+            discovery: Mutex::new(HashMap::new()),
             registry: Arc::new(StreamRegistry::default()),
             owners_changed: Notify::new(),
             in_flight: AtomicUsize::new(0),
@@ -101,10 +156,76 @@ impl ProxyState {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    fn inputs(&self) -> std::sync::MutexGuard<'_, Inputs> {
+        self.inputs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Swaps in a new validated config. Backends that stay keep their health, drain and load
     /// state; requests in flight finish on the router they started with. Every upstream whose
     /// backend set changed counts a `config` ring change, and convergence re-checks all streams.
+    /// Discovery upstreams keep the members their source reported.
     pub fn install(&self, config: &Config) {
+        let mut inputs = self.inputs();
+        inputs.file = config.clone();
+        self.swap(&inputs.merged(), Cause::Config);
+    }
+
+    /// Sets the members of discovery upstream `upstream` as reported by the source `from`,
+    /// and installs the result if they changed (a `discovery` ring change; convergence runs).
+    /// Ignored when the config no longer names that source for that upstream. Returns true
+    /// when a new router was installed.
+    pub fn set_members(&self, upstream: &str, from: &Discovery, members: Vec<Backend>) -> bool {
+        let mut inputs = self.inputs();
+        let current_spec = inputs
+            .file
+            .upstreams
+            .iter()
+            .find(|u| u.name == upstream)
+            .and_then(|u| u.discovery.as_ref());
+        if current_spec != Some(from) {
+            return false;
+        }
+        if let Some((spec, old)) = inputs.discovered.get(upstream) {
+            if spec == from && *old == members {
+                return false;
+            }
+        }
+        inputs
+            .discovered
+            .insert(upstream.to_string(), (from.clone(), members));
+        self.swap(&inputs.merged(), Cause::Discovery);
+        true
+    }
+
+    /// The discovery upstreams of the file config now in force, with their sources.
+    pub fn discovery_specs(&self) -> Vec<(String, Discovery)> {
+        self.inputs()
+            .file
+            .upstreams
+            .iter()
+            .filter_map(|u| Some((u.name.clone(), u.discovery.clone()?)))
+            .collect()
+    }
+
+    /// Records how the source of `upstream` is doing (None: the upstream has no source now).
+    pub fn set_discovery_status(&self, upstream: &str, status: Option<DiscoveryStatus>) {
+        let mut all = self.discovery.lock().unwrap_or_else(|p| p.into_inner());
+        match status {
+            Some(status) => all.insert(upstream.to_string(), status),
+            None => all.remove(upstream),
+        };
+    }
+
+    /// How each discovery source is doing, by upstream name.
+    pub fn discovery_status(&self) -> HashMap<String, DiscoveryStatus> {
+        self.discovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Builds and installs `config` (already merged); `cause` labels the ring changes.
+    fn swap(&self, config: &Config, cause: Cause) {
         let old = self.current();
         let router = Router::with_previous(config, &old.router);
         let installed = Installed::from_router(config, router);
@@ -122,7 +243,7 @@ impl ProxyState {
             .collect();
         self.current.store(Arc::new(installed));
         for name in &changed {
-            self.owner_changed(name, Cause::Config);
+            self.owner_changed(name, cause);
         }
         Metrics::global().refresh_backend_up(&self.current().router);
         // Routes may have moved keys between upstreams even when no ring changed.

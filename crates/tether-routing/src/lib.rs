@@ -34,6 +34,7 @@
 //!     upstreams: vec![Upstream {
 //!         name: "docs".into(),
 //!         backends: vec![backend("10.0.0.1:443"), backend("10.0.0.2:443"), backend("10.0.0.3:443")],
+//!         discovery: None,
 //!         balance: Balance::Ketama,
 //!         connect_timeout: Duration::from_secs(1),
 //!         health_check: None,

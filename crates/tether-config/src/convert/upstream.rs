@@ -26,23 +26,21 @@ pub(super) fn upstreams(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Upst
     out
 }
 
-const UPSTREAM: [&str; 6] = [
+const UPSTREAM: [&str; 7] = [
     "backends",
+    "discovery",
     "balance",
     "connect_timeout",
     "health_check",
     "passive",
     "rebalance",
 ];
-const UPSTREAM_LATER: [(&str, &str); 1] = [(
-    "discovery",
-    "`discovery` is not supported yet; list the backends",
-)];
 
 fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<(usize, Mark)>) {
     let mut up = Upstream {
         name: name.to_string(),
         backends: Vec::new(),
+        discovery: None,
         balance: Balance::Ketama,
         connect_timeout: defaults::CONNECT_TIMEOUT,
         health_check: None,
@@ -50,10 +48,21 @@ fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<
         rebalance: Rebalance::default(),
     };
     let mut spots = Vec::new();
-    let Some(f) = cx.map(node, path, &UPSTREAM, &UPSTREAM_LATER) else {
+    let Some(f) = cx.map(node, path, &UPSTREAM, &[]) else {
         return (up, spots);
     };
-    if let Some(n) = cx.required(f, path, "backends") {
+    if let Some(n) = f.get("discovery") {
+        up.discovery = discovery(cx, n, &field(path, "discovery"));
+        // With discovery the members come from the source; a static list beside it would be
+        // ignored at run time, so it is refused rather than silently unused.
+        if let Some(entry) = f.entry("backends") {
+            cx.error(
+                entry.key_mark,
+                &field(path, "backends"),
+                "`backends` and `discovery` exclude each other: with discovery the backends come from the source",
+            );
+        }
+    } else if let Some(n) = cx.required(f, path, "backends") {
         let list_path = field(path, "backends");
         for (i, node) in cx
             .list(n, &list_path, "backend")
@@ -107,6 +116,166 @@ fn backend(cx: &mut Cx, node: &Node, path: &str) -> Option<(Backend, Mark)> {
     }
     let weight = u32::try_from(weight?).ok()?;
     Some((Backend { address, weight }, n.mark))
+}
+
+fn discovery(cx: &mut Cx, node: &Node, path: &str) -> Option<Discovery> {
+    let f = cx.map(node, path, &["etcd", "dns"], &[])?;
+    match (f.entry("etcd"), f.entry("dns")) {
+        (Some(etcd), None) => etcd_discovery(cx, &etcd.value, &field(path, "etcd")),
+        (None, Some(dns)) => dns_discovery(cx, &dns.value, &field(path, "dns")),
+        (Some(a), Some(b)) => {
+            let second = if a.key_mark > b.key_mark { a } else { b };
+            cx.error(
+                second.key_mark,
+                &field(path, &second.key),
+                "use either `etcd` or `dns`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            cx.error(
+                f.mark,
+                path,
+                "needs a source: `etcd: { endpoints: [...], prefix: ... }` or `dns: { name: ..., port: ... }`",
+            );
+            None
+        }
+    }
+}
+
+fn etcd_discovery(cx: &mut Cx, node: &Node, path: &str) -> Option<Discovery> {
+    let f = cx.map(node, path, &["endpoints", "prefix"], &[])?;
+    let mut endpoints = Vec::new();
+    if let Some(n) = cx.required(f, path, "endpoints") {
+        let list_path = field(path, "endpoints");
+        for (i, item_node) in cx
+            .list(n, &list_path, "endpoint")
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(endpoint) = etcd_endpoint(cx, item_node, &item(&list_path, i)) {
+                endpoints.push(endpoint);
+            }
+        }
+    }
+    let prefix = match cx.required(f, path, "prefix") {
+        Some(n) => match cx.string(n, &field(path, "prefix")) {
+            // An empty prefix would make every key in etcd a backend.
+            Some(p) if p.is_empty() => {
+                cx.error(n.mark, &field(path, "prefix"), "must not be empty");
+                None
+            }
+            other => other,
+        },
+        None => None,
+    };
+    if endpoints.is_empty() {
+        return None;
+    }
+    Some(Discovery::Etcd(EtcdDiscovery {
+        endpoints,
+        prefix: prefix?,
+    }))
+}
+
+/// `host:port` or `http://host:port` of an etcd client endpoint, kept as `host:port`. Unlike
+/// backends, etcd endpoints may be host names (resolved when connecting): they are usually
+/// service names in a cluster.
+fn etcd_endpoint(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
+    let text = cx.string(node, path)?;
+    let text = text.trim();
+    if text.starts_with("https://") {
+        cx.error(
+            node.mark,
+            path,
+            "TLS to etcd is not supported yet; use http://",
+        );
+        return None;
+    }
+    let bare = text.strip_prefix("http://").unwrap_or(text);
+    let bare = bare.strip_suffix('/').unwrap_or(bare);
+    let valid = match bare.rsplit_once(':') {
+        Some((host, port)) => {
+            let host_ok = if let Some(v6) = host.strip_prefix('[') {
+                v6.strip_suffix(']')
+                    .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+            } else {
+                !host.is_empty()
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+            };
+            host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    };
+    if !valid {
+        cx.error(
+            node.mark,
+            path,
+            format!(
+                "expected host:port or http://host:port such as 127.0.0.1:2379, found `{text}`"
+            ),
+        );
+        return None;
+    }
+    Some(bare.to_string())
+}
+
+fn dns_discovery(cx: &mut Cx, node: &Node, path: &str) -> Option<Discovery> {
+    let f = cx.map(node, path, &["name", "port", "interval", "resolver"], &[])?;
+    let name = match cx.required(f, path, "name") {
+        Some(n) => {
+            let name = cx.string(n, &field(path, "name"));
+            match name {
+                Some(name) if is_dns_name(&name) => Some(name),
+                Some(name) => {
+                    cx.error(
+                        n.mark,
+                        &field(path, "name"),
+                        format!("expected a DNS name such as docs.default.svc.cluster.local, found `{name}`"),
+                    );
+                    None
+                }
+                None => None,
+            }
+        }
+        None => None,
+    };
+    let port = cx
+        .required(f, path, "port")
+        .and_then(|n| cx.integer(n, &field(path, "port"), 1, 65535));
+    let mut interval = defaults::DNS_INTERVAL;
+    if let Some(n) = f.get("interval") {
+        interval = cx
+            .positive_duration(n, &field(path, "interval"))
+            .unwrap_or(interval);
+    }
+    let resolver = match f.get("resolver") {
+        Some(n) => Some(cx.address(n, &field(path, "resolver"))?),
+        None => None,
+    };
+    Some(Discovery::Dns(DnsDiscovery {
+        name: name?,
+        port: u16::try_from(port?).ok()?,
+        interval,
+        resolver,
+    }))
+}
+
+/// Letters, digits, `-` and `.` in labels of 1..=63 characters; a trailing dot is allowed.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
 }
 
 const HEALTH: [&str; 6] = [

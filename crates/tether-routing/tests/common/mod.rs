@@ -27,6 +27,7 @@ pub fn upstream(name: &str, backends: Vec<Backend>, balance: Balance) -> Upstrea
     Upstream {
         name: name.to_owned(),
         backends,
+        discovery: None,
         balance,
         connect_timeout: Duration::from_secs(1),
         health_check: None,

@@ -1,0 +1,83 @@
+//! etcd: the v3 JSON gateway client, the watching membership source and the announcer.
+
+pub mod announce;
+pub mod client;
+pub(crate) mod source;
+
+use crate::Member;
+
+/// The JSON value of one backend key: `{"address": "ip:port", "weight": 1}`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberValue {
+    /// `ip:port` of the backend.
+    pub address: String,
+    /// Relative weight, 1..=1000; 1 when absent.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Largest weight a member may announce (the config's limit too).
+pub const MAX_WEIGHT: u32 = tether_config::defaults::MAX_WEIGHT;
+
+impl MemberValue {
+    /// The member this value describes, or why it is unusable.
+    pub fn parse(bytes: &[u8]) -> Result<Member, String> {
+        let value: MemberValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a member value: {e}"))?;
+        let address = value
+            .address
+            .trim()
+            .parse()
+            .map_err(|_| format!("address `{}` is not ip:port", value.address))?;
+        if !(1..=MAX_WEIGHT).contains(&value.weight) {
+            return Err(format!(
+                "weight {} is not in 1..={MAX_WEIGHT}",
+                value.weight
+            ));
+        }
+        Ok(Member {
+            address,
+            weight: value.weight,
+        })
+    }
+}
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's rule: the
+/// prefix with its last byte below 0xff incremented and the rest cut off; `\0` = to the end).
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_range_end_of_a_prefix_covers_exactly_its_keys() {
+        assert_eq!(prefix_range_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn member_values_are_checked() {
+        let ok = MemberValue::parse(br#"{"address":"127.0.0.1:80"}"#).expect("valid");
+        assert_eq!(ok.weight, 1);
+        assert!(MemberValue::parse(br#"{"address":"host:80"}"#).is_err());
+        assert!(MemberValue::parse(br#"{"address":"127.0.0.1:80","weight":0}"#).is_err());
+        assert!(MemberValue::parse(br#"{"address":"127.0.0.1:80","wieght":2}"#).is_err());
+        assert!(MemberValue::parse(b"127.0.0.1:80").is_err());
+    }
+}
