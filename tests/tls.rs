@@ -5,8 +5,8 @@ mod support;
 
 use futures_util::{SinkExt, StreamExt};
 use http::Method;
-use rcgen::{BasicConstraints, Certificate, CertificateParams, IsCa, KeyPair};
 use std::collections::HashMap;
+use support::tls::Ca;
 use support::Stack;
 use tether_testkit::{
     https_requests, tls_connect, wss_connect, Alpn, LaunchOptions, Message, TlsConnection,
@@ -26,31 +26,6 @@ routes:
     sticky: { keys: [ { header: X-Doc-Id } ] }
     upstream: docs
 "#;
-
-struct Ca {
-    cert: Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().expect("ca key");
-        let cert = params.self_signed(&key).expect("ca cert");
-        Ca { cert, key }
-    }
-
-    /// A leaf for `localhost`: (certificate PEM, key PEM, certificate DER).
-    fn leaf(&self) -> (String, String, Vec<u8>) {
-        let params = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("leaf cert");
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    }
-}
 
 async fn connect(stack: &Stack, ca: &Ca, alpn: Alpn) -> TlsConnection {
     tls_connect(stack.proxy, "localhost", ca.cert.der(), alpn)

@@ -1,6 +1,8 @@
 //! Shared set-up for the end-to-end tests: three real backends and the real `tether` binary.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
