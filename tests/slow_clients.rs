@@ -303,3 +303,87 @@ async fn slowhttptest_slowloris_is_cut_off_at_the_header_deadline() {
     .unwrap_or(0.0);
     assert!(closed >= 190.0, "{closed} closed at the deadline");
 }
+
+/// CPU time (user + system, clock ticks) the process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+}
+
+/// G6: out of file descriptors, the proxy neither crashes nor spins, and recovers once the
+/// clients leave.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_out_of_file_descriptors_neither_crashes_nor_spins() {
+    let config = CONFIG
+        .replace("header_timeout: 2s", "header_timeout: 60s")
+        .replace("max_connections: 20", "max_connections: 1000");
+    let stack = Stack::start(&config).await;
+    let pid = stack.tether.pid().expect("pid");
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=256:256"])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(limited.success());
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        match TcpStream::connect(stack.proxy).await {
+            Ok(s) => held.push(s),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    // The backlog keeps the surplus waiting while the proxy cannot accept them.
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    // 100 ticks per second: under 50% of one CPU over 2 s.
+    assert!(used < 100, "{used} ticks in 2 s: the accept loop spins");
+    drop(held);
+    let recovered = wait_until_async(Duration::from_secs(15), || async {
+        http_get(&stack.url("/docs/after/x"), &[])
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    assert!(recovered, "no request served after the clients left");
+    assert!(
+        stack.tether.stderr().contains("Too many open files")
+            || stack.tether.stderr().contains("os error 24"),
+        "EMFILE was not logged"
+    );
+}
+
+/// G3: a request body that stalls is cut with 408; a slow *response* is not a stalled body.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_request_body_gets_408_and_a_slow_response_does_not() {
+    let config = CONFIG.replace("header_timeout: 2s", "header_timeout: 2s, body_timeout: 1s");
+    let stack = Stack::start(&config).await;
+    let mut stream = TcpStream::connect(stack.proxy).await.expect("connect");
+    let started = Instant::now();
+    stream
+        .write_all(
+            b"POST /docs/a/__stalled HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n0123456789",
+        )
+        .await
+        .expect("write");
+    let got = read_response(&mut stream).await;
+    let after = started.elapsed();
+    assert_eq!(got.map(|r| r.0), Some(408), "after {after:?}");
+    assert!(after < Duration::from_secs(5), "cut after {after:?}");
+    // A response that takes 2.5 s (longer than body_timeout) to start is still delivered.
+    let slow = http_get(&stack.url("/docs/a/slow?ms=2500"), &[])
+        .await
+        .expect("GET");
+    assert_eq!(slow.status, 200);
+    let slow_post = tether_testkit::http_request(
+        http::Method::POST,
+        &stack.url("/docs/a/slow?ms=2500"),
+        &[],
+        "a small body",
+    )
+    .await
+    .expect("POST");
+    assert_eq!(slow_post.status, 200);
+}

@@ -108,6 +108,8 @@ pub struct Limits {
     /// request) or from the end of keep-alive idle (later requests); then the connection is
     /// closed. Default 15s.
     pub header_timeout: Duration,
+    /// Longest pause while a client sends a request body; then 408 and close. Default 30s.
+    pub body_timeout: Duration,
     /// How long an idle keep-alive connection waits for its next request. Default 60s.
     pub keepalive_timeout: Duration,
     /// Most client connections open at once; more are answered 503 and closed. Default 10000.

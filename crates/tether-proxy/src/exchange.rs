@@ -81,6 +81,8 @@ pub fn status_for(e: &Error) -> u16 {
         {
             504
         }
+        // The client stopped sending its body.
+        ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => 408,
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
             ErrorSource::Downstream => match e.etype() {

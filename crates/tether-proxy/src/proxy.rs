@@ -235,6 +235,9 @@ impl ProxyHttp for TetherProxy {
                     // route's idle timeout governs streams instead. Both read timers re-arm on
                     // traffic in either direction (Pingora's duplex loop re-polls them).
                     session.set_read_timeout(Some(route.timeouts.idle));
+                } else {
+                    // A request body must keep arriving (catalogue G3: slow body).
+                    session.set_read_timeout(Some(installed.config.server.limits.body_timeout));
                 }
                 let declared = session
                     .req_header()

@@ -124,6 +124,7 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
         "max_header_line",
         "max_headers",
         "header_timeout",
+        "body_timeout",
         "keepalive_timeout",
         "max_connections",
         "max_requests_per_connection",
@@ -147,6 +148,7 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
     }
     for (key, slot) in [
         ("header_timeout", &mut limits.header_timeout),
+        ("body_timeout", &mut limits.body_timeout),
         ("keepalive_timeout", &mut limits.keepalive_timeout),
     ] {
         if let Some(n) = f.get(key) {
