@@ -398,3 +398,64 @@ async fn upgrade_tokens_and_underscore_headers_are_handled_safely() {
         assert_eq!(status, Some(400), "F2");
     }
 }
+
+/// G4 / E10: a client that never reads a 50 MB response is disconnected at the send timeout;
+/// the proxy holds only its bounded buffers meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 50 * 1024 * 1024;
+    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes();
+    answer.resize(answer.len() + SIZE, b'z');
+    let backend = RawBackend::start(answer, true).await;
+    let proxy = tether_testkit::free_addr();
+    let admin = tether_testkit::free_addr();
+    let config = FAULTY
+        .replace("$PROXY", &proxy.to_string())
+        .replace("$ADMIN", &admin.to_string())
+        .replace("$FAULTY", &backend.addr.to_string())
+        .replace(
+            "admin: {",
+            "server: { limits: { send_timeout: 2s } }\nadmin: {",
+        );
+    let tether = tether_testkit::TetherProcess::start(support::tether_binary(), &config, admin)
+        .await
+        .expect("tether");
+    let pid = tether.pid().expect("pid");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stream = socket.connect(proxy).await.expect("connect");
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    // Be the slow reader: read nothing for 5 s (the stimulus, not a wait for the proxy).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS");
+    let mut received = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection was still open 25 s later");
+    assert!(
+        received < SIZE / 2,
+        "{received} bytes arrived: the stalled client was not disconnected"
+    );
+    assert!(
+        rss_kb < 100 * 1024,
+        "proxy RSS {rss_kb} kB with one stalled client"
+    );
+    println!("stalled reader: {received} bytes before the close, proxy RSS {rss_kb} kB");
+}

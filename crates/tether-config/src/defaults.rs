@@ -115,7 +115,7 @@ pub const MAX_BODY: u64 = 10 * 1024 * 1024;
 
 impl Default for Limits {
     /// 8 KiB target, 64 KiB header block, 16 KiB per header, 100 headers, 15 s to send a
-    /// header, 30 s body pauses, 60 s keep-alive, 10,000 connections, 100 HTTP/2 streams per connection.
+    /// header, 30 s body pauses, 60 s send stalls, 60 s keep-alive, 10,000 connections, 100 HTTP/2 streams per connection.
     fn default() -> Self {
         Limits {
             max_uri: 8192,
@@ -124,6 +124,7 @@ impl Default for Limits {
             max_headers: 100,
             header_timeout: Duration::from_secs(15),
             body_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_requests_per_connection: None,

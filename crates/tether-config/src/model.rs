@@ -110,6 +110,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Longest pause while a client sends a request body; then 408 and close. Default 30s.
     pub body_timeout: Duration,
+    /// Longest a write to a client may wait for it to read (responses and streams alike); then
+    /// the connection is closed. Default 60s.
+    pub send_timeout: Duration,
     /// How long an idle keep-alive connection waits for its next request. Default 60s.
     pub keepalive_timeout: Duration,
     /// Most client connections open at once; more are answered 503 and closed. Default 10000.

@@ -239,6 +239,9 @@ impl ProxyHttp for TetherProxy {
                     // A request body must keep arriving (catalogue G3: slow body).
                     session.set_read_timeout(Some(installed.config.server.limits.body_timeout));
                 }
+                // A client that stops reading is let go (G4 slow read, E10 back-pressure):
+                // Pingora's buffers stay bounded and the backend connection is released.
+                session.set_write_timeout(Some(installed.config.server.limits.send_timeout));
                 let declared = session
                     .req_header()
                     .headers

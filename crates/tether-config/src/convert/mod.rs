@@ -125,6 +125,7 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
         "max_headers",
         "header_timeout",
         "body_timeout",
+        "send_timeout",
         "keepalive_timeout",
         "max_connections",
         "max_requests_per_connection",
@@ -149,6 +150,7 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
     for (key, slot) in [
         ("header_timeout", &mut limits.header_timeout),
         ("body_timeout", &mut limits.body_timeout),
+        ("send_timeout", &mut limits.send_timeout),
         ("keepalive_timeout", &mut limits.keepalive_timeout),
     ] {
         if let Some(n) = f.get(key) {
