@@ -80,6 +80,19 @@ async fn bad_requests_get_the_right_status_and_never_reach_a_backend() {
         before,
         "a refused request reached a backend"
     );
+    // L1: each refusal is counted by reason.
+    let metrics = support::metrics_text(&stack).await;
+    for (reason, at_least) in [
+        ("uri_too_long", 1.0),
+        ("header_too_large", 3.0),
+        ("bad_host", 3.0),
+        ("method_not_allowed", 1.0),
+        ("body_too_large", 1.0),
+    ] {
+        let series = format!("tether_requests_refused_total{{reason=\"{reason}\"}}");
+        let got = support::series_value(&metrics, &series).unwrap_or(0.0);
+        assert!(got >= at_least, "{series} = {got}, expected >= {at_least}");
+    }
 
     // The same requests within the limits pass.
     let fine = b"GET /docs/a HTTP/1.1\r\nHost: h:8080\r\nConnection: close\r\n\r\n";

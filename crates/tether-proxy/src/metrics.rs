@@ -10,6 +10,49 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use tether_routing::{KeySourceKind, Router};
 
+/// Labels of `tether_requests_refused_total` besides `validity::REASONS`.
+pub const ROUTING_REFUSALS: [&str; 6] = [
+    "body_too_large",
+    "rate_limited",
+    "bad_path",
+    "no_route",
+    "missing_key",
+    "bad_key",
+];
+
+/// Every `tether_requests_refused_total` label, created at 0 at start.
+const REFUSALS: [&str; 12] = {
+    let mut all = [""; 12];
+    let mut i = 0;
+    while i < 6 {
+        all[i] = crate::validity::REASONS[i];
+        all[i + 6] = ROUTING_REFUSALS[i];
+        i += 1;
+    }
+    all
+};
+
+/// Counts a refused request and logs it, at most one line a second per process (an attack
+/// must be visible without flooding the log).
+pub fn refused(reason: &'static str, status: u16) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG: AtomicU64 = AtomicU64::new(0);
+    Metrics::global()
+        .requests_refused
+        .with_label_values(&[reason])
+        .inc();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_LOG.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!(
+            reason,
+            status,
+            "request refused (logged at most once a second)"
+        );
+    }
+}
+
 /// The process-wide metric families.
 pub struct Metrics {
     /// `tether_http_requests_total{route,upstream,code}`.
@@ -38,6 +81,9 @@ pub struct Metrics {
     pub downstream_connections: IntGauge,
     /// `tether_downstream_closed_total{reason}`: connections closed before a request was read.
     pub downstream_closed: IntCounterVec,
+    /// `tether_requests_refused_total{reason}`: requests answered locally as malformed, over a
+    /// limit or unroutable; never forwarded.
+    pub requests_refused: IntCounterVec,
     /// `tether_retries_total{route,upstream}`.
     pub retries: IntCounterVec,
     /// `tether_sticky_keys_total{route,source}`.
@@ -157,6 +203,13 @@ impl Metrics {
                 "tether_downstream_connections",
                 "Open client connections (from accept to close)",
             ),
+            requests_refused: counter(
+                "tether_requests_refused_total",
+                "Requests Tether answered itself and never forwarded, by why: uri_too_long, \
+                 header_too_large, method_not_allowed, bad_target, bad_websocket, bad_host, \
+                 body_too_large, rate_limited, bad_path, no_route, missing_key, bad_key",
+                &["reason"],
+            ),
             downstream_closed: counter(
                 "tether_downstream_closed_total",
                 "Client connections closed by Tether before a request was read, by why: \
@@ -260,6 +313,9 @@ impl Metrics {
             }
             for reason in ["header_timeout", "max_connections"] {
                 metrics.downstream_closed.with_label_values(&[reason]);
+            }
+            for reason in REFUSALS {
+                metrics.requests_refused.with_label_values(&[reason]);
             }
             metrics
         })

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_config::RateLimitBy;
-use tether_routing::{BackendState, Decision, RequestView};
+use tether_routing::{BackendState, Decision, Reject, RequestView};
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -187,12 +187,13 @@ impl ProxyHttp for TetherProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let installed = self.state.current();
-        if let Err((status, reason)) =
+        if let Err(refusal) =
             crate::validity::check(session.req_header(), &installed.config.server.limits)
         {
             ctx.installed = Some(installed);
-            ctx.local_status = Some(status);
-            respond_local(session, status, reason).await?;
+            ctx.local_status = Some(refusal.status);
+            crate::metrics::refused(refusal.label, refusal.status);
+            respond_local(session, refusal.status, refusal.why).await?;
             return Ok(true);
         }
         ctx.client_ip = session
@@ -250,6 +251,7 @@ impl ProxyHttp for TetherProxy {
                     .and_then(|v| v.trim().parse::<u64>().ok());
                 if declared.is_some_and(|len| len > route.max_body) {
                     ctx.local_status = Some(413);
+                    crate::metrics::refused("body_too_large", 413);
                     respond_local(session, 413, "request body too large").await?;
                     return Ok(true);
                 }
@@ -264,6 +266,7 @@ impl ProxyHttp for TetherProxy {
                     };
                     if seen > limit.per_second as isize + limit.burst as isize {
                         ctx.local_status = Some(429);
+                        crate::metrics::refused("rate_limited", 429);
                         let mut resp = ResponseHeader::build(429, Some(2))?;
                         resp.insert_header(http::header::RETRY_AFTER, "1")?;
                         resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
@@ -278,6 +281,17 @@ impl ProxyHttp for TetherProxy {
             Err(reject) => {
                 let status = reject.status();
                 ctx.local_status = Some(status);
+                let label = match reject {
+                    Reject::BadPath(_) => Some("bad_path"),
+                    Reject::NoRoute => Some("no_route"),
+                    Reject::MissingKey { .. } => Some("missing_key"),
+                    Reject::BadKey { .. } => Some("bad_key"),
+                    // Not the client's doing.
+                    Reject::NoHealthyBackend { .. } => None,
+                };
+                if let Some(label) = label {
+                    crate::metrics::refused(label, status);
+                }
                 respond_local(session, status, &reject.to_string()).await?;
                 Ok(true)
             }
@@ -484,6 +498,7 @@ impl ProxyHttp for TetherProxy {
         if let Some(chunk) = body {
             ctx.body_seen += chunk.len() as u64;
             if ctx.body_seen > ctx.max_body {
+                crate::metrics::refused("body_too_large", 413);
                 return Err(Error::explain(
                     ErrorType::HTTPStatus(413),
                     "request body too large",

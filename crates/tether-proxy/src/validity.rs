@@ -7,31 +7,61 @@ use http::{Method, Version};
 use pingora::http::RequestHeader;
 use tether_config::Limits;
 
-/// Why a request is refused: the status and a short reason for the response body.
-pub type Refusal = (u16, &'static str);
+/// Why a request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The status the client gets.
+    pub status: u16,
+    /// The metric label (`tether_requests_refused_total{reason}`), one of [`REASONS`].
+    pub label: &'static str,
+    /// A short reason for the response body.
+    pub why: &'static str,
+}
+
+/// Every label a refusal made here can carry.
+pub const REASONS: [&str; 6] = [
+    "uri_too_long",
+    "header_too_large",
+    "method_not_allowed",
+    "bad_target",
+    "bad_websocket",
+    "bad_host",
+];
+
+fn refuse(status: u16, why: &'static str) -> Refusal {
+    let label = match status {
+        414 => "uri_too_long",
+        431 => "header_too_large",
+        405 => "method_not_allowed",
+        _ if why.contains("WebSocket") => "bad_websocket",
+        _ if why.contains("Host") || why.contains("host") => "bad_host",
+        _ => "bad_target",
+    };
+    Refusal { status, label, why }
+}
 
 /// Checks `req` against `limits` and HTTP's rules for `Host`.
 pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
     if req.raw_path().len() > limits.max_uri {
-        return Err((414, "request target too long"));
+        return Err(refuse(414, "request target too long"));
     }
     if req.headers.len() > limits.max_headers {
-        return Err((431, "too many header fields"));
+        return Err(refuse(431, "too many header fields"));
     }
     let mut total = 0usize;
     for (name, value) in &req.headers {
         // ": " and CRLF, as on the wire.
         let line = name.as_str().len() + value.len() + 4;
         if line > limits.max_header_line {
-            return Err((431, "header field too large"));
+            return Err(refuse(431, "header field too large"));
         }
         total += line;
     }
     if total > limits.max_header_bytes {
-        return Err((431, "header block too large"));
+        return Err(refuse(431, "header block too large"));
     }
     if req.method == Method::TRACE {
-        return Err((405, "TRACE is not allowed"));
+        return Err(refuse(405, "TRACE is not allowed"));
     }
     check_target(req.raw_path())?;
     check_websocket(req)?;
@@ -43,7 +73,7 @@ pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
 /// past a proxy. (The query is the application's business.)
 fn check_target(raw: &[u8]) -> Result<(), Refusal> {
     if raw.contains(&b'#') {
-        return Err((400, "fragment in request target"));
+        return Err(refuse(400, "fragment in request target"));
     }
     let raw = raw.split(|&b| b == b'?').next().unwrap_or(raw);
     if !raw.contains(&b'%') {
@@ -61,9 +91,9 @@ fn check_target(raw: &[u8]) -> Result<(), Refusal> {
                     i += 2;
                     b
                 }
-                None => return Err((400, "bad percent-encoding in request target")),
+                None => return Err(refuse(400, "bad percent-encoding in request target")),
             },
-            (b'%', None) => return Err((400, "bad percent-encoding in request target")),
+            (b'%', None) => return Err(refuse(400, "bad percent-encoding in request target")),
             (b, _) => b,
         };
         decoded.push(byte);
@@ -71,7 +101,7 @@ fn check_target(raw: &[u8]) -> Result<(), Refusal> {
     }
     match std::str::from_utf8(&decoded) {
         Ok(_) => Ok(()),
-        Err(_) => Err((400, "request target is not UTF-8 once decoded")),
+        Err(_) => Err(refuse(400, "request target is not UTF-8 once decoded")),
     }
 }
 
@@ -90,19 +120,22 @@ fn check_websocket(req: &RequestHeader) -> Result<(), Refusal> {
     }
     // RFC 6455 4.1: the opening handshake is an HTTP/1.1 GET.
     if req.method != Method::GET || req.version != Version::HTTP_11 {
-        return Err((400, "WebSocket upgrade must be an HTTP/1.1 GET"));
+        return Err(refuse(400, "WebSocket upgrade must be an HTTP/1.1 GET"));
     }
     if req
         .headers
         .get(http::header::SEC_WEBSOCKET_VERSION)
         .is_none_or(|v| v.as_bytes() != b"13")
     {
-        return Err((426, "WebSocket version 13 required"));
+        return Err(refuse(426, "WebSocket version 13 required"));
     }
     let mut keys = req.headers.get_all(http::header::SEC_WEBSOCKET_KEY).iter();
     match (keys.next(), keys.next()) {
         (Some(key), None) if crate::exchange::valid_websocket_key(key.as_bytes()) => Ok(()),
-        _ => Err((400, "WebSocket upgrade without a valid Sec-WebSocket-Key")),
+        _ => Err(refuse(
+            400,
+            "WebSocket upgrade without a valid Sec-WebSocket-Key",
+        )),
     }
 }
 
@@ -110,25 +143,25 @@ fn check_host(req: &RequestHeader) -> Result<(), Refusal> {
     let mut hosts = req.headers.get_all(HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
-        return Err((400, "more than one Host header"));
+        return Err(refuse(400, "more than one Host header"));
     }
     let Some(host) = host else {
         // RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
         return if req.version == Version::HTTP_11 && req.uri.authority().is_none() {
-            Err((400, "missing Host header"))
+            Err(refuse(400, "missing Host header"))
         } else {
             Ok(())
         };
     };
     if !valid_host(host.as_bytes()) {
-        return Err((400, "malformed Host header"));
+        return Err(refuse(400, "malformed Host header"));
     }
     if let Some(authority) = req.uri.authority() {
         if !authority
             .as_str()
             .eq_ignore_ascii_case(&String::from_utf8_lossy(host.as_bytes()))
         {
-            return Err((400, "request target and Host name different hosts"));
+            return Err(refuse(400, "request target and Host name different hosts"));
         }
     }
     Ok(())
@@ -181,7 +214,7 @@ fn valid_host(value: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_host;
+    use super::*;
 
     #[test]
     fn host_values() {
@@ -198,6 +231,28 @@ mod tests {
             "a b", "a/b", "a@b", "h:99999", "h:", "h:8o", "", "[::1", "[zz]", ":80", "h\tx",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_refusal_gets_a_known_label() {
+        let cases = [
+            (414, "request target too long", "uri_too_long"),
+            (431, "header block too large", "header_too_large"),
+            (405, "TRACE is not allowed", "method_not_allowed"),
+            (400, "fragment in request target", "bad_target"),
+            (426, "WebSocket version 13 required", "bad_websocket"),
+            (400, "missing Host header", "bad_host"),
+            (
+                400,
+                "request target and Host name different hosts",
+                "bad_host",
+            ),
+        ];
+        for (status, why, label) in cases {
+            let r = refuse(status, why);
+            assert_eq!(r.label, label, "{why}");
+            assert!(REASONS.contains(&r.label));
         }
     }
 }
