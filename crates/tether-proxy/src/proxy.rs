@@ -336,6 +336,7 @@ impl ProxyHttp for TetherProxy {
         let connect_timeout = installed
             .config_upstream(decision.upstream)
             .map_or(Duration::from_secs(1), |u| u.connect_timeout);
+        let send_timeout = installed.config.server.limits.send_timeout;
 
         ctx.release_backend();
         ctx.tried.push(index);
@@ -346,6 +347,8 @@ impl ProxyHttp for TetherProxy {
         let mut peer = HttpPeer::new(backend.address, false, String::new());
         peer.options.connection_timeout = Some(connect_timeout);
         peer.options.read_timeout = Some(read_timeout);
+        // A backend that stops reading what we forward is let go like a client that does.
+        peer.options.write_timeout = Some(send_timeout);
         Ok(Box::new(peer))
     }
 
