@@ -4,7 +4,8 @@
 # (the slow-client test), etcd-server and dnsmasq-base (the fleet test's etcd and DNS
 # discovery, tests/fleet.rs), then the
 # browser test's Chromium and playwright-core (scripts/setup-browser.sh), and Prometheus for
-# the dashboard and alert test (scripts/setup-prometheus.sh).
+# the dashboard and alert test (scripts/setup-prometheus.sh), and kosoku for the WebSocket
+# conformance test (scripts/setup-ws-conformance.sh).
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
 
@@ -23,5 +24,6 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+"$(dirname "$0")/setup-ws-conformance.sh"
 "$(dirname "$0")/setup-browser.sh"
 "$(dirname "$0")/setup-prometheus.sh"
