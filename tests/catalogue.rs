@@ -196,36 +196,62 @@ async fn malformed_fields_methods_and_versions_are_refused_and_never_forwarded()
 struct RawBackend {
     addr: std::net::SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    /// Every byte the backend received, all connections in order of arrival.
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl RawBackend {
-    async fn start(answer: Vec<u8>, then_hold: bool) -> RawBackend {
+    /// Answers the first request head of each connection with `answer` and closes; with
+    /// `keep_alive`, answers every request head (bodiless requests) and keeps the connection.
+    async fn start(answer: Vec<u8>, keep_alive: bool) -> RawBackend {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let answer = answer.clone();
+                let log = log.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
+                    let mut pending = Vec::new();
+                    let mut chunk = vec![0u8; 65536];
+                    loop {
+                        let n = match stream.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&chunk[..n]),
+                            Ok(n) => n,
+                        };
+                        if let Ok(mut all) = log.lock() {
+                            all.extend_from_slice(&chunk[..n]);
                         }
-                    }
-                    let _ = stream.write_all(&answer).await;
-                    if then_hold {
-                        // Keep the connection until the peer goes away.
-                        while matches!(stream.read(&mut chunk).await, Ok(n) if n > 0) {}
+                        pending.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            if stream.write_all(&answer).await.is_err() {
+                                return;
+                            }
+                            if !keep_alive {
+                                return;
+                            }
+                        }
                     }
                 });
             }
         });
-        RawBackend { addr, task }
+        RawBackend {
+            addr,
+            task,
+            received,
+        }
+    }
+
+    fn received(&self) -> String {
+        self.received
+            .lock()
+            .map(|r| String::from_utf8_lossy(&r).into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -248,19 +274,40 @@ routes:
     timeouts: { read: 3s }
 "#;
 
+/// Tether in front of one raw backend, `server_limits` (YAML flow map or "") applied; returns
+/// once its listener accepts connections.
+async fn start_faulty(
+    backend: std::net::SocketAddr,
+    server_limits: &str,
+) -> (tether_testkit::TetherProcess, std::net::SocketAddr) {
+    let proxy = tether_testkit::free_addr();
+    let admin = tether_testkit::free_addr();
+    let mut config = FAULTY
+        .replace("$PROXY", &proxy.to_string())
+        .replace("$ADMIN", &admin.to_string())
+        .replace("$FAULTY", &backend.to_string());
+    if !server_limits.is_empty() {
+        config = config.replace(
+            "admin: {",
+            &format!("server: {{ limits: {server_limits} }}\nadmin: {{"),
+        );
+    }
+    let tether = tether_testkit::TetherProcess::start(support::tether_binary(), &config, admin)
+        .await
+        .expect("tether");
+    let listening = tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(proxy).await.is_ok()
+    })
+    .await;
+    assert!(listening, "proxy listener never accepted");
+    (tether, proxy)
+}
+
 /// Starts tether in front of one raw backend answering `answer`; returns the client's view of
 /// `GET /x` (all bytes until close).
 async fn through_faulty_backend(answer: &[u8], request: &[u8]) -> Vec<u8> {
     let backend = RawBackend::start(answer.to_vec(), false).await;
-    let proxy = tether_testkit::free_addr();
-    let admin = tether_testkit::free_addr();
-    let config = FAULTY
-        .replace("$PROXY", &proxy.to_string())
-        .replace("$ADMIN", &admin.to_string())
-        .replace("$FAULTY", &backend.addr.to_string());
-    let tether = tether_testkit::TetherProcess::start(support::tether_binary(), &config, admin)
-        .await
-        .expect("tether");
+    let (tether, proxy) = start_faulty(backend.addr, "").await;
     let response = raw_request_within(proxy, request, Duration::from_secs(6))
         .await
         .expect("raw request");
@@ -408,19 +455,7 @@ async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
     let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes();
     answer.resize(answer.len() + SIZE, b'z');
     let backend = RawBackend::start(answer, true).await;
-    let proxy = tether_testkit::free_addr();
-    let admin = tether_testkit::free_addr();
-    let config = FAULTY
-        .replace("$PROXY", &proxy.to_string())
-        .replace("$ADMIN", &admin.to_string())
-        .replace("$FAULTY", &backend.addr.to_string())
-        .replace(
-            "admin: {",
-            "server: { limits: { send_timeout: 2s } }\nadmin: {",
-        );
-    let tether = tether_testkit::TetherProcess::start(support::tether_binary(), &config, admin)
-        .await
-        .expect("tether");
+    let (tether, proxy) = start_faulty(backend.addr, "{ send_timeout: 2s }").await;
     let pid = tether.pid().expect("pid");
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
@@ -458,4 +493,63 @@ async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
         "proxy RSS {rss_kb} kB with one stalled client"
     );
     println!("stalled reader: {received} bytes before the close, proxy RSS {rss_kb} kB");
+}
+
+/// E1 / E2: a backend that answers an upgrade request with 200 (no 101) leaves the client
+/// connection HTTP: later bytes are parsed and forwarded as requests (with Tether's forwarding
+/// headers), never tunnelled raw; bytes pipelined behind the upgrade request are not tunnelled
+/// either.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_tunnel_opens_unless_the_backend_switched_protocols() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = RawBackend::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        true,
+    )
+    .await;
+    let (_tether, proxy) = start_faulty(backend.addr, "").await;
+    let upgrade = "GET /up HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let after = "GET /__after HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
+
+    // E1: the upgrade is answered 200, then the client sends another request.
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    stream.write_all(upgrade.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("a response")
+        .expect("read");
+    assert_eq!(raw_status(&buf[..n]), Some(200));
+    let _ = stream.write_all(after.as_bytes()).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+
+    // E2: request bytes pipelined right behind the upgrade request, before any answer.
+    let e2 = raw_request_within(
+        proxy,
+        format!("{upgrade}{}", after.replace("__after", "__pipelined")).as_bytes(),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .expect("raw request");
+    assert_eq!(raw_status(&e2), Some(200));
+
+    // Whatever reached the backend after the upgrade request came as proxied HTTP requests.
+    let seen = backend.received();
+    for marker in ["__after", "__pipelined"] {
+        for (at, _) in seen.match_indices(marker) {
+            let head_end = seen[at..].find("\r\n\r\n").map_or(seen.len(), |e| at + e);
+            assert!(
+                seen[at..head_end].to_lowercase().contains("x-request-id:"),
+                "{marker} reached the backend raw, not as a proxied request: {}",
+                &seen[at..head_end]
+            );
+        }
+    }
 }
