@@ -553,3 +553,128 @@ async fn no_tunnel_opens_unless_the_backend_switched_protocols() {
         }
     }
 }
+
+const BLACKHOLE: &str = r#"
+listeners: [ { address: $PROXY } ]
+admin: { address: $ADMIN }
+upstreams:
+  docs:
+    backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
+    connect_timeout: 500ms
+routes:
+  - name: docs
+    match: { path_prefix: /docs/ }
+    sticky: { keys: [ { path: "/docs/{key}" } ] }
+    upstream: docs
+    retries: 2
+    timeouts: { read: 1s }
+"#;
+
+/// H2: a backend whose accept queue is full never completes a connect; its keys go to the next
+/// owner after `connect_timeout`. H7: a backend that trickles its body slower than the read
+/// timeout is cut off, and the client sees a truncated response, never a complete-looking one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blackholed_backend_is_skipped_after_the_connect_timeout() {
+    // A listener with a backlog of 0 that never accepts: once its queue holds one connection,
+    // further SYNs are dropped and connects hang.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let blackhole = socket.listen(0).expect("listen");
+    let hole = blackhole.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    while fillers.len() < 8 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(hole),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break, // the queue is full: connects now hang
+        }
+    }
+    let b1 = tether_testkit::TestBackend::start("b1").await;
+    let b2 = tether_testkit::TestBackend::start("b2").await;
+    let proxy = tether_testkit::free_addr();
+    let admin = tether_testkit::free_addr();
+    let config = support::fill(BLACKHOLE, proxy, admin, &[hole, b1.addr(), b2.addr()], &[]);
+    let _tether = tether_testkit::TetherProcess::start(support::tether_binary(), &config, admin)
+        .await
+        .expect("tether");
+    assert!(
+        tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(proxy).await.is_ok()
+        })
+        .await
+    );
+    let mut slowest = Duration::ZERO;
+    for i in 0..30 {
+        let started = std::time::Instant::now();
+        let r = tether_testkit::http_get(&format!("http://{proxy}/docs/k{i}/x"), &[])
+            .await
+            .expect("GET");
+        assert_eq!(r.status, 200, "k{i}: {}", r.text());
+        slowest = slowest.max(started.elapsed());
+    }
+    // Keys owned by the blackhole cost one connect timeout (500 ms), never more.
+    println!(
+        "slowest of 30 requests: {slowest:?} ({} queued connects filled the backlog)",
+        fillers.len()
+    );
+    assert!(
+        slowest >= Duration::from_millis(450),
+        "no request met the blackhole ({slowest:?}): the test did not test anything"
+    );
+    assert!(
+        slowest < Duration::from_secs(3),
+        "slowest request {slowest:?}"
+    );
+    drop(fillers);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trickling_backend_body_is_cut_at_the_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let backend = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
+                    .await;
+                // Then one byte every 5 s: slower than the route's 3 s read timeout.
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    if stream.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (_tether, proxy) = start_faulty(addr, "").await;
+    let started = std::time::Instant::now();
+    let response = raw_request_within(
+        proxy,
+        b"GET /trickle HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("raw request");
+    let text = String::from_utf8_lossy(&response);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert!(body.len() < 100, "a truncated body was completed: {text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "cut after {:?}, read timeout 3s",
+        started.elapsed()
+    );
+    backend.abort();
+}
