@@ -63,10 +63,15 @@ impl TetherProxy {
 
 async fn respond_local(session: &mut Session, status: u16, reason: &str) -> Result<()> {
     let body = Bytes::from(format!("{status} {reason}\n"));
-    if status == 426 {
-        // RFC 6455 4.4: say which WebSocket version we speak.
-        let mut header = ResponseHeader::build(426, Some(3))?;
-        header.insert_header("Sec-WebSocket-Version", "13")?;
+    if status == 426 || status == 503 {
+        let mut header = ResponseHeader::build(status, Some(3))?;
+        if status == 426 {
+            // RFC 6455 4.4: say which WebSocket version we speak.
+            header.insert_header("Sec-WebSocket-Version", "13")?;
+        } else {
+            // No backend up (or a stream ended by convergence): come back shortly.
+            header.insert_header(http::header::RETRY_AFTER, "1")?;
+        }
         header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         header.insert_header(http::header::CONNECTION, "close")?;
         session.set_keepalive(None);
