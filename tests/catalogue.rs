@@ -678,3 +678,30 @@ async fn a_trickling_backend_body_is_cut_at_the_read_timeout() {
     );
     backend.abort();
 }
+
+/// A12: bytes a backend sends past its Content-Length (here a whole forged response) never
+/// become another request's response: the upstream connection is not reused with them.
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_past_a_responses_content_length_never_answer_another_request() {
+    let backend = RawBackend::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+            .to_vec(),
+        true,
+    )
+    .await;
+    let (_tether, proxy) = start_faulty(backend.addr, "").await;
+    for i in 0..10 {
+        let response = raw_request_within(
+            proxy,
+            format!("GET /a{i} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("raw request");
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            !text.contains("EVIL"),
+            "request {i} got the forged response: {text}"
+        );
+    }
+}
