@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HOST;
 use http::HeaderValue;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
@@ -154,6 +155,10 @@ impl TetherProxy {
 #[async_trait]
 impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
+
+    /// No downstream modules. Pingora's default registers a response compression module that
+    /// is disabled yet still runs on every request; Tether does not compress.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
