@@ -17,6 +17,7 @@ use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::Peer;
 use pingora::{ErrorSource, ErrorType};
+use smallvec::SmallVec;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,8 +30,9 @@ pub struct RequestCtx {
     /// The routing state this request started on; it finishes on it even across a reload.
     installed: Option<Arc<Installed>>,
     decision: Option<Decision>,
-    /// Backend indices tried so far (the last one is the current).
-    tried: Vec<usize>,
+    /// Backend indices tried so far (the last one is the current). Inline: most requests
+    /// try one backend, and this spares an allocation per request.
+    tried: SmallVec<[usize; 4]>,
     kind: ExchangeKind,
     request_id: Option<HeaderValue>,
     client_ip: Option<IpAddr>,
@@ -164,7 +166,7 @@ impl ProxyHttp for TetherProxy {
         RequestCtx {
             installed: None,
             decision: None,
-            tried: Vec::new(),
+            tried: SmallVec::new(),
             kind: ExchangeKind::Plain,
             request_id: None,
             client_ip: None,
@@ -556,7 +558,8 @@ impl ProxyHttp for TetherProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
-            upstream_response.insert_header(X_REQUEST_ID, id.clone())?;
+            // A titled static name: Pingora would title-case a HeaderName into a new buffer.
+            upstream_response.insert_header("X-Request-Id", id.clone())?;
         }
         Ok(())
     }
