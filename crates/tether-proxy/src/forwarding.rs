@@ -193,7 +193,8 @@ mod tests {
     #[test]
     fn hex_is_padded_to_the_minimum_and_grows_past_it() {
         let mut buf = [0u8; 33];
-        assert_eq!(&buf[..push_hex(&mut buf, 0, 0x2a, 8)], b"0000002a");
+        let end = push_hex(&mut buf, 0, 0x2a, 8);
+        assert_eq!(&buf[..end], b"0000002a");
         let end = push_hex(&mut buf, 0, 0x1_2345_6789, 8);
         assert_eq!(&buf[..end], b"123456789");
         let end = push_hex(&mut buf, 0, u64::MAX, 16);
