@@ -285,7 +285,9 @@ do_verify() {
     local n; n=$(curl -s -N --max-time 1 -H 'X-Doc-Id: doc-1' "http://127.0.0.1:$port/sse/x" | grep -c '^event: tick')
     if [ "$n" -ge 3 ]; then log "ok   $name: SSE $n events streamed within 1 s"; else log "FAIL $name: SSE only $n events within 1 s (buffered?)"; fail=1; fi
     if [ "${ADMIN_OF[$name]:--}" != - ]; then
-      if curl -s --max-time 2 "http://127.0.0.1:${ADMIN_OF[$name]}/metrics" | grep -q '^tether_http_requests_total'; then log "ok   $name: metrics served"
+      # Read the page first: with pipefail, `curl | grep -q` fails when grep exits before curl.
+      local page; page=$(curl -s --max-time 2 "http://127.0.0.1:${ADMIN_OF[$name]}/metrics")
+      if grep -q '^tether_http_requests_total' <<<"$page"; then log "ok   $name: metrics served"
       else log "FAIL $name: no tether_http_requests_total on /metrics"; fail=1; fi
     fi
     unset where
