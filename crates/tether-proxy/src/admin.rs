@@ -204,7 +204,7 @@ impl AdminApp {
                 StatusCode::OK,
                 &json!({
                     "route": router.routes()[d.route].name,
-                    "key": d.key,
+                    "key": d.key.as_deref(),
                     "key_source": d.key_source.as_str(),
                     "upstream": router.upstreams()[d.upstream].name,
                     "backend": d.address.to_string(),

@@ -23,6 +23,7 @@ pub mod streams;
 pub mod tls;
 pub mod validity;
 
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -98,6 +99,14 @@ fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
     Ok(Some(token.to_string()))
 }
 
+/// A plaintext listener without Pingora's 64 KiB downstream L4 read buffer. Pingora's HTTP/1
+/// code reads into its own header and body buffers; the L4 buffer in front of them adds a copy
+/// per read, and it stays allocated for the connection's life, which for an idle WebSocket is
+/// the largest single part of its memory.
+fn plain_listener(address: &str) -> ListenerConfig {
+    ListenerConfig::tcp(address).l4_buffer(L4BufferSettings::default().read(0))
+}
+
 /// Builds the Pingora server with every Tether service, ready to `run_forever`.
 pub fn build_server(config: Config, options: RunOptions) -> Result<Server, StartError> {
     let token = admin_token(&config)?;
@@ -143,7 +152,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
         let address = listener.address.to_string();
         match tls.settings(listener.address) {
             Some(settings) => proxy.add_tls_with_settings(&address, None, settings),
-            None => proxy.add_tcp(&address),
+            None => proxy.add_listener(plain_listener(&address)),
         }
     }
 

@@ -10,11 +10,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HOST;
 use http::HeaderValue;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::Peer;
 use pingora::{ErrorSource, ErrorType};
+use smallvec::SmallVec;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,8 +29,9 @@ pub struct RequestCtx {
     /// The routing state this request started on; it finishes on it even across a reload.
     installed: Option<Arc<Installed>>,
     decision: Option<Decision>,
-    /// Backend indices tried so far (the last one is the current).
-    tried: Vec<usize>,
+    /// Backend indices tried so far (the last one is the current). Inline: most requests
+    /// try one backend, and this spares an allocation per request.
+    tried: SmallVec<[usize; 4]>,
     kind: ExchangeKind,
     request_id: Option<HeaderValue>,
     client_ip: Option<IpAddr>,
@@ -169,13 +172,17 @@ impl TetherProxy {
 impl ProxyHttp for TetherProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules. Pingora's default registers a response compression module that
+    /// is disabled yet still runs on every request; Tether does not compress.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         // Pingora makes the context right after reading a request header: stop its deadline.
         crate::downstream::mark_header_read();
         RequestCtx {
             installed: None,
             decision: None,
-            tried: Vec::new(),
+            tried: SmallVec::new(),
             kind: ExchangeKind::Plain,
             request_id: None,
             client_ip: None,
@@ -588,7 +595,8 @@ impl ProxyHttp for TetherProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
-            upstream_response.insert_header(X_REQUEST_ID, id.clone())?;
+            // A titled static name: Pingora would title-case a HeaderName into a new buffer.
+            upstream_response.insert_header("X-Request-Id", id.clone())?;
         }
         Ok(())
     }

@@ -24,10 +24,7 @@ use http::HeaderName;
 use tether_config::{KeySource, OnMissing, Sticky};
 
 use crate::percent;
-use crate::{KeySourceKind, RequestView};
-
-/// Keys longer than this many bytes are bad keys (400).
-pub(crate) const MAX_KEY_LEN: usize = 256;
+use crate::{Key, KeySourceKind, RequestView, MAX_KEY_LEN};
 
 /// A key source that is present in the request.
 enum Found<'a> {
@@ -41,11 +38,27 @@ enum Found<'a> {
 fn judge(value: Cow<'_, str>) -> Option<Found<'_>> {
     if value.is_empty() {
         None
-    } else if value.len() > MAX_KEY_LEN || value.chars().any(char::is_control) {
+    } else if value.len() > MAX_KEY_LEN || has_control(&value) {
         Some(Found::Bad)
     } else {
         Some(Found::Key(value))
     }
+}
+
+/// True if `bytes` holds a tab. Branch-free, so it vectorises: keys are short, and `memchr`'s
+/// setup costs more than the scan.
+fn has_tab(bytes: &[u8]) -> bool {
+    bytes.iter().fold(false, |tab, &b| tab | (b == b'\t'))
+}
+
+/// True if printable ASCII, the common case, checked a byte at a time.
+fn is_printable_ascii(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| (0x20..0x7f).contains(&b))
+}
+
+/// `char::is_control` over `text`, without decoding characters when it is printable ASCII.
+fn has_control(text: &str) -> bool {
+    !is_printable_ascii(text.as_bytes()) && text.chars().any(char::is_control)
 }
 
 /// A present source holding a bad key.
@@ -94,7 +107,7 @@ impl StickyPolicy {
         &self,
         req: &RequestView<'_>,
         normalized_path: &str,
-    ) -> Result<Option<(String, KeySourceKind)>, BadKey> {
+    ) -> Result<Option<(Key, KeySourceKind)>, BadKey> {
         for source in &self.keys {
             let (found, kind) = match source {
                 Source::Header(name) => match name {
@@ -111,7 +124,7 @@ impl StickyPolicy {
             match found {
                 None => continue,
                 Some(Found::Bad) => return Err(BadKey),
-                Some(Found::Key(key)) => return Ok(Some((key.into_owned(), kind))),
+                Some(Found::Key(key)) => return Ok(Some((Key::new(&key), kind))),
             }
         }
         Ok(None)
@@ -123,6 +136,17 @@ fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<Found<'a>> {
     let value = values.next()?;
     if values.any(|other| other != value) {
         return Some(Found::Bad);
+    }
+    // The common case in one pass: `to_str` accepts only visible ASCII, space and tab, so the
+    // text is UTF-8 and tab is its only possible control character.
+    if let Ok(text) = value.to_str() {
+        return if text.is_empty() {
+            None
+        } else if text.len() > MAX_KEY_LEN || has_tab(text.as_bytes()) {
+            Some(Found::Bad)
+        } else {
+            Some(Found::Key(Cow::Borrowed(text)))
+        };
     }
     match std::str::from_utf8(value.as_bytes()) {
         Ok(text) => judge(Cow::Borrowed(text)),
@@ -230,8 +254,8 @@ mod tests {
         map
     }
 
-    fn key(kind: KeySourceKind, key: &str) -> Result<Option<(String, KeySourceKind)>, BadKey> {
-        Ok(Some((key.to_owned(), kind)))
+    fn key(kind: KeySourceKind, key: &str) -> Result<Option<(Key, KeySourceKind)>, BadKey> {
+        Ok(Some((Key::new(key), kind)))
     }
 
     #[test]

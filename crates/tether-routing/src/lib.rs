@@ -71,7 +71,7 @@
 //!     client_ip: None,
 //! };
 //! let decision = router.decide(&request).unwrap();
-//! assert_eq!(decision.normalized_path, "/docs/42/ws");
+//! assert_eq!(decision.path(request.path), "/docs/42/ws");
 //! assert_eq!(decision.key.as_deref(), Some("42"));
 //! assert_eq!(decision.key_source, KeySourceKind::Path);
 //! // The same owner nginx `hash $key consistent` would pick:
@@ -89,6 +89,7 @@ pub use tether_config::{Balance, Config, OnMissing};
 mod balance;
 pub mod change;
 pub mod described;
+mod key;
 mod keys;
 pub mod normalize;
 mod percent;
@@ -98,6 +99,7 @@ pub mod share;
 mod table;
 mod upstream;
 
+pub use key::Key;
 pub use router::Router;
 pub use upstream::{BackendState, UpstreamState};
 
@@ -152,13 +154,16 @@ impl KeySourceKind {
     }
 }
 
+/// Keys longer than this many bytes are bad keys (400).
+pub const MAX_KEY_LEN: usize = 256;
+
 /// The outcome of routing one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// Index into `Router::routes()`.
     pub route: usize,
     /// The sticky key, if any (None for non-sticky routes and `random`).
-    pub key: Option<String>,
+    pub key: Option<Key>,
     /// Where the key came from.
     pub key_source: KeySourceKind,
     /// Index into `Router::upstreams()`.
@@ -167,8 +172,17 @@ pub struct Decision {
     pub backend: usize,
     /// The chosen backend's address (same as `upstreams()[upstream].backends[backend].address`).
     pub address: SocketAddr,
-    /// The normalised path the route matched on.
-    pub normalized_path: String,
+    /// The normalised path the route matched on, when normalising changed the request's path;
+    /// `None` when the request's path was already normal (nearly always), which spares a copy
+    /// per request. [`Decision::path`] gives the path either way.
+    pub normalized_path: Option<String>,
+}
+
+impl Decision {
+    /// The normalised path the route matched on, given the request's raw `path`.
+    pub fn path<'a>(&'a self, raw_path: &'a str) -> &'a str {
+        self.normalized_path.as_deref().unwrap_or(raw_path)
+    }
 }
 
 /// Why a request cannot be routed; each maps to an HTTP status.

@@ -26,6 +26,8 @@
 //! assert!(normalize_path("/docs/../../etc").is_err());
 //! ```
 
+use std::borrow::Cow;
+
 use crate::percent::{escape_at, is_unreserved};
 use crate::Reject;
 
@@ -33,6 +35,48 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Normalises a raw request path (no query) by the rules in the [module docs](self).
 pub fn normalize_path(raw: &str) -> Result<String, Reject> {
+    normalize_path_cow(raw).map(Cow::into_owned)
+}
+
+/// [`normalize_path`] without a copy when `raw` is already normal, as nearly every real
+/// request path is: then it is returned borrowed.
+pub fn normalize_path_cow(raw: &str) -> Result<Cow<'_, str>, Reject> {
+    if is_normal(raw) {
+        return Ok(Cow::Borrowed(raw));
+    }
+    normalize_owned(raw).map(Cow::Owned)
+}
+
+/// True if the rules leave `raw` unchanged: it starts with `/` and has no `%` or `\\` (rules 2
+/// and 5), no empty segment but a trailing one (rule 3) and no dot segment (rule 4).
+///
+/// This runs on every request. Paths are short, so one branch-free pass over byte pairs (which
+/// the compiler vectorises) beats `memchr`-based searching; only a path with a `/.` pair gets
+/// the closer look for dot segments.
+fn is_normal(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return false;
+    }
+    let mut bad = false;
+    let mut slash_dot = false;
+    for (&prev, &b) in bytes.iter().zip(&bytes[1..]) {
+        bad |= (b == b'%') | (b == b'\\') | ((prev == b'/') & (b == b'/'));
+        slash_dot |= (prev == b'/') & (b == b'.');
+    }
+    if bad {
+        return false;
+    }
+    if !slash_dot {
+        return true;
+    }
+    // No empty segment is left but a trailing one; the last may be empty but not a dot segment.
+    let mut segments = bytes[1..].split(|&b| b == b'/');
+    !matches!(segments.next_back(), Some(b"." | b".."))
+        && segments.all(|segment| !matches!(segment, b"." | b".."))
+}
+
+fn normalize_owned(raw: &str) -> Result<String, Reject> {
     if raw.is_empty() {
         return Ok("/".to_owned());
     }
@@ -237,6 +281,46 @@ mod tests {
     fn relative_paths_are_bad_paths() {
         assert!(matches!(normalize_path("docs/a"), Err(Reject::BadPath(_))));
         assert!(matches!(normalize_path("*"), Err(Reject::BadPath(_))));
+    }
+
+    #[test]
+    fn the_borrowed_fast_path_agrees_with_the_full_rules() {
+        for raw in [
+            "",
+            "/",
+            "//",
+            "/a",
+            "/a/",
+            "/a//",
+            "/a/b/c",
+            "/a/./b",
+            "/a/../b",
+            "/.",
+            "/..",
+            "/a/.",
+            "/a/..",
+            "/.a/..b/a.",
+            "/a%20b",
+            "/a\\b",
+            "/docs/café",
+            "a/b",
+            "/a/b/",
+            "/a//b",
+        ] {
+            let fast = normalize_path_cow(raw);
+            assert_eq!(
+                fast.as_ref().map(|c| c.as_ref()),
+                normalize_owned(raw).as_deref(),
+                "{raw}"
+            );
+            if let Ok(Cow::Borrowed(b)) = fast {
+                assert_eq!(b, raw, "borrowed only when unchanged");
+            }
+        }
+        assert!(matches!(
+            normalize_path_cow("/docs/42/ws"),
+            Ok(Cow::Borrowed(_))
+        ));
     }
 
     #[test]

@@ -25,9 +25,19 @@ pub(crate) struct Ring {
     continuum: Continuum,
     /// `(address, backend index)` sorted by address, to map ring points back to backends.
     index: Box<[(SocketAddr, usize)]>,
+    /// The fast way back from a ring point to its backend. `Continuum` hands out references
+    /// into its own (private, immutable, heap-allocated) address table; a reference's offset
+    /// from the lowest one seen indexes this table. Built once from every point, so a lookup
+    /// is a subtraction instead of a binary search with `SocketAddr` comparisons (which was
+    /// about a quarter of `decide` at 1,000 backends). `NOT_SEEN` falls back to `index`.
+    by_slot: Box<[u32]>,
+    /// Address of the lowest `SocketAddr` reference the continuum returned.
+    slot_base: usize,
     /// Upper bound on the number of points (the walk never needs more steps than this).
     points: usize,
 }
+
+const NOT_SEEN: u32 = u32::MAX;
 
 impl Ring {
     /// Builds the ring for `backends` in config order.
@@ -46,15 +56,63 @@ impl Ring {
             .iter()
             .map(|b| ring_weight(b) as usize * DEFAULT_POINT_MULTIPLE as usize)
             .sum();
-        Ring {
+        let mut ring = Ring {
             continuum: Continuum::new(&buckets),
             index: index.into_boxed_slice(),
+            by_slot: Box::new([]),
+            slot_base: 0,
             points,
+        };
+        ring.build_slots();
+        ring
+    }
+
+    /// Fills `by_slot` from every point of the continuum (see the field's comment).
+    fn build_slots(&mut self) {
+        // (reference address, backend) of every point; `get_addr` advances `at` and wraps
+        // around to 0 after the last point, so one lap visits each point once.
+        let mut seen: Vec<(usize, usize)> = Vec::new();
+        let mut at = 0;
+        for _ in 0..self.points {
+            let Some(address) = self.continuum.get_addr(&mut at) else {
+                break;
+            };
+            if let Some(backend) = self.backend_by_search(address) {
+                seen.push((address as *const SocketAddr as usize, backend));
+            }
+            if at == 0 {
+                break;
+            }
+        }
+        let Some(base) = seen.iter().map(|&(p, _)| p).min() else {
+            return;
+        };
+        let size = std::mem::size_of::<SocketAddr>();
+        let slots = seen
+            .iter()
+            .map(|&(p, _)| (p - base) / size)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let mut by_slot = vec![NOT_SEEN; slots];
+        for (p, backend) in seen {
+            by_slot[(p - base) / size] = backend as u32;
+        }
+        self.by_slot = by_slot.into_boxed_slice();
+        self.slot_base = base;
+    }
+
+    /// The index of the backend of `address`, a reference the continuum returned.
+    fn backend_of(&self, address: &SocketAddr) -> Option<usize> {
+        let offset = (address as *const SocketAddr as usize).wrapping_sub(self.slot_base);
+        match self.by_slot.get(offset / std::mem::size_of::<SocketAddr>()) {
+            Some(&backend) if backend != NOT_SEEN => Some(backend as usize),
+            _ => self.backend_by_search(address),
         }
     }
 
-    /// The index of the backend with `address`.
-    fn backend_of(&self, address: &SocketAddr) -> Option<usize> {
+    /// The index of the backend with `address`, by value.
+    fn backend_by_search(&self, address: &SocketAddr) -> Option<usize> {
         self.index
             .binary_search_by(|(a, _)| a.cmp(address))
             .ok()

@@ -2,10 +2,13 @@
 
 use tether_config::{Config, OnMissing, Route};
 
-use crate::normalize::normalize_path;
+use std::borrow::Cow;
+use std::fmt::Write;
+
+use crate::normalize::normalize_path_cow;
 use crate::table::Table;
 use crate::upstream::UpstreamState;
-use crate::{balance, Decision, KeySourceKind, Reject, RequestView};
+use crate::{balance, Decision, Key, KeySourceKind, Reject, RequestView};
 
 /// The immutable routing table built from a `Config`.
 #[derive(Debug)]
@@ -52,7 +55,7 @@ impl Router {
     /// ring whatever the upstream's balance; `random` picks a random up backend; non-sticky
     /// routes use the upstream's balance.
     pub fn decide(&self, req: &RequestView<'_>) -> Result<Decision, Reject> {
-        let normalized_path = normalize_path(req.path)?;
+        let normalized_path = normalize_path_cow(req.path)?;
         let (route, compiled, upstream_index) = self
             .table
             .find(req, &normalized_path)
@@ -75,7 +78,10 @@ impl Router {
                 None => match (sticky.on_missing, req.client_ip) {
                     (OnMissing::Reject, _) => return Err(Reject::MissingKey { route }),
                     (OnMissing::ClientIp, Some(ip)) => {
-                        let key = ip.to_string();
+                        // Formatted on the stack: an address is at most 45 characters.
+                        let mut text = arrayvec::ArrayString::<64>::new();
+                        let _ = write!(text, "{ip}");
+                        let key = Key::new(&text);
                         let backend =
                             upstream
                                 .ring
@@ -101,7 +107,10 @@ impl Router {
             upstream: upstream_index,
             backend,
             address: upstream.backends[backend].address,
-            normalized_path,
+            normalized_path: match normalized_path {
+                Cow::Borrowed(_) => None,
+                Cow::Owned(path) => Some(path),
+            },
         })
     }
 

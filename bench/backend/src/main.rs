@@ -1,0 +1,213 @@
+//! Minimal benchmark backend for bench/run.sh (started from the shared kit's backend).
+//!
+//! Usage: bench-backend <port> <name> [worker_threads]
+//!
+//! * `GET /ws/...` with `Upgrade: websocket` -> WebSocket echo server.
+//! * `GET /sse/...` -> text/event-stream: a few events, then the stream stays
+//!   open (a comment line every 15 s) until the client goes away.
+//! * anything else -> small 200 response.
+//!
+//! Every HTTP response carries `x-backend: <name>` and echoes `x-doc-id`.
+//! Listens on 127.0.0.1 only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, UPGRADE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+struct Ctx {
+    name: HeaderValue,
+    body: Bytes,
+}
+
+const SSE_EVENTS: usize = 3;
+
+fn ws_config() -> WebSocketConfig {
+    // Small eager read buffer: keeps per-connection memory low so that the
+    // backends stay cheap when tens of thousands of idle sockets are held.
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).boxed()
+}
+
+fn is_ws_upgrade(req: &Request<Incoming>) -> bool {
+    let upgrade = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.eq_ignore_ascii_case("websocket"))
+        .unwrap_or(false);
+    let conn = req
+        .headers()
+        .get(CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        .unwrap_or(false);
+    upgrade && conn
+}
+
+async fn handle(
+    ctx: &'static Ctx,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let doc_id = req.headers().get("x-doc-id").cloned();
+
+    if path.starts_with("/ws/") && is_ws_upgrade(&req) {
+        let key = match req.headers().get("sec-websocket-key") {
+            Some(k) => derive_accept_key(k.as_bytes()),
+            None => {
+                let mut r = Response::new(full(Bytes::from_static(b"missing key\n")));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return Ok(r);
+            }
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(_) => return,
+            };
+            let mut ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(ws_config()),
+            )
+            .await;
+            while let Some(msg) = ws.next().await {
+                match msg {
+                    Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
+                        if ws.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Message::Close(_)) | Err(_) => break,
+                    Ok(_) => {} // ping/pong: tungstenite answers pings itself
+                }
+            }
+        });
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert("sec-websocket-accept", HeaderValue::from_str(&key).unwrap());
+        h.insert("x-backend", ctx.name.clone());
+        if let Some(d) = doc_id {
+            h.insert("x-doc-id", d);
+        }
+        return Ok(r);
+    }
+
+    if path.starts_with("/sse/") {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(4);
+        let name = ctx.name.to_str().unwrap_or("?").to_owned();
+        tokio::spawn(async move {
+            for i in 0..SSE_EVENTS {
+                let ev = format!("id: {i}\nevent: tick\ndata: {{\"backend\":\"{name}\",\"n\":{i}}}\n\n");
+                if tx.send(Frame::data(Bytes::from(ev))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Stay open; a heartbeat comment lets us notice a departed client.
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                if tx.send(Frame::data(Bytes::from_static(b": hb\n\n"))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|f| (Ok::<_, Infallible>(f), rx))
+        });
+        let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        let h = r.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert("cache-control", HeaderValue::from_static("no-cache"));
+        h.insert("x-backend", ctx.name.clone());
+        if let Some(d) = doc_id {
+            h.insert("x-doc-id", d);
+        }
+        return Ok(r);
+    }
+
+    // Default: small, constant 200 response.
+    let mut r = Response::new(full(ctx.body.clone()));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(ctx.body.len()));
+    h.insert("x-backend", ctx.name.clone());
+    if let Some(d) = doc_id {
+        h.insert("x-doc-id", d);
+    }
+    Ok(r)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: {} <port> <name> [worker_threads]", args[0]);
+        std::process::exit(2);
+    }
+    let port: u16 = args[1].parse().expect("port");
+    let name = args[2].clone();
+    let threads: usize = args.get(3).map(|s| s.parse().expect("threads")).unwrap_or(1);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let ctx: &'static Ctx = Box::leak(Box::new(Ctx {
+        name: HeaderValue::from_str(&name).expect("name must be a valid header value"),
+        body: Bytes::from(format!("ok {name}\n")),
+    }));
+
+    rt.block_on(async move {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        eprintln!("backend {name} listening on {addr} ({threads} worker threads)");
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // e.g. EMFILE: back off briefly instead of spinning.
+                    eprintln!("accept error: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(ctx, req));
+                let _ = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+}

@@ -1,0 +1,384 @@
+#!/usr/bin/env bash
+# bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
+#
+#   bench/run.sh [verify|http|ws|wsrate|idle|all]      (default: all)
+#
+# Builds Tether (release) and the two bench tools, renders the peer configs, starts
+# 3 backends + nginx + HAProxy + Tether, runs the measurement in rounds that alternate
+# the targets, tears everything down by PID, and writes bench/results/<stamp>/ with
+# the raw outputs and summary.md. Installs nothing: bench/setup.sh does that.
+#
+# All traffic goes to 127.0.0.1. Every load run is bounded by its own duration and
+# by `timeout`. Only processes started by this script are signalled, by PID.
+#
+# Knobs (environment):
+#   PIN=1            1: proxies on CPU $PROXY_CPUS (0); backends + load tools on $LOAD_CPUS (1)
+#   WORKERS=1        worker processes / threads of every proxy
+#   TARGETS="direct nginx haproxy tether"      (any subset/order; tether variants are appended)
+#   TETHER_BIN=...   use this binary instead of building ($CARGO_TARGET_DIR/release/tether)
+#   TETHER_VARIANTS="name=/path/to/bin ..."   extra Tether binaries measured in the same rotation
+#   BUILD=1          0: do not run cargo (binaries must exist)
+#   REPEATS=3 HTTP_SECS=10 HTTP_CONNS=64 WARMUP_SECS=2 DOC_IDS=1000
+#   WS_REPEATS=$REPEATS WS_CONNS=1000 WS_SECS=8 WS_SIZE=64 WS_FIXED_RATE=20000
+#   IDLE_CONNS=(what fits in the fd limit; 9000 at 20000) IDLE_HOLD=6
+#   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 RETRIES=2 EXTRA_SECS=240   (foreign-load guard)
+#   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
+
+set -uo pipefail
+BENCH=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$BENCH/.." && pwd)
+cd "$BENCH" || exit 1
+
+MEASURE=${1:-all}
+PIN=${PIN:-1}
+WORKERS=${WORKERS:-1}
+REPEATS=${REPEATS:-3}
+HTTP_SECS=${HTTP_SECS:-10}
+HTTP_CONNS=${HTTP_CONNS:-64}
+WARMUP_SECS=${WARMUP_SECS:-2}
+DOC_IDS=${DOC_IDS:-1000}
+WS_REPEATS=${WS_REPEATS:-$REPEATS}
+WS_CONNS=${WS_CONNS:-1000}
+WS_SECS=${WS_SECS:-8}
+WS_SIZE=${WS_SIZE:-64}
+WS_FIXED_RATE=${WS_FIXED_RATE:-20000}
+IDLE_HOLD=${IDLE_HOLD:-6}
+TARGETS=${TARGETS:-"direct nginx haproxy tether"}
+TETHER_VARIANTS=${TETHER_VARIANTS:-}
+BUILD=${BUILD:-1}
+QUIET_MAX=${QUIET_MAX:-15}
+QUIET_WAIT=${QUIET_WAIT:-30}
+MAX_FOREIGN=${MAX_FOREIGN:-8}
+RETRIES=${RETRIES:-2}
+EXTRA_SECS=${EXTRA_SECS:-240}
+EXTRA_USED=0
+LAYOUT=$([ "$PIN" = 1 ] && echo pinned || echo unpinned)
+OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
+
+case "$MEASURE" in verify|http|ws|wsrate|idle|all) ;; *) echo "usage: $0 [verify|http|ws|wsrate|idle|all]" >&2; exit 2;; esac
+
+# ------------------------------------------------------------------ prerequisites
+missing=()
+for tool in haproxy nginx wrk curl taskset python3 cargo; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "missing: ${missing[*]}. Run bench/setup.sh (apt-get installs haproxy nginx wrk) first." >&2
+  exit 1
+fi
+
+BACKEND_BIN=$BENCH/backend/target/release/bench-backend
+WSLOAD_BIN=$BENCH/wsload/target/release/wsload
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+TETHER_BIN_GIVEN=${TETHER_BIN:+1}
+TETHER_BIN=${TETHER_BIN:-$TARGET_DIR/release/tether}
+if [ "$BUILD" = 1 ]; then
+  # The tools keep their own target dirs (they are not workspace members).
+  (cd "$BENCH/backend" && CARGO_TARGET_DIR=target cargo build --release --locked -q) || exit 1
+  (cd "$BENCH/wsload" && CARGO_TARGET_DIR=target cargo build --release --locked -q) || exit 1
+  if [ -z "${TETHER_BIN_GIVEN:-}" ]; then (cd "$REPO" && cargo build --release --locked -q --bin tether) || exit 1; fi
+fi
+for b in "$BACKEND_BIN" "$WSLOAD_BIN" "$TETHER_BIN"; do
+  [ -x "$b" ] || { echo "missing $b (BUILD=0?)" >&2; exit 1; }
+done
+
+# ------------------------------------------------------------------ limits, layout
+# The fd hard limit (20000 here, not raisable without CAP_SYS_RESOURCE): a proxy holds 2 fds
+# per proxied connection, and nginx needs 1/16 of its worker_connections free.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+MAXCONN=$(( (NOFILE - 200) / 2 ))
+DEFAULT_IDLE=$(( (NOFILE * 15 / 16 - 500) / 2 / 1000 * 1000 )); [ "$DEFAULT_IDLE" -gt 10000 ] && DEFAULT_IDLE=10000
+IDLE_CONNS=${IDLE_CONNS:-$DEFAULT_IDLE}
+
+if [ "$PIN" = 1 ]; then PROXY_CPUS=${PROXY_CPUS:-0}; LOAD_CPUS=${LOAD_CPUS:-1}
+else PROXY_CPUS=${PROXY_CPUS:-}; LOAD_CPUS=${LOAD_CPUS:-}; fi
+count_cpus() { # "0-2,5" -> 4 ; "" -> nproc
+  [ -z "$1" ] && { nproc; return; }
+  local n=0 part a b; IFS=, read -ra parts <<<"$1"
+  for part in "${parts[@]}"; do
+    if [[ $part == *-* ]]; then a=${part%-*}; b=${part#*-}; n=$((n + b - a + 1)); else n=$((n + 1)); fi
+  done; echo "$n"
+}
+LOAD_THREADS=${LOAD_THREADS:-$(count_cpus "$LOAD_CPUS")}
+LOADPIN=(); [ -n "$LOAD_CPUS" ] && LOADPIN=(taskset -c "$LOAD_CPUS")
+BACKEND_THREADS=${BACKEND_THREADS:-$LOAD_THREADS}
+BACKEND_PORTS=(18101 18102 18103)
+B1=127.0.0.1:18101 B2=127.0.0.1:18102 B3=127.0.0.1:18103
+
+# ------------------------------------------------------------------ proxy registry
+# "name port admin_port command". Tether gets its own admin port (metrics on).
+PROXIES=(
+  "nginx 18001 - nginx -p $RUN -c $RUN/nginx.conf -e $RUN/nginx-error.log"
+  "haproxy 18002 - haproxy -db -f $RUN/haproxy.cfg"
+)
+tether_cmd() { # tether_cmd NAME BIN: raise the soft fd limit in Tether's own process too
+  echo "env MIMALLOC_ALLOW_THP=0 $2 run -c $RUN/$1.yaml"
+}
+PROXIES+=("tether 18004 18904 $(tether_cmd tether "$TETHER_BIN")")
+vport=18005
+for v in $TETHER_VARIANTS; do
+  PROXIES+=("${v%%=*} $vport $((vport + 900)) $(tether_cmd "${v%%=*}" "${v#*=}")")
+  TARGETS="$TARGETS ${v%%=*}"; vport=$((vport + 1))
+done
+
+declare -A PORT_OF CMD_OF ADMIN_OF PID_OF
+for entry in "${PROXIES[@]}"; do
+  read -r n p a c <<<"$entry"; PORT_OF[$n]=$p; ADMIN_OF[$n]=$a; CMD_OF[$n]=$c
+done
+PORT_OF[direct]=${BACKEND_PORTS[0]}
+
+PIDS=()
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" | tee -a "$OUT/driver.log" >&2; }
+
+start_bg() { # start_bg NAME CPUS cmd...   (the recorded PID is the command itself)
+  local name=$1 cpus=$2; shift 2
+  if [ -n "$cpus" ]; then taskset -c "$cpus" "$@" >"$RUN/$name.log" 2>&1 &
+  else "$@" >"$RUN/$name.log" 2>&1 &
+  fi
+  local pid=$!
+  PIDS+=("$pid"); PID_OF[$name]=$pid; echo "$pid" >"$RUN/$name.pid"
+}
+
+tree_pids() { # PID and all of its descendants
+  local p=$1 c; echo "$p"
+  for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree_pids "$c"; done
+}
+
+cpu_ticks() { # user+system clock ticks of a process tree
+  local t=0 p s f
+  for p in $(tree_pids "$1"); do
+    s=$(cat /proc/"$p"/stat 2>/dev/null) || continue
+    s=${s##*) }; read -ra f <<<"$s"; t=$((t + f[11] + f[12]))
+  done; echo "$t"
+}
+
+busy_pct() { # whole-machine CPU busy % over $1 seconds
+  local a b; read -ra a < <(head -1 /proc/stat); sleep "$1"; read -ra b < <(head -1 /proc/stat)
+  local i ta=0 tb=0; for i in 1 2 3 4 5 6 7 8; do ta=$((ta + a[i])); tb=$((tb + b[i])); done
+  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) tot=$((tb - ta))
+  [ "$tot" -le 0 ] && { echo 0; return; }; echo $(( 100 * (tot - idle) / tot ))
+}
+
+quiet() { # wait (bounded) until the machine is quiet; sets BUSY
+  local t0=$SECONDS
+  BUSY=$(busy_pct 1)
+  while [ "$BUSY" -gt "$QUIET_MAX" ] && [ $((SECONDS - t0)) -lt "$QUIET_WAIT" ] \
+        && [ $((EXTRA_USED + SECONDS - t0)) -lt "$EXTRA_SECS" ]; do
+    BUSY=$(busy_pct 1)
+  done
+  local w=$((SECONDS - t0 - 1)); [ "$w" -gt 0 ] && EXTRA_USED=$((EXTRA_USED + w))
+  [ "$BUSY" -gt "$QUIET_MAX" ] && log "warning: machine still ${BUSY}% busy before run (foreign load)"
+  return 0
+}
+
+# Foreign load: machine user+nice+system ticks minus those of our processes and of this
+# shell's reaped children (load generators, helpers).
+snap() { # sets S_WALL S_MACH S_OURS S_KIDS (in this shell, not a subshell)
+  local a p; S_WALL=$(date +%s%N); read -ra a </proc/stat; S_MACH=$((a[1] + a[2] + a[3]))
+  S_OURS=0; for p in "${PIDS[@]}"; do S_OURS=$((S_OURS + $(cpu_ticks "$p"))); done
+  times >"$RUN/times.txt"
+  S_KIDS=$(awk -v hz="$CLK_TCK" 'NR==2 { t=0; for (i=1;i<=2;i++) { split($i, x, /[ms]/); t += x[1]*60 + x[2] } printf "%d", t*hz }' "$RUN/times.txt")
+}
+foreign_since() { # foreign CPU % of the whole machine since the last snap
+  local w0=$S_WALL m0=$S_MACH o0=$S_OURS k0=$S_KIDS; snap
+  local wall_ticks=$(( (S_WALL - w0) * CLK_TCK / 1000000000 * NCPU ))
+  [ "$wall_ticks" -le 0 ] && { echo 0; return; }
+  local f=$(( (S_MACH - m0) - (S_OURS - o0) - (S_KIDS - k0) )); [ "$f" -lt 0 ] && f=0
+  echo $(( 100 * f / wall_ticks ))
+}
+CLK_TCK=$(getconf CLK_TCK); NCPU=$(nproc)
+
+cleanup() {
+  local pid all=() p i
+  for pid in "${PIDS[@]}"; do all+=($(tree_pids "$pid")); done
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
+  for i in $(seq 50); do
+    local alive=0; for p in "${all[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break; sleep 0.1
+  done
+  for p in "${all[@]}"; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+  PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { # wait_port PORT PID
+  local i
+  for i in $(seq 150); do
+    kill -0 "$2" 2>/dev/null || return 1
+    curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$1/" && return 0
+    sleep 0.1
+  done; return 1
+}
+
+render() { # render TEMPLATE OUT PORT [ADMIN_PORT]
+  sed -e "s|@RUN@|$RUN|g; s|@WORKERS@|$WORKERS|g; s|@NOFILE@|$NOFILE|g; s|@MAXCONN@|$MAXCONN|g" \
+      -e "s|@B1@|$B1|g; s|@B2@|$B2|g; s|@B3@|$B3|g; s|@PORT@|$3|g; s|@ADMIN_PORT@|${4:-}|g" "$1" >"$2"
+}
+
+render_configs() {
+  local n
+  mkdir -p "$RUN/nginx-tmp"
+  render peers/nginx.conf.tmpl "$RUN/nginx.conf" "${PORT_OF[nginx]}"
+  render peers/haproxy.cfg.tmpl "$RUN/haproxy.cfg" "${PORT_OF[haproxy]}"
+  for n in "${!ADMIN_OF[@]}"; do
+    [ "${ADMIN_OF[$n]}" = - ] || render tether.yaml.tmpl "$RUN/$n.yaml" "${PORT_OF[$n]}" "${ADMIN_OF[$n]}"
+  done
+}
+
+start_all() {
+  local i name
+  for i in 0 1 2; do
+    start_bg "b$((i+1))" "$LOAD_CPUS" "$BACKEND_BIN" "${BACKEND_PORTS[i]}" "b$((i+1))" "$BACKEND_THREADS"
+  done
+  for i in 0 1 2; do wait_port "${BACKEND_PORTS[i]}" "${PID_OF[b$((i+1))]}" || { log "backend b$((i+1)) failed"; exit 1; }; done
+  PID_OF[direct]=${PID_OF[b1]}
+  for name in $TARGETS; do
+    [ "$name" = direct ] && continue
+    [ -n "${CMD_OF[$name]:-}" ] || { log "unknown target $name"; exit 1; }
+    start_bg "$name" "$PROXY_CPUS" bash -c "ulimit -n $NOFILE; exec ${CMD_OF[$name]}"
+    wait_port "${PORT_OF[$name]}" "${PID_OF[$name]}" || { log "$name failed to start; see $RUN/$name.log"; tail -5 "$RUN/$name.log" >&2; exit 1; }
+  done
+  log "started: $(for n in b1 b2 b3 $TARGETS; do [ $n = direct ] || printf '%s=%s ' "$n" "${PID_OF[$n]}"; done)"
+}
+
+meta() { # meta FILE key=value...  -> appends a META json line
+  local f=$1; shift; local kv s="" first=1
+  for kv in "$@"; do [ $first = 1 ] || s+=","; first=0; s+="\"${kv%%=*}\":\"${kv#*=}\""; done
+  echo "META {$s}" >>"$f"
+}
+
+# ------------------------------------------------------------------ measurements
+do_verify() {
+  local fail=0 name port id b k ids seen
+  for name in $TARGETS; do
+    [ "$name" = direct ] && continue
+    port=${PORT_OF[$name]}; declare -A where=(); seen=""
+    for id in $(seq 1 60); do
+      ids=""
+      for k in 1 2 3; do
+        b=$(curl -s -o /dev/null -D - --max-time 2 -H "X-Doc-Id: doc-$id" "http://127.0.0.1:$port/docs/doc-$id/x" \
+            | tr -d '\r' | awk -F': ' 'tolower($1)=="x-backend"{print $2}')
+        ids+="$b "
+      done
+      read -ra arr <<<"$ids"
+      if [ "${arr[0]:-}" = "" ] || [ "${arr[0]}" != "${arr[1]:-}" ] || [ "${arr[0]}" != "${arr[2]:-}" ]; then
+        log "FAIL $name: doc-$id not sticky: $ids"; fail=1
+      fi
+      where[doc-$id]=${arr[0]:-}; seen+="${arr[0]:-} "
+    done
+    local dist; dist=$(tr ' ' '\n' <<<"$seen" | grep -v '^$' | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')
+    if [ "$(tr ' ' '\n' <<<"$seen" | grep -v '^$' | sort -u | wc -l)" -ne 3 ]; then log "FAIL $name: ids do not spread over 3 backends: $dist"; fail=1
+    else log "ok   $name: 60 ids x3 requests sticky; spread $dist"; fi
+    local wsb mism=0
+    for id in 1 2 3 4 5 6 7 8 9 10; do
+      wsb=$(curl -s -o /dev/null -D - --max-time 0.5 -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
+            -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \
+            -H "X-Doc-Id: doc-$id" "http://127.0.0.1:$port/ws/x" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-backend"{print $2}')
+      [ "$wsb" = "${where[doc-$id]}" ] || mism=$((mism + 1))
+    done
+    if [ $mism = 0 ]; then log "ok   $name: WS upgrade for 10 ids routed like HTTP"; else log "FAIL $name: $mism/10 WS upgrades routed differently from HTTP"; fail=1; fi
+    local r; r=$(timeout 30 "$WSLOAD_BIN" --url "ws://127.0.0.1:$port/ws/verify" --conns 20 --msgs 5 --duration 5 --max-secs 15 --label "$name" 2>/dev/null | grep '^RESULT')
+    if grep -q '"connected":20,"conn_err":0,"msg_err":0,"msgs":100' <<<"$r"; then log "ok   $name: WS echo 20 conns x 5 msgs"; else log "FAIL $name: WS echo: $r"; fail=1; fi
+    local n; n=$(curl -s -N --max-time 1 -H 'X-Doc-Id: doc-1' "http://127.0.0.1:$port/sse/x" | grep -c '^event: tick')
+    if [ "$n" -ge 3 ]; then log "ok   $name: SSE $n events streamed within 1 s"; else log "FAIL $name: SSE only $n events within 1 s (buffered?)"; fail=1; fi
+    if [ "${ADMIN_OF[$name]:--}" != - ]; then
+      # Read the page first: with pipefail, `curl | grep -q` fails when grep exits before curl.
+      local page; page=$(curl -s --max-time 2 "http://127.0.0.1:${ADMIN_OF[$name]}/metrics")
+      if grep -q '^tether_http_requests_total' <<<"$page"; then log "ok   $name: metrics served"
+      else log "FAIL $name: no tether_http_requests_total on /metrics"; fail=1; fi
+    fi
+    unset where
+  done
+  return $fail
+}
+
+# measured TARGET FILE cmd...: one bounded load command (output -> FILE), then a META line
+# with the target's CPU ticks and the foreign load. A run that saw more than MAX_FOREIGN %
+# foreign load is repeated (RETRIES, within EXTRA_SECS).
+measured() {
+  local t=$1 f=$2; shift 2
+  local pid=${PID_OF[$t]} try=0 c0 c1 foreign t0
+  while :; do
+    quiet; c0=$(cpu_ticks "$pid"); snap; t0=$SECONDS
+    "$@" >"$f" 2>&1
+    foreign_since >"$RUN/foreign.txt"; c1=$(cpu_ticks "$pid"); foreign=$(cat "$RUN/foreign.txt")
+    if [ "$foreign" -le "$MAX_FOREIGN" ] || [ "$try" -ge "$RETRIES" ] || [ "$EXTRA_USED" -ge "$EXTRA_SECS" ]; then break; fi
+    try=$((try + 1)); EXTRA_USED=$((EXTRA_USED + SECONDS - t0))
+    log "foreign load ${foreign}% during $(basename "$f"); retry $try/$RETRIES"
+  done
+  meta "$f" target="$t" cpu_ticks=$((c1 - c0)) clk_tck="$CLK_TCK" busy_before="$BUSY" foreign_cpu_pct="$foreign" retries="$try" layout="$LAYOUT"
+}
+
+http_one() { # http_one TARGET SECS OUTFILE
+  measured "$1" "$3" env DOC_IDS="$DOC_IDS" timeout $(($2 + 30)) "${LOADPIN[@]}" wrk -t"$LOAD_THREADS" \
+    -c"$HTTP_CONNS" -d"$2s" --latency -s lua/docids.lua "http://127.0.0.1:${PORT_OF[$1]}/"
+}
+
+do_http() {
+  local t r
+  for t in $TARGETS; do http_one "$t" "$WARMUP_SECS" "$OUT/warmup-http-$t.txt"; done
+  for r in $(seq 1 "$REPEATS"); do
+    for t in $TARGETS; do          # every round visits every target: drift hits all alike
+      http_one "$t" "$HTTP_SECS" "$OUT/http-$t-$r.txt"
+      log "http $t rep $r: $(awk '/Requests\/sec/{print $2}' "$OUT/http-$t-$r.txt") req/s"
+    done
+  done
+}
+
+do_ws() { # do_ws PREFIX RATE
+  local t r f
+  for r in $(seq 1 "$WS_REPEATS"); do
+    for t in $TARGETS; do
+      f=$OUT/$1-$t-$r.txt
+      measured "$t" "$f" timeout $((WS_SECS + 60)) "${LOADPIN[@]}" "$WSLOAD_BIN" \
+        --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/bench" --mode echo --conns "$WS_CONNS" --duration "$WS_SECS" \
+        --rate "$2" --size "$WS_SIZE" --ids "$DOC_IDS" --threads "$LOAD_THREADS" \
+        --max-secs $((WS_SECS + 40)) --timeout-ms 10000 --label "$t"
+      log "$1 $t rep $r: $(grep -o '"msgs_per_s":[0-9.]*' "$f") $(grep -o '"p99_us":[0-9]*' "$f")"
+      sleep 1
+    done
+  done
+}
+
+do_idle() {
+  local t f
+  for t in $TARGETS; do
+    f=$OUT/idle-$t.txt; quiet
+    timeout 150 "${LOADPIN[@]}" "$WSLOAD_BIN" --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/idle" --mode idle \
+      --conns "$IDLE_CONNS" --hold "$IDLE_HOLD" --ids "$DOC_IDS" --threads "$LOAD_THREADS" \
+      --rss-pid "${PID_OF[$t]}" --connect-concurrency 128 --timeout-ms 10000 --max-secs 100 --label "$t" >"$f" 2>&1
+    meta "$f" target="$t" busy_before="$BUSY" layout="$LAYOUT"
+    log "idle $t: $(grep -o '"connected":[0-9]*' "$f") $(grep -o '"kb_per_conn":[0-9.]*' "$f")"
+    sleep 3   # let the closed sockets drain before the next target
+  done
+}
+
+# ------------------------------------------------------------------------ main
+export DOC_IDS
+log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${LOAD_CPUS:-any} workers=$WORKERS nofile=$NOFILE targets='$TARGETS' out=$OUT"
+{
+  echo "--- measure=$MEASURE date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "layout=$LAYOUT workers=$WORKERS nofile=$NOFILE"
+  echo "tether=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty') bin=$TETHER_BIN variants='$TETHER_VARIANTS'"
+  echo "nginx=$(nginx -v 2>&1)"; echo "haproxy=$(haproxy -v | head -1)"
+  echo "wrk=$(wrk -v 2>&1 | head -1)"; echo "kernel=$(uname -r) cpus=$(nproc) cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+  echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
+} >>"$OUT/env.txt"
+render_configs
+start_all
+rc=0
+case "$MEASURE" in
+  verify) do_verify || rc=1 ;;
+  http)   do_http ;;
+  ws)     do_ws ws 0 ;;
+  wsrate) do_ws wsrate "$WS_FIXED_RATE" ;;
+  idle)   do_idle ;;
+  all)    do_verify || rc=1; do_http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
+          cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
+esac
+cleanup
+python3 tools/summarize.py "$OUT" | tee "$OUT/summary.md"
+log "done (rc=$rc); results in $OUT"
+exit $rc

@@ -1,0 +1,493 @@
+//! wsload: small WebSocket load tool for bench/run.sh (started from the shared kit's wsload).
+//!
+//! Modes
+//!   echo: open --conns connections, wait until all attempts are done, then every
+//!         connection sends up to --msgs binary messages request/response style
+//!         (one outstanding message per connection), paced at --rate msgs/s in
+//!         total (0 = as fast as the echo comes back), bounded by --duration.
+//!         Reports established/errors, msgs/s and latency p50/p99/p999.
+//!   idle: open --conns connections and hold them idle for --hold seconds.
+//!         With --rss-pid PID it samples VmRSS of PID and all its descendants
+//!         before connecting and after all connections are up, and reports the
+//!         increase per connection.
+//!
+//! Everything is bounded: --max-secs is a hard wall-clock limit for the whole run.
+//! Only ws:// URLs (plain TCP) are supported; intended for 127.0.0.1 targets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+#[derive(Clone, Debug)]
+struct Opts {
+    url: String,
+    mode: String,
+    conns: usize,
+    msgs: u64,
+    rate: f64,
+    size: usize,
+    ids: usize,
+    duration: f64,
+    hold: f64,
+    max_secs: f64,
+    connect_concurrency: usize,
+    timeout_ms: u64,
+    threads: usize,
+    rss_pids: Vec<u32>,
+    label: String,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: wsload --url ws://127.0.0.1:PORT/ws/x [--mode echo|idle] [--conns N] [--msgs M]\n\
+         \x20      [--rate TOTAL_MSGS_PER_S (0=unpaced)] [--size BYTES] [--ids K] [--duration S]\n\
+         \x20      [--hold S] [--max-secs S] [--connect-concurrency C] [--timeout-ms MS]\n\
+         \x20      [--threads T] [--rss-pid PID[,PID..]] [--label NAME]"
+    );
+    std::process::exit(2)
+}
+
+fn num<T: std::str::FromStr>(k: &str, v: &str) -> T {
+    v.parse().unwrap_or_else(|_| {
+        eprintln!("bad value for {k}: {v}");
+        std::process::exit(2)
+    })
+}
+
+fn parse() -> Opts {
+    let mut o = Opts {
+        url: String::new(),
+        mode: "echo".into(),
+        conns: 100,
+        msgs: 1_000_000,
+        rate: 0.0,
+        size: 64,
+        ids: 1000,
+        duration: 10.0,
+        hold: 10.0,
+        max_secs: 120.0,
+        connect_concurrency: 256,
+        timeout_ms: 5000,
+        threads: 1,
+        rss_pids: vec![],
+        label: String::new(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let k = args[i].as_str();
+        if k == "-h" || k == "--help" {
+            usage();
+        }
+        let v = args.get(i + 1).cloned().unwrap_or_else(|| usage());
+        match k {
+            "--url" => o.url = v.clone(),
+            "--mode" => o.mode = v.clone(),
+            "--conns" => o.conns = num(k, &v),
+            "--msgs" => o.msgs = num(k, &v),
+            "--rate" => o.rate = num(k, &v),
+            "--size" => o.size = num(k, &v),
+            "--ids" => o.ids = num(k, &v),
+            "--duration" => o.duration = num(k, &v),
+            "--hold" => o.hold = num(k, &v),
+            "--max-secs" => o.max_secs = num(k, &v),
+            "--connect-concurrency" => o.connect_concurrency = num(k, &v),
+            "--timeout-ms" => o.timeout_ms = num(k, &v),
+            "--threads" => o.threads = num(k, &v),
+            "--rss-pid" => {
+                o.rss_pids = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| num(k, s))
+                    .collect()
+            }
+            "--label" => o.label = v.clone(),
+            _ => {
+                eprintln!("unknown option {k}");
+                usage()
+            }
+        }
+        i += 2;
+    }
+    if o.url.is_empty() || !o.url.starts_with("ws://") {
+        eprintln!("--url ws://HOST:PORT/PATH is required");
+        usage();
+    }
+    o.size = o.size.max(8);
+    o.ids = o.ids.max(1);
+    o.connect_concurrency = o.connect_concurrency.max(1);
+    o
+}
+
+/// host:port part of a ws:// URL.
+fn authority(url: &str) -> String {
+    let rest = &url["ws://".len()..];
+    let end = rest.find('/').unwrap_or(rest.len());
+    let a = &rest[..end];
+    if a.contains(':') { a.to_string() } else { format!("{a}:80") }
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn connect(o: &Opts, idx: usize) -> Result<Ws, String> {
+    let addr = authority(&o.url);
+    let tcp = TcpStream::connect(&addr).await.map_err(|e| format!("tcp: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut req = o.url.as_str().into_client_request().map_err(|e| format!("req: {e}"))?;
+    let id = format!("doc-{}", idx % o.ids);
+    req.headers_mut().insert("x-doc-id", HeaderValue::from_str(&id).unwrap());
+    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, tcp, Some(ws_config()))
+        .await
+        .map_err(|e| format!("ws: {e}"))?;
+    Ok(ws)
+}
+
+/// VmRSS (kB) of pid plus all of its descendants.
+fn tree_rss_kb(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            for line in s.lines() {
+                if let Some(r) = line.strip_prefix("VmRSS:") {
+                    total += r.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                    stack.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+                }
+            }
+        }
+    }
+    total
+}
+
+fn rss_all(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| tree_rss_kb(*p)).sum()
+}
+
+struct Counters {
+    connected: AtomicU64,
+    conn_err: AtomicU64,
+    attempts_done: AtomicU64,
+    msg_err: AtomicU64,
+    msgs: AtomicU64,
+    dropped: AtomicU64,
+}
+
+fn new_counters() -> Arc<Counters> {
+    Arc::new(Counters {
+        connected: AtomicU64::new(0),
+        conn_err: AtomicU64::new(0),
+        attempts_done: AtomicU64::new(0),
+        msg_err: AtomicU64::new(0),
+        msgs: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+    })
+}
+
+async fn wait_attempts(c: &Counters, n: usize, deadline: Instant) -> bool {
+    loop {
+        if c.attempts_done.load(Ordering::Relaxed) as usize >= n {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run_echo(o: Opts, hard_deadline: Instant) {
+    let c = new_counters();
+    let sem = Arc::new(Semaphore::new(o.connect_concurrency));
+    let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
+    let first_err: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let mut handles = Vec::with_capacity(o.conns);
+    let t_connect = Instant::now();
+    for idx in 0..o.conns {
+        let o2 = o.clone();
+        let c2 = c.clone();
+        let sem2 = sem.clone();
+        let mut start_rx2 = start_rx.clone();
+        let fe = first_err.clone();
+        handles.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let permit = sem2.acquire_owned().await.unwrap();
+            let ws = tokio::time::timeout(Duration::from_millis(o2.timeout_ms), connect(&o2, idx)).await;
+            drop(permit);
+            let mut ws = match ws {
+                Ok(Ok(ws)) => {
+                    c2.connected.fetch_add(1, Ordering::Relaxed);
+                    c2.attempts_done.fetch_add(1, Ordering::Relaxed);
+                    ws
+                }
+                Ok(Err(e)) => {
+                    fe.lock().unwrap().get_or_insert(e);
+                    c2.conn_err.fetch_add(1, Ordering::Relaxed);
+                    c2.attempts_done.fetch_add(1, Ordering::Relaxed);
+                    return hist;
+                }
+                Err(_) => {
+                    fe.lock().unwrap().get_or_insert("connect timeout".into());
+                    c2.conn_err.fetch_add(1, Ordering::Relaxed);
+                    c2.attempts_done.fetch_add(1, Ordering::Relaxed);
+                    return hist;
+                }
+            };
+            // Wait for the common start signal.
+            let start = loop {
+                if let Some(s) = *start_rx2.borrow() {
+                    break s;
+                }
+                if start_rx2.changed().await.is_err() {
+                    return hist;
+                }
+            };
+            let stop_at = start + Duration::from_secs_f64(o2.duration);
+            // Pacing: per-connection period, phase spread over the period.
+            let period = if o2.rate > 0.0 {
+                Some(Duration::from_secs_f64(o2.conns as f64 / o2.rate))
+            } else {
+                None
+            };
+            let mut next = match period {
+                Some(p) => start + p.mul_f64((idx as f64) / (o2.conns as f64)),
+                None => start,
+            };
+            let mut payload = vec![b'x'; o2.size];
+            let timeout = Duration::from_millis(o2.timeout_ms);
+            for seq in 0..o2.msgs {
+                if let Some(p) = period {
+                    let now = Instant::now();
+                    if next > now {
+                        tokio::time::sleep_until(next.into()).await;
+                    }
+                    next += p;
+                }
+                if Instant::now() >= stop_at {
+                    break;
+                }
+                payload[..8].copy_from_slice(&seq.to_le_bytes());
+                let t0 = Instant::now();
+                if ws.send(Message::Binary(payload.clone().into())).await.is_err() {
+                    c2.msg_err.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                let ok = loop {
+                    match tokio::time::timeout(timeout, ws.next()).await {
+                        Ok(Some(Ok(Message::Binary(b)))) => {
+                            break b.len() == o2.size && b[..8] == seq.to_le_bytes();
+                        }
+                        Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                        _ => break false,
+                    }
+                };
+                if !ok {
+                    c2.msg_err.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                let us = t0.elapsed().as_micros() as u64;
+                let _ = hist.record(us.max(1));
+                c2.msgs.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), ws.close(None)).await;
+            hist
+        }));
+    }
+    drop(start_rx);
+    let all = wait_attempts(&c, o.conns, hard_deadline).await;
+    let connect_secs = t_connect.elapsed().as_secs_f64();
+    eprintln!(
+        "[{}] connect phase: {} ok, {} failed in {:.2}s{}",
+        o.label,
+        c.connected.load(Ordering::Relaxed),
+        c.conn_err.load(Ordering::Relaxed),
+        connect_secs,
+        if all { "" } else { " (deadline hit)" }
+    );
+    let start = Instant::now();
+    let _ = start_tx.send(Some(start));
+
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let remaining = hard_deadline.saturating_duration_since(Instant::now());
+    let joined = tokio::time::timeout(remaining, futures_util::future::join_all(handles)).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let timed_out = joined.is_err();
+    if let Ok(hs) = joined {
+        for h in hs.into_iter().flatten() {
+            let _ = merged.add(&h);
+        }
+    }
+    let msgs = c.msgs.load(Ordering::Relaxed);
+    // Rate over the send window (duration) unless everything finished earlier.
+    let window = elapsed.min(o.duration).max(1e-9);
+    let q = |p: f64| if merged.len() > 0 { merged.value_at_quantile(p) } else { 0 };
+    if let Some(e) = first_err.lock().unwrap().as_ref() {
+        eprintln!("[{}] first connect error: {e}", o.label);
+    }
+    println!(
+        "RESULT {{\"label\":\"{}\",\"mode\":\"echo\",\"conns\":{},\"connected\":{},\"conn_err\":{},\"msg_err\":{},\"msgs\":{},\"secs\":{:.3},\"msgs_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"rate_target\":{},\"size\":{},\"timed_out\":{}}}",
+        o.label,
+        o.conns,
+        c.connected.load(Ordering::Relaxed),
+        c.conn_err.load(Ordering::Relaxed),
+        c.msg_err.load(Ordering::Relaxed),
+        msgs,
+        window,
+        msgs as f64 / window,
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        merged.max(),
+        o.rate,
+        o.size,
+        timed_out
+    );
+}
+
+async fn run_idle(o: Opts, hard_deadline: Instant) {
+    let c = new_counters();
+    let rss_before = rss_all(&o.rss_pids);
+    let sem = Arc::new(Semaphore::new(o.connect_concurrency));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let first_err: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let mut handles = Vec::with_capacity(o.conns);
+    let t0 = Instant::now();
+    for idx in 0..o.conns {
+        let o2 = o.clone();
+        let c2 = c.clone();
+        let sem2 = sem.clone();
+        let mut stop = stop_rx.clone();
+        let fe = first_err.clone();
+        handles.push(tokio::spawn(async move {
+            let permit = sem2.acquire_owned().await.unwrap();
+            let r = tokio::time::timeout(Duration::from_millis(o2.timeout_ms), connect(&o2, idx)).await;
+            drop(permit);
+            c2.attempts_done.fetch_add(1, Ordering::Relaxed);
+            let mut ws = match r {
+                Ok(Ok(ws)) => {
+                    c2.connected.fetch_add(1, Ordering::Relaxed);
+                    ws
+                }
+                Ok(Err(e)) => {
+                    fe.lock().unwrap().get_or_insert(e);
+                    c2.conn_err.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => {
+                    fe.lock().unwrap().get_or_insert("connect timeout".into());
+                    c2.conn_err.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    m = ws.next() => match m {
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                            c2.dropped.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(1000), ws.close(None)).await;
+        }));
+    }
+    drop(stop_rx);
+    let all = wait_attempts(&c, o.conns, hard_deadline).await;
+    let connect_secs = t0.elapsed().as_secs_f64();
+    let connected = c.connected.load(Ordering::Relaxed);
+    eprintln!(
+        "[{}] idle: {} connected, {} failed in {:.2}s{}; holding {:.0}s",
+        o.label,
+        connected,
+        c.conn_err.load(Ordering::Relaxed),
+        connect_secs,
+        if all { "" } else { " (deadline hit)" },
+        o.hold
+    );
+    if let Some(e) = first_err.lock().unwrap().as_ref() {
+        eprintln!("[{}] first connect error: {e}", o.label);
+    }
+    // Let the proxy settle, then sample RSS a few times while holding; keep the max.
+    let hold_until = (Instant::now() + Duration::from_secs_f64(o.hold)).min(hard_deadline);
+    let mut rss_after = 0;
+    let mut samples = 0;
+    tokio::time::sleep(Duration::from_secs(2).min(hold_until.saturating_duration_since(Instant::now()))).await;
+    while Instant::now() < hold_until || samples == 0 {
+        rss_after = rss_after.max(rss_all(&o.rss_pids));
+        samples += 1;
+        let left = hold_until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+    }
+    let still_open = connected - c.dropped.load(Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let remaining = hard_deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2));
+    let _ = tokio::time::timeout(remaining.min(Duration::from_secs(15)), futures_util::future::join_all(handles)).await;
+    let delta = rss_after as i64 - rss_before as i64;
+    let per_conn = if still_open > 0 { delta as f64 / still_open as f64 } else { 0.0 };
+    println!(
+        "RESULT {{\"label\":\"{}\",\"mode\":\"idle\",\"conns\":{},\"connected\":{},\"conn_err\":{},\"still_open\":{},\"rss_before_kb\":{},\"rss_after_kb\":{},\"delta_kb\":{},\"kb_per_conn\":{:.2},\"connect_secs\":{:.2}}}",
+        o.label,
+        o.conns,
+        connected,
+        c.conn_err.load(Ordering::Relaxed),
+        still_open,
+        rss_before,
+        rss_after,
+        delta,
+        per_conn,
+        connect_secs
+    );
+}
+
+fn main() {
+    let o = parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(o.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let hard_deadline = Instant::now() + Duration::from_secs_f64(o.max_secs);
+    let max = o.max_secs;
+    rt.block_on(async move {
+        let mode = o.mode.clone();
+        let work = async move {
+            match mode.as_str() {
+                "echo" => run_echo(o, hard_deadline).await,
+                "idle" => run_idle(o, hard_deadline).await,
+                _ => usage(),
+            }
+        };
+        // Absolute safety net: never run longer than max-secs + 20 s.
+        if tokio::time::timeout(Duration::from_secs_f64(max + 20.0), work).await.is_err() {
+            eprintln!("wsload: hard time limit reached, exiting");
+            std::process::exit(3);
+        }
+    });
+    // Do not wait for stray tasks.
+    rt.shutdown_timeout(Duration::from_millis(200));
+}
