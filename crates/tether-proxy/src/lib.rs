@@ -150,7 +150,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
     let mut proxy = Service::new("tether proxy".to_string(), app);
     for listener in &config.listeners {
         let address = listener.address.to_string();
-        match tls.settings(listener.address) {
+        match tls.settings(listener.address)? {
             Some(settings) => proxy.add_tls_with_settings(&address, None, settings),
             None => proxy.add_listener(plain_listener(&address)),
         }

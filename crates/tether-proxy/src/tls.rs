@@ -35,7 +35,8 @@ impl ResolvesServerCert for CertStore {
 /// The certificate stores of every TLS listener, by listener address.
 #[derive(Debug, Default)]
 pub struct TlsListeners {
-    stores: Vec<(SocketAddr, Arc<CertStore>)>,
+    /// Listener address, its index in `listeners`, its certificate.
+    stores: Vec<(SocketAddr, usize, Arc<CertStore>)>,
 }
 
 /// The process-wide rustls provider (ring), installed on first use as Pingora does.
@@ -80,27 +81,34 @@ impl TlsListeners {
                 let store = CertStore {
                     current: ArcSwap::new(key),
                 };
-                stores.push((listener.address, Arc::new(store)));
+                stores.push((listener.address, index, Arc::new(store)));
             }
         }
         Ok(TlsListeners { stores })
     }
 
-    /// Pingora settings for the TLS listener on `address`: our resolver, ALPN h2 then http/1.1.
-    pub fn settings(&self, address: SocketAddr) -> Option<TlsSettings> {
-        let store = self.store(address)?;
+    /// Pingora settings for the TLS listener on `address` (our resolver, ALPN h2 then
+    /// http/1.1); None for a plain listener.
+    pub fn settings(&self, address: SocketAddr) -> Result<Option<TlsSettings>, TlsError> {
+        let Some((_, index, store)) = self.stores.iter().find(|(a, _, _)| *a == address) else {
+            return Ok(None);
+        };
+        let (index, store) = (*index, store.clone());
         // The paths are never read: a resolver takes precedence over them.
-        let mut settings = TlsSettings::intermediate("", "").ok()?;
+        let mut settings = TlsSettings::intermediate("", "").map_err(|e| TlsError {
+            index,
+            reason: format!("TLS settings: {e}"),
+        })?;
         settings.set_cert_resolver(store);
         settings.enable_h2();
-        Some(settings)
+        Ok(Some(settings))
     }
 
     fn store(&self, address: SocketAddr) -> Option<Arc<CertStore>> {
         self.stores
             .iter()
-            .find(|(a, _)| *a == address)
-            .map(|(_, s)| s.clone())
+            .find(|(a, _, _)| *a == address)
+            .map(|(_, _, s)| s.clone())
     }
 
     /// Reads the certificates `config` names for the running TLS listeners and, only if every
