@@ -85,6 +85,21 @@ impl StreamControl {
             // SAFETY: `dup` is a fresh descriptor owned by nobody else.
             let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
             *lock(&self.upstream) = Some(owned);
+        } else {
+            // Out of descriptors: the stream still works, but convergence cannot end it. Say
+            // so, at most once a second.
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if LAST_WARNED.swap(now, Ordering::Relaxed) != now {
+                tracing::warn!(
+                    error = %std::io::Error::last_os_error(),
+                    "cannot duplicate an upstream socket; convergence will not be able to \
+                     close this stream (raise the open-file limit)"
+                );
+            }
         }
     }
 
