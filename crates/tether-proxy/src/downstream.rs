@@ -1,20 +1,24 @@
-//! Guards on client connections that Pingora does not have, as wrappers around its apps (its
-//! own extension points, no change to Pingora):
+//! Guards on client connections that Pingora does not have, wrapped around its app at the
+//! connection level (its `ServerApp` extension point, no change to Pingora):
 //!
 //! - [`ConnectionCap`] counts every accepted connection (`tether_downstream_connections`) and
 //!   answers 503 and closes the ones over `server.limits.max_connections`.
-//! - [`HeaderDeadline`] closes a connection that has not sent a whole request header within
-//!   `server.limits.header_timeout` (slowloris). Pingora's own timeout restarts on every read,
-//!   so a client sending one byte a minute would hold a connection forever.
+//! - It also closes an HTTP/1 connection that has not sent a whole request header within
+//!   `server.limits.header_timeout` (slowloris): from the accept for the first request, from
+//!   the end of the previous one (plus the keep-alive timeout) for later ones. Pingora's own
+//!   timeout restarts on every read, so a client sending one byte a minute would hold a
+//!   connection forever. The deadline is watched beside the connection's future, once per
+//!   connection, and moved by the proxy's hooks ([`header_read`], [`request_done`]) through a
+//!   task-local, so requests pay no extra layer.
 //!
-//! It also applies the keep-alive limits and the HTTP/2 limits of `server.limits`.
+//! The keep-alive and HTTP/2 limits of `server.limits` are Pingora options: [`server_options`],
+//! [`h2_options`].
 
 use crate::metrics::Metrics;
 use crate::state::ProxyState;
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use std::cell::Cell;
@@ -23,15 +27,18 @@ use std::sync::Arc;
 use std::time::Duration;
 use tether_config::Limits;
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
-/// What one HTTP/1.x connection's requests share. HTTP/2 streams run in tasks of their own and
-/// do not see it; their headers arrive whole, so they need no deadline.
-#[derive(Default)]
+/// The header deadline of one HTTP/1 connection. HTTP/2 streams run in tasks of their own and
+/// do not see it; an h2 connection gets no deadline (its headers arrive whole).
 struct ConnectionState {
-    /// Requests started on this connection.
-    requests: Cell<u32>,
-    /// Whether the current request's header has been read.
-    header_read: Cell<bool>,
+    /// Whether the connection is waiting for (the rest of) a request header.
+    awaiting_header: Cell<bool>,
+    /// When that wait ends the connection.
+    deadline: Cell<Instant>,
+    /// `header_timeout` and `keepalive_timeout` as they were at accept.
+    header_timeout: Duration,
+    keepalive_timeout: Duration,
 }
 
 tokio::task_local! {
@@ -40,8 +47,37 @@ tokio::task_local! {
 
 /// Called by the proxy as soon as a request header has been read: the deadline no longer
 /// applies to this request.
-pub fn mark_header_read() {
-    let _ = CONNECTION.try_with(|c| c.header_read.set(true));
+pub fn header_read() {
+    let _ = CONNECTION.try_with(|c| c.awaiting_header.set(false));
+}
+
+/// Called by the proxy when a request is done: a kept-alive connection may idle for the
+/// keep-alive timeout and then has `header_timeout` for the next header.
+pub fn request_done() {
+    let _ = CONNECTION.try_with(|c| {
+        c.awaiting_header.set(true);
+        c.deadline
+            .set(Instant::now() + c.keepalive_timeout + c.header_timeout);
+    });
+}
+
+/// Resolves when the connection's header deadline passes while it waits for a header.
+async fn header_deadline() {
+    loop {
+        let Ok((awaiting, deadline, period)) =
+            CONNECTION.try_with(|c| (c.awaiting_header.get(), c.deadline.get(), c.header_timeout))
+        else {
+            return std::future::pending().await;
+        };
+        let now = Instant::now();
+        if awaiting && now >= deadline {
+            return;
+        }
+        // While a request is in flight, look again after a while: it may end and the next
+        // wait begin.
+        let wake = if awaiting { deadline } else { now + period };
+        tokio::time::sleep_until(wake).await;
+    }
 }
 
 /// Caps and counts open client connections; wraps the whole HTTP app.
@@ -101,36 +137,38 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         }
         Metrics::global().downstream_connections.inc();
         let _admitted = Admitted(&self.open);
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let work = self.inner.process_new(stream, shutdown);
+        if h2 {
+            return work.await;
+        }
+        let limits = &self.state.current().config.server.limits;
+        let state = ConnectionState {
+            awaiting_header: Cell::new(true),
+            deadline: Cell::new(Instant::now() + limits.header_timeout),
+            header_timeout: limits.header_timeout,
+            keepalive_timeout: limits.keepalive_timeout,
+        };
         CONNECTION
-            .scope(
-                ConnectionState::default(),
-                self.inner.process_new(stream, shutdown),
-            )
+            .scope(state, async {
+                tokio::select! {
+                    biased;
+                    reused = work => reused,
+                    () = header_deadline() => {
+                        // Dropping the connection's future closes it.
+                        Metrics::global()
+                            .downstream_closed
+                            .with_label_values(&["header_timeout"])
+                            .inc();
+                        None
+                    }
+                }
+            })
             .await
     }
 
     async fn cleanup(&self) {
         self.inner.cleanup().await;
-    }
-}
-
-/// Puts a deadline on each HTTP/1.x request header and applies the keep-alive and HTTP/2
-/// limits; wraps Pingora's `HttpProxy`.
-pub struct HeaderDeadline<A> {
-    inner: Arc<A>,
-    state: Arc<ProxyState>,
-    options: HttpServerOptions,
-}
-
-impl<A> HeaderDeadline<A> {
-    /// Wraps `inner`. `options` (keep-alive request cap, h2 idle timeout) are fixed at start;
-    /// the deadline, keep-alive timeout and h2 limits follow the config in force.
-    pub fn new(inner: A, state: Arc<ProxyState>, limits: &Limits) -> HeaderDeadline<A> {
-        HeaderDeadline {
-            inner: Arc::new(inner),
-            state,
-            options: server_options(limits),
-        }
     }
 }
 
@@ -154,62 +192,4 @@ pub fn h2_options(limits: &Limits) -> H2Options {
     options.max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     options.initial_connection_window_size(1 << 20);
     options
-}
-
-#[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for HeaderDeadline<A> {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        let installed = self.state.current();
-        let limits = &installed.config.server.limits;
-        // Pingora sets None when shutting down; keep that.
-        if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1)));
-        }
-        let earlier = CONNECTION.try_with(|c| {
-            c.header_read.set(false);
-            let n = c.requests.get();
-            c.requests.set(n.saturating_add(1));
-            n
-        });
-        let Ok(earlier) = earlier else {
-            return self.inner.process_new_http(session, shutdown).await;
-        };
-        // A reused connection may first sit idle for the keep-alive timeout.
-        let deadline = if earlier == 0 {
-            limits.header_timeout
-        } else {
-            limits.header_timeout + limits.keepalive_timeout
-        };
-        drop(installed);
-        let work = self.inner.process_new_http(session, shutdown);
-        tokio::pin!(work);
-        match tokio::time::timeout(deadline, &mut work).await {
-            Ok(reused) => reused,
-            Err(_) if CONNECTION.with(|c| c.header_read.get()) => work.await,
-            Err(_) => {
-                // Dropping the request closes the connection.
-                Metrics::global()
-                    .downstream_closed
-                    .with_label_values(&["header_timeout"])
-                    .inc();
-                None
-            }
-        }
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        Some(h2_options(&self.state.current().config.server.limits))
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        Some(&self.options)
-    }
-
-    async fn http_cleanup(&self) {
-        self.inner.http_cleanup().await;
-    }
 }

@@ -143,10 +143,8 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
     let mut http =
         pingora::proxy::http_proxy(&server.configuration, TetherProxy::new(state.clone()));
     http.server_options = Some(downstream::server_options(limits));
-    let app = downstream::ConnectionCap::new(
-        downstream::HeaderDeadline::new(http, state.clone(), limits),
-        state.clone(),
-    );
+    http.h2_options = Some(downstream::h2_options(limits));
+    let app = downstream::ConnectionCap::new(http, state.clone());
     let mut proxy = Service::new("tether proxy".to_string(), app);
     for listener in &config.listeners {
         let address = listener.address.to_string();

@@ -178,7 +178,7 @@ impl ProxyHttp for TetherProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         // Pingora makes the context right after reading a request header: stop its deadline.
-        crate::downstream::mark_header_read();
+        crate::downstream::header_read();
         RequestCtx {
             installed: None,
             decision: None,
@@ -199,6 +199,11 @@ impl ProxyHttp for TetherProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let installed = self.state.current();
+        // The configured keep-alive instead of Pingora's 60 s (None means shutting down: keep).
+        if session.get_keepalive().is_some() {
+            let idle = installed.config.server.limits.keepalive_timeout;
+            session.set_keepalive(Some(idle.as_secs().max(1)));
+        }
         if let Err(refusal) =
             crate::validity::check(session.req_header(), &installed.config.server.limits)
         {
@@ -629,6 +634,8 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // The next request on this connection (if any) has a header deadline again.
+        crate::downstream::request_done();
         ctx.release_backend();
         ctx.registration = None;
         let status = session

@@ -125,8 +125,8 @@ impl Reloader {
         }
     }
 
-    /// Listener addresses, the admin listener, threads, the grace period and the keep-alive
-    /// request cap are bound at start; say so. (Limits, trusted proxies, the access log and
+    /// Listener addresses, the admin listener, threads, the grace period, the keep-alive
+    /// request cap and the HTTP/2 limits are bound at start; say so. (Limits, trusted proxies, the access log and
     /// certificates follow the reload.)
     fn warn_about_restart_only_changes(&self, new: &Config) {
         let old = self.state.current();
@@ -142,11 +142,12 @@ impl Reloader {
             || o.threads != n.threads
             || o.grace_period != n.grace_period
             || o.limits.max_requests_per_connection != n.limits.max_requests_per_connection
+            || o.limits.max_concurrent_streams != n.limits.max_concurrent_streams
         {
             tracing::warn!(
-                "listener addresses, admin, threads, grace_period and \
-                 max_requests_per_connection change only on restart or binary upgrade; \
-                 everything else was reloaded"
+                "listener addresses, admin, threads, grace_period, \
+                 max_requests_per_connection and HTTP/2 limits change only on restart or \
+                 binary upgrade; everything else was reloaded"
             );
         }
     }
