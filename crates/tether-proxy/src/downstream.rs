@@ -142,12 +142,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         if h2 {
             return work.await;
         }
-        let limits = &self.state.current().config.server.limits;
+        // Copied out, so a long-lived connection does not keep an old config alive.
+        let (header_timeout, keepalive_timeout) = {
+            let installed = self.state.current();
+            let limits = &installed.config.server.limits;
+            (limits.header_timeout, limits.keepalive_timeout)
+        };
         let state = ConnectionState {
             awaiting_header: Cell::new(true),
-            deadline: Cell::new(Instant::now() + limits.header_timeout),
-            header_timeout: limits.header_timeout,
-            keepalive_timeout: limits.keepalive_timeout,
+            deadline: Cell::new(Instant::now() + header_timeout),
+            header_timeout,
+            keepalive_timeout,
         };
         CONNECTION
             .scope(state, async {
