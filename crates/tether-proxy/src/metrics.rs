@@ -37,10 +37,22 @@ const REFUSALS: [&str; 12] = {
 pub fn refused(reason: &'static str, status: u16) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST_LOG: AtomicU64 = AtomicU64::new(0);
-    Metrics::global()
-        .requests_refused
-        .with_label_values(&[reason])
-        .inc();
+    // Handles resolved once, like the route metrics: a flood of refusals costs an atomic each.
+    static HANDLES: OnceLock<Vec<(&'static str, IntCounter)>> = OnceLock::new();
+    let handles = HANDLES.get_or_init(|| {
+        let family = &Metrics::global().requests_refused;
+        REFUSALS
+            .iter()
+            .map(|r| (*r, family.with_label_values(&[r])))
+            .collect()
+    });
+    match handles.iter().find(|(r, _)| *r == reason) {
+        Some((_, counter)) => counter.inc(),
+        None => Metrics::global()
+            .requests_refused
+            .with_label_values(&[reason])
+            .inc(),
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
