@@ -446,25 +446,20 @@ async fn upgrade_tokens_and_underscore_headers_are_handled_safely() {
     }
 }
 
-/// G4 / E10: a client that never reads a 50 MB response is disconnected at the send timeout;
-/// the proxy holds only its bounded buffers meanwhile.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
+/// Tether (`send_timeout` 2 s) in front of a backend answering `answer`; a client with a small
+/// receive buffer sends `request` and plays the slow reader: reads nothing for 5 s, notes the
+/// proxy's RSS (kB), then drains the connection for up to 20 s. Returns the bytes received,
+/// the RSS, and whether the connection ended.
+async fn stall_then_drain(answer: Vec<u8>, request: &[u8]) -> (usize, u64, bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const SIZE: usize = 50 * 1024 * 1024;
-    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes();
-    answer.resize(answer.len() + SIZE, b'z');
     let backend = RawBackend::start(answer, true).await;
     let (tether, proxy) = start_faulty(backend.addr, "{ send_timeout: 2s }").await;
     let pid = tether.pid().expect("pid");
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
     let mut stream = socket.connect(proxy).await.expect("connect");
-    stream
-        .write_all(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    // Be the slow reader: read nothing for 5 s (the stimulus, not a wait for the proxy).
+    stream.write_all(request).await.expect("write");
+    // The stimulus, not a wait for the proxy.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .expect("status")
@@ -482,8 +477,24 @@ async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
             }
         }
     })
+    .await
+    .is_ok();
+    (received, rss_kb, drained)
+}
+
+/// G4 / E10: a client that never reads a 50 MB response is disconnected at the send timeout;
+/// the proxy holds only its bounded buffers meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
+    const SIZE: usize = 50 * 1024 * 1024;
+    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes();
+    answer.resize(answer.len() + SIZE, b'z');
+    let (received, rss_kb, drained) = stall_then_drain(
+        answer,
+        b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
     .await;
-    assert!(drained.is_ok(), "the connection was still open 25 s later");
+    assert!(drained, "the connection was still open 25 s later");
     assert!(
         received < SIZE / 2,
         "{received} bytes arrived: the stalled client was not disconnected"
@@ -552,6 +563,147 @@ async fn no_tunnel_opens_unless_the_backend_switched_protocols() {
             );
         }
     }
+}
+
+/// The RFC 6455 example key and the accept a backend must answer to it.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n"
+    )
+}
+
+/// Reads from `stream` until `done` says the bytes so far are enough, or 5 s pass.
+async fn read_until(stream: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !done(&got) {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    got
+}
+
+/// A backend that refuses a WebSocket upgrade (here 403 with a chunked body) is passed on to
+/// the client whole: status, body, and framing the client can read; the upgrade request went
+/// out as exactly `Upgrade: websocket` with Tether's forwarding headers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backends_refusal_of_an_upgrade_reaches_the_client_whole() {
+    let backend = RawBackend::start(
+        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nX-Why: auth\r\n\r\n\
+          5\r\nnope!\r\n0\r\n\r\n"
+            .to_vec(),
+        true,
+    )
+    .await;
+    let (_tether, proxy) = start_faulty(backend.addr, "").await;
+    let response = raw_request_within(
+        proxy,
+        upgrade_request("/refused").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("raw request");
+    let text = String::from_utf8_lossy(&response).to_string();
+    assert_eq!(raw_status(&response), Some(403), "{text}");
+    let lower = text.to_lowercase();
+    assert!(lower.contains("x-why: auth"), "{text}");
+    assert!(lower.contains("content-length: 5"), "{text}");
+    assert!(!lower.contains("transfer-encoding"), "{text}");
+    assert!(text.ends_with("\r\n\r\nnope!"), "{text}");
+    let seen = backend.received().to_lowercase();
+    assert!(seen.contains("upgrade: websocket\r\n"), "{seen}");
+    assert!(seen.contains("connection: upgrade\r\n"), "{seen}");
+    assert!(seen.contains("x-request-id:"), "{seen}");
+}
+
+/// Bytes a backend sends right behind its 101 (a greeting message in the same segment) reach
+/// the client right after the 101, and the client's frames reach the backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_sent_with_the_101_reach_the_client_and_frames_flow_both_ways() {
+    use tokio::io::AsyncWriteExt;
+    let greeting = b"\x81\x05hello";
+    let mut answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+    )
+    .into_bytes();
+    answer.extend_from_slice(greeting);
+    let backend = RawBackend::start(answer, true).await;
+    let (_tether, proxy) = start_faulty(backend.addr, "").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    stream
+        .write_all(upgrade_request("/greeted").as_bytes())
+        .await
+        .expect("write");
+    let got = read_until(&mut stream, |got| {
+        got.windows(greeting.len()).any(|w| w == greeting)
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert_eq!(raw_status(&got), Some(101), "{text}");
+    assert!(text.contains(WS_ACCEPT), "{text}");
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    assert_eq!(&got[head_end + 4..], greeting, "{text}");
+    // A masked text frame "ping" from the client.
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 4];
+    frame.extend_from_slice(&mask);
+    frame.extend(b"ping".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    stream.write_all(&frame).await.expect("write frame");
+    let arrived = tether_testkit::wait_until_async(Duration::from_secs(5), || {
+        let seen = backend
+            .received
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        let frame = frame.clone();
+        async move { seen.windows(frame.len()).any(|w| w == frame.as_slice()) }
+    })
+    .await;
+    assert!(arrived, "the client's frame never reached the backend");
+}
+
+/// E10 for tunnels: a WebSocket client that stops reading while its backend keeps sending is
+/// disconnected at `send_timeout`; the proxy does not buffer the backend's output for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
+    const SIZE: usize = 50 * 1024 * 1024;
+    let mut answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+    )
+    .into_bytes();
+    // One binary frame of SIZE bytes (64-bit length).
+    answer.extend_from_slice(&[0x82, 127]);
+    answer.extend_from_slice(&(SIZE as u64).to_be_bytes());
+    answer.resize(answer.len() + SIZE, b'z');
+    let (received, rss_kb, drained) =
+        stall_then_drain(answer, upgrade_request("/flood").as_bytes()).await;
+    assert!(drained, "the tunnel was still open 25 s later");
+    assert!(
+        received > 0 && received < SIZE / 2,
+        "{received} bytes arrived: the stalled client was not disconnected"
+    );
+    assert!(
+        rss_kb < 100 * 1024,
+        "proxy RSS {rss_kb} kB with one stalled client"
+    );
+    println!("stalled WebSocket reader: {received} bytes before the close, proxy RSS {rss_kb} kB");
 }
 
 const BLACKHOLE: &str = r#"

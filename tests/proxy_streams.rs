@@ -77,6 +77,59 @@ async fn an_idle_websocket_stays_open_past_65_seconds_with_default_timeouts() {
     assert_eq!(echo, Message::text("still here?"));
 }
 
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Each open WebSocket costs the proxy exactly its two sockets (client and backend; Tether's
+/// own tunnel needs no third descriptor to be closable), and closing them gives all back and
+/// deregisters the streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_open_websocket_costs_the_proxy_two_descriptors() {
+    const SOCKETS: usize = 100;
+    let stack = Stack::start(STANDARD).await;
+    let pid = stack.tether.pid().expect("pid");
+    // Settle the admin and health-check connections before counting.
+    let _ = support::metrics_text(&stack).await;
+    let before = open_descriptors(pid);
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        let (mut ws, _) = ws_connect(&stack.ws_url(&format!("/docs/fd-{i}/live")), &[])
+            .await
+            .expect("upgrade");
+        ws.send(Message::text("hi")).await.expect("send");
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time");
+        assert!(matches!(echo, Some(Ok(Message::Text(_)))), "{echo:?}");
+        sockets.push(ws);
+    }
+    let during = open_descriptors(pid);
+    let added = during.saturating_sub(before);
+    println!("{SOCKETS} WebSockets: {before} -> {during} descriptors");
+    assert!(
+        (2 * SOCKETS - 10..=2 * SOCKETS + 10).contains(&added),
+        "{SOCKETS} WebSockets added {added} descriptors (before {before}, during {during})"
+    );
+    for mut ws in sockets {
+        ws.close(None).await.expect("close");
+    }
+    let released = tether_testkit::wait_until_async(Duration::from_secs(10), || async {
+        open_descriptors(pid) <= before + 10
+            && support::metrics_text(&stack)
+                .await
+                .lines()
+                .filter(|l| l.starts_with("tether_streams_open{"))
+                .all(|l| l.ends_with(" 0"))
+    })
+    .await;
+    assert!(
+        released,
+        "descriptors or streams not released: {} open",
+        open_descriptors(pid)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_websocket_idle_past_the_routes_idle_timeout_is_closed() {
     let stack = Stack::start(STANDARD).await;

@@ -22,7 +22,9 @@ pub enum ExchangeKind {
 
 /// The kind of `session`'s request on a route with `long_poll_route`.
 pub fn exchange_kind(session: &Session, long_poll_route: bool) -> ExchangeKind {
-    if session.is_upgrade_req() {
+    // Other upgrade tokens (h2c, ...) are not honoured: such a request is plain, and Pingora
+    // does not pass their `Upgrade` on.
+    if session.is_upgrade_req() && asks_for_websocket(session.req_header()) {
         return ExchangeKind::WebSocket;
     }
     let wants_sse = session
@@ -39,6 +41,16 @@ pub fn exchange_kind(session: &Session, long_poll_route: bool) -> ExchangeKind {
     } else {
         ExchangeKind::Plain
     }
+}
+
+/// Whether `req`'s `Upgrade` names the WebSocket protocol.
+pub fn asks_for_websocket(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("websocket"))
 }
 
 /// The `Sec-WebSocket-Accept` a server must answer to `key` (RFC 6455 4.2.2).

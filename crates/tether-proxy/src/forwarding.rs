@@ -142,22 +142,43 @@ fn ip_text(ip: IpAddr) -> String {
     text
 }
 
-/// Removes hop-by-hop fields (and the fields `Connection` nominates) from an upstream response.
-/// A `101 Switching Protocols` keeps `Connection` and `Upgrade`: the client needs them.
-pub fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
-    if resp.status.as_u16() == 101 {
-        return;
-    }
-    let nominated: Vec<String> = resp
-        .headers
+/// The field names a `Connection` header nominates as hop-by-hop, lower-cased.
+fn nominated(headers: &http::HeaderMap) -> Vec<String> {
+    headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|name| name.trim().to_ascii_lowercase())
         .filter(|name| !name.is_empty())
-        .collect();
-    for name in nominated {
+        .collect()
+}
+
+/// Makes a client's WebSocket upgrade request fit to send to a backend over Tether's own
+/// connection: hop-by-hop fields (and those `Connection` nominates) go, and the upgrade is
+/// restated as exactly `Connection: Upgrade` + `Upgrade: websocket`, so that no other protocol
+/// offered beside it (h2c, catalogue E6) reaches the backend.
+pub fn websocket_upgrade_request(req: &mut RequestHeader) -> pingora::Result<()> {
+    for name in nominated(&req.headers) {
+        if name != "upgrade" {
+            req.remove_header(name.as_str());
+        }
+    }
+    for name in &HOP_BY_HOP {
+        req.remove_header(name);
+    }
+    req.insert_header("Connection", HeaderValue::from_static("Upgrade"))?;
+    req.insert_header("Upgrade", HeaderValue::from_static("websocket"))?;
+    Ok(())
+}
+
+/// Removes hop-by-hop fields (and the fields `Connection` nominates) from an upstream response.
+/// A `101 Switching Protocols` keeps `Connection` and `Upgrade`: the client needs them.
+pub fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
+    if resp.status.as_u16() == 101 {
+        return;
+    }
+    for name in nominated(&resp.headers) {
         // Never let a Connection header strip framing fields Pingora relies on.
         if name != "content-length" && name != "transfer-encoding" {
             resp.remove_header(name.as_str());
@@ -187,6 +208,25 @@ mod tests {
             u64::from_str_radix(n_b, 16).unwrap(),
         );
         assert!(n_b > n_a);
+    }
+
+    #[test]
+    fn a_websocket_upgrade_goes_upstream_as_exactly_websocket() {
+        let mut req = RequestHeader::build("GET", b"/ws", None).unwrap();
+        req.insert_header("Connection", "keep-alive, Upgrade, X-Secret")
+            .unwrap();
+        req.insert_header("Upgrade", "h2c, websocket").unwrap();
+        req.insert_header("X-Secret", "1").unwrap();
+        req.insert_header("Keep-Alive", "timeout=5").unwrap();
+        req.insert_header("TE", "trailers").unwrap();
+        req.insert_header("Sec-WebSocket-Key", "k").unwrap();
+        websocket_upgrade_request(&mut req).unwrap();
+        assert_eq!(req.headers.get("connection").unwrap(), "Upgrade");
+        assert_eq!(req.headers.get("upgrade").unwrap(), "websocket");
+        for gone in ["x-secret", "keep-alive", "te"] {
+            assert!(req.headers.get(gone).is_none(), "{gone} kept");
+        }
+        assert_eq!(req.headers.get("sec-websocket-key").unwrap(), "k");
     }
 
     #[test]

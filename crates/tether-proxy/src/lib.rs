@@ -21,6 +21,7 @@ pub mod reload;
 pub mod state;
 pub mod streams;
 pub mod tls;
+pub mod tunnel;
 pub mod validity;
 
 use pingora::listeners::{L4BufferSettings, ListenerConfig};

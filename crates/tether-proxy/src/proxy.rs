@@ -27,24 +27,27 @@ use tether_routing::{BackendState, Decision, Reject, RequestView};
 /// Per-request state.
 pub struct RequestCtx {
     /// The routing state this request started on; it finishes on it even across a reload.
-    installed: Option<Arc<Installed>>,
-    decision: Option<Decision>,
+    pub(crate) installed: Option<Arc<Installed>>,
+    pub(crate) decision: Option<Decision>,
     /// Backend indices tried so far (the last one is the current). Inline: most requests
     /// try one backend, and this spares an allocation per request.
-    tried: SmallVec<[usize; 4]>,
+    pub(crate) tried: SmallVec<[usize; 4]>,
     kind: ExchangeKind,
-    request_id: Option<HeaderValue>,
+    pub(crate) request_id: Option<HeaderValue>,
     client_ip: Option<IpAddr>,
     /// Status answered by Tether itself (rejections, errors), when no upstream response was sent.
-    local_status: Option<u16>,
+    pub(crate) local_status: Option<u16>,
     /// Backend whose `active` count this request holds.
-    holding: Option<usize>,
-    /// The stream's entry in the registry, for WebSocket, SSE and long-poll exchanges.
+    pub(crate) holding: Option<usize>,
+    /// The stream's entry in the registry, for SSE and long-poll exchanges.
     registration: Option<Registration>,
-    /// Counts this request for graceful stop while it lives.
-    _in_flight: Option<InFlight>,
+    /// Counts this request for graceful stop while it lives (a tunnel takes it over).
+    pub(crate) in_flight: Option<InFlight>,
+    /// True when a WebSocket tunnel took the exchange over (`crate::tunnel`); it records the
+    /// exchange when the WebSocket ends.
+    pub(crate) tunneled: bool,
     /// When the request arrived.
-    started: Instant,
+    pub(crate) started: Instant,
     /// When the current upstream connection attempt began.
     connect_started: Option<Instant>,
     /// The route's body limit, and the body bytes seen so far.
@@ -64,7 +67,8 @@ impl TetherProxy {
     }
 }
 
-async fn respond_local(session: &mut Session, status: u16, reason: &str) -> Result<()> {
+/// Answers the request with a short text body; 426 and 503 carry their advice headers.
+pub(crate) async fn respond_local(session: &mut Session, status: u16, reason: &str) -> Result<()> {
     let body = Bytes::from(format!("{status} {reason}\n"));
     if status == 426 || status == 503 {
         let mut header = ResponseHeader::build(status, Some(3))?;
@@ -87,7 +91,8 @@ async fn respond_local(session: &mut Session, status: u16, reason: &str) -> Resu
 }
 
 impl RequestCtx {
-    fn release_backend(&mut self) {
+    /// Gives back the backend `active` count this request holds, if any.
+    pub(crate) fn release_backend(&mut self) {
         if let (Some(index), Some(installed), Some(decision)) =
             (self.holding.take(), &self.installed, &self.decision)
         {
@@ -128,44 +133,85 @@ impl Drop for RequestCtx {
     }
 }
 
-impl TetherProxy {
-    fn write_access_log(
-        &self,
-        session: &Session,
-        ctx: &RequestCtx,
-        installed: &Installed,
-        status: u16,
-        elapsed: Duration,
-    ) {
-        let router = &installed.router;
-        let decision = ctx.decision.as_ref();
-        let backend = match (decision, ctx.tried.last()) {
-            (Some(d), Some(&i)) => router.upstreams()[d.upstream]
-                .backends
-                .get(i)
-                .map(|b| b.address.to_string())
-                .unwrap_or_default(),
-            _ => String::new(),
-        };
-        let entry = crate::access_log::Entry {
-            request_id: ctx
-                .request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(""),
-            method: session.req_header().method.as_str(),
-            route: decision.map_or("", |d| router.routes()[d.route].name.as_str()),
-            key_source: decision.map_or("none", |d| d.key_source.as_str()),
-            key: decision.and_then(|d| d.key.as_deref()),
-            upstream: decision.map_or("", |d| router.upstreams()[d.upstream].name.as_str()),
-            backend: &backend,
-            kind: ctx.kind.as_str(),
-            status,
-            bytes: session.body_bytes_sent(),
-            duration: elapsed.as_secs_f64(),
-        };
-        crate::access_log::log(&installed.config.server.access_log, &entry);
+/// Records a finished exchange: the route's status and duration metrics, and the access log
+/// line (unless the access log is off).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_exchange(
+    installed: &Installed,
+    decision: Option<&Decision>,
+    backend: Option<usize>,
+    request_id: Option<&HeaderValue>,
+    method: &str,
+    kind: ExchangeKind,
+    status: u16,
+    bytes: usize,
+    elapsed: Duration,
+) {
+    if status > 0 {
+        installed
+            .counters
+            .route(decision.map(|d| d.route))
+            .observe(status, elapsed);
     }
+    let log = &installed.config.server.access_log;
+    if log.format == tether_config::AccessLogFormat::Off {
+        return;
+    }
+    let router = &installed.router;
+    let backend = match (decision, backend) {
+        (Some(d), Some(i)) => router.upstreams()[d.upstream]
+            .backends
+            .get(i)
+            .map(|b| b.address.to_string())
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    let entry = crate::access_log::Entry {
+        request_id: request_id.and_then(|v| v.to_str().ok()).unwrap_or(""),
+        method,
+        route: decision.map_or("", |d| router.routes()[d.route].name.as_str()),
+        key_source: decision.map_or("none", |d| d.key_source.as_str()),
+        key: decision.and_then(|d| d.key.as_deref()),
+        upstream: decision.map_or("", |d| router.upstreams()[d.upstream].name.as_str()),
+        backend: &backend,
+        kind: kind.as_str(),
+        status,
+        bytes,
+        duration: elapsed.as_secs_f64(),
+    };
+    crate::access_log::log(log, &entry);
+}
+
+/// Adds the forwarding headers (X-Forwarded-*, Forwarded, X-Request-Id) to a request about to
+/// go to a backend.
+pub(crate) fn add_forwarding(
+    session: &Session,
+    ctx: &RequestCtx,
+    upstream_request: &mut RequestHeader,
+) -> Result<()> {
+    let original_host = session.req_header().headers.get(HOST).cloned();
+    let request_id = ctx
+        .request_id
+        .clone()
+        .unwrap_or_else(forwarding::new_request_id);
+    let trusted = match (&ctx.installed, ctx.client_ip) {
+        (Some(installed), Some(ip)) => installed
+            .config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(ip)),
+        _ => false,
+    };
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    forwarding::add_forwarding_headers(
+        upstream_request,
+        ctx.client_ip,
+        trusted,
+        tls,
+        original_host.as_ref(),
+        &request_id,
+    )
 }
 
 #[async_trait]
@@ -189,7 +235,8 @@ impl ProxyHttp for TetherProxy {
             local_status: None,
             holding: None,
             registration: None,
-            _in_flight: Some(self.state.enter()),
+            in_flight: Some(self.state.enter()),
+            tunneled: false,
             started: Instant::now(),
             connect_started: None,
             max_body: u64::MAX,
@@ -293,6 +340,9 @@ impl ProxyHttp for TetherProxy {
                 }
                 ctx.max_body = route.max_body;
                 ctx.decision = Some(decision);
+                if ctx.kind == ExchangeKind::WebSocket && crate::downstream::can_hand_off() {
+                    return crate::tunnel::open(&self.state, session, ctx).await;
+                }
                 Ok(false)
             }
             Err(reject) => {
@@ -534,29 +584,7 @@ impl ProxyHttp for TetherProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let original_host = session.req_header().headers.get(HOST).cloned();
-        let request_id = ctx
-            .request_id
-            .clone()
-            .unwrap_or_else(forwarding::new_request_id);
-        let trusted = match (&ctx.installed, ctx.client_ip) {
-            (Some(installed), Some(ip)) => installed
-                .config
-                .server
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(ip)),
-            _ => false,
-        };
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        forwarding::add_forwarding_headers(
-            upstream_request,
-            ctx.client_ip,
-            trusted,
-            tls,
-            original_host.as_ref(),
-            &request_id,
-        )
+        add_forwarding(session, ctx, upstream_request)
     }
 
     async fn upstream_response_filter(
@@ -634,28 +662,32 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.release_backend();
+        if ctx.tunneled {
+            // The tunnel records the exchange when the WebSocket ends.
+            return;
+        }
         // The next request on this connection (if any) has a header deadline again.
         crate::downstream::request_done();
-        ctx.release_backend();
         ctx.registration = None;
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .or(ctx.local_status)
             .unwrap_or(0);
-        let elapsed = ctx.started.elapsed();
         let Some(installed) = &ctx.installed else {
             return;
         };
-        if status > 0 {
-            installed
-                .counters
-                .route(ctx.decision.as_ref().map(|d| d.route))
-                .observe(status, elapsed);
-        }
-        let log = &installed.config.server.access_log;
-        if log.format != tether_config::AccessLogFormat::Off {
-            self.write_access_log(session, ctx, installed, status, elapsed);
-        }
+        record_exchange(
+            installed,
+            ctx.decision.as_ref(),
+            ctx.tried.last().copied(),
+            ctx.request_id.as_ref(),
+            session.req_header().method.as_str(),
+            ctx.kind,
+            status,
+            session.body_bytes_sent(),
+            ctx.started.elapsed(),
+        );
     }
 }

@@ -6,12 +6,14 @@
 //! across I/O, and plain requests never touch the registry.
 
 use crate::metrics::Metrics;
+use atomic_waker::AtomicWaker;
 use prometheus::IntGauge;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::Instant;
 
 /// The kind of an open stream (the `kind` metric label).
@@ -38,7 +40,10 @@ impl StreamKind {
 
 /// The handle convergence uses to end one stream from outside its request task.
 ///
-/// Pingora has no API to close a proxied connection from outside (Pingora issue #571). What
+/// A WebSocket runs in Tether's own tunnel (`crate::tunnel`), which registers its task's
+/// waker here: closing marks the stream and wakes the tunnel, which sends the close frame.
+///
+/// SSE and long-poll responses run in Pingora's relay, and Pingora has no API to close a proxied connection from outside (Pingora issue #571). What
 /// works soundly: in `connected_to_upstream` the proxy `dup`s the upstream socket's descriptor
 /// into this handle. Closing then means `shutdown(SHUT_RD)` on that duplicate: the request
 /// task's next upstream read sees end-of-stream (writes still work, so nothing in flight turns
@@ -52,6 +57,9 @@ pub struct StreamControl {
     /// 0 while open normally, else a `CloseReason` discriminant.
     closing: AtomicU8,
     upstream: Mutex<Option<OwnedFd>>,
+    /// The tunnel task to wake when closing (WebSockets).
+    relay: AtomicWaker,
+    relay_attached: AtomicBool,
 }
 
 /// Why Tether itself ended a stream (the `reason` label of `streams_closed_total`; streams that
@@ -103,6 +111,14 @@ impl StreamControl {
         }
     }
 
+    /// Registers the waker of the tunnel relaying this stream; `close` wakes it.
+    pub fn attach_relay(&self, waker: &Waker) {
+        self.relay.register(waker);
+        if !self.relay_attached.load(Ordering::Relaxed) {
+            self.relay_attached.store(true, Ordering::Release);
+        }
+    }
+
     /// True once convergence (or shutdown) asked this stream to end.
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire) != 0
@@ -117,13 +133,18 @@ impl StreamControl {
         }
     }
 
-    /// Asks the stream to end: marks it closing and shuts the upstream socket down so the relay
-    /// finishes. Returns false if the stream has no upstream socket yet (or any more).
+    /// Asks the stream to end: marks it closing and wakes its tunnel, or shuts the upstream
+    /// socket down so Pingora's relay finishes. Returns false if nothing relays the stream yet
+    /// (it ends when its relay starts and sees the mark).
     pub fn close(&self, reason: CloseReason) -> bool {
         // The first reason wins; a stream is closed once.
         let _ = self
             .closing
             .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        if self.relay_attached.load(Ordering::Acquire) {
+            self.relay.wake();
+            return true;
+        }
         match lock(&self.upstream).as_ref() {
             Some(fd) => {
                 // SAFETY: `fd` is our own open duplicate; shutdown does not close it. The backend

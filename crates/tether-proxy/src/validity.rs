@@ -108,14 +108,7 @@ fn check_target(raw: &[u8]) -> Result<(), Refusal> {
 /// A WebSocket upgrade must be an HTTP/1.1 GET with a well-formed `Sec-WebSocket-Key`
 /// (RFC 6455 4.1); anything else could only be completed by a lax backend, so it is refused.
 fn check_websocket(req: &RequestHeader) -> Result<(), Refusal> {
-    let wants_websocket = req
-        .headers
-        .get_all(http::header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("websocket"));
-    if !wants_websocket {
+    if !crate::exchange::asks_for_websocket(req) {
         return Ok(());
     }
     // RFC 6455 4.1: the opening handshake is an HTTP/1.1 GET.
