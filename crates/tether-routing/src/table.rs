@@ -82,7 +82,9 @@ impl Table {
         req: &RequestView<'_>,
         normalized_path: &str,
     ) -> Option<(usize, &CompiledRoute, usize)> {
-        let host = req.host.map(bare_host);
+        // Stripped once, and only if some route looks at the host (most tables do not).
+        let host = std::cell::OnceCell::new();
+        let host = || *host.get_or_init(|| req.host.map(bare_host));
         self.routes
             .iter()
             .zip(&self.compiled)
@@ -107,8 +109,12 @@ impl Table {
 }
 
 impl HostMatch {
-    fn matches(&self, host: Option<&str>) -> bool {
-        match (self, host) {
+    /// Whether the request's bare host (computed by `host` only when needed) matches.
+    fn matches<'a>(&self, host: impl FnOnce() -> Option<&'a str>) -> bool {
+        if matches!(self, HostMatch::Any) {
+            return true;
+        }
+        match (self, host()) {
             (HostMatch::Any, _) => true,
             (_, None) => false,
             (HostMatch::Exact(expected), Some(host)) => host.eq_ignore_ascii_case(expected),
@@ -158,20 +164,20 @@ mod tests {
     #[test]
     fn exact_host_ignores_case() {
         let m = HostMatch::Exact("docs.example.com".into());
-        assert!(m.matches(Some("Docs.EXAMPLE.com")));
-        assert!(!m.matches(Some("other.example.com")));
-        assert!(!m.matches(None));
+        assert!(m.matches(|| Some("Docs.EXAMPLE.com")));
+        assert!(!m.matches(|| Some("other.example.com")));
+        assert!(!m.matches(|| None));
     }
 
     #[test]
     fn wildcard_host_matches_subdomains_only() {
         let m = HostMatch::Subdomain(".example.com".into());
-        assert!(m.matches(Some("a.example.com")));
-        assert!(m.matches(Some("a.b.Example.COM")));
-        assert!(!m.matches(Some("example.com")));
-        assert!(!m.matches(Some("badexample.com")));
-        assert!(!m.matches(Some(".example.com")));
-        assert!(!m.matches(None));
+        assert!(m.matches(|| Some("a.example.com")));
+        assert!(m.matches(|| Some("a.b.Example.COM")));
+        assert!(!m.matches(|| Some("example.com")));
+        assert!(!m.matches(|| Some("badexample.com")));
+        assert!(!m.matches(|| Some(".example.com")));
+        assert!(!m.matches(|| None));
     }
 
     #[test]

@@ -148,6 +148,27 @@ proptest! {
         }
     }
 
+    /// The ring's own lookup arrays (points indexed by the top bits of the hash) agree with
+    /// nginx's continuum key for key, weights included, and keys whose hash is past the last
+    /// point wrap around to the first.
+    #[test]
+    fn every_key_goes_where_nginxs_ring_puts_it(
+        count in 1usize..300,
+        weights in prop::collection::vec(1u32..4, 300),
+        seed in any::<u64>(),
+    ) {
+        let mut all = backends(count);
+        for (b, w) in all.iter_mut().zip(&weights) {
+            b.weight = *w;
+        }
+        let router = router(&all);
+        let buckets: Vec<Bucket> = all.iter().map(|b| Bucket::new(b.address, b.weight)).collect();
+        let continuum = Continuum::new(&buckets);
+        for key in keys(seed, 2_000).iter().map(String::as_str).chain(["", "a", "zzzzzzzz"]) {
+            prop_assert_eq!(owner(&router, key), continuum.node(key.as_bytes()), "key {:?}", key);
+        }
+    }
+
     #[test]
     fn every_backend_down_means_no_owner(count in 1usize..40, key in "[a-z0-9]{1,32}") {
         let all = backends(count);

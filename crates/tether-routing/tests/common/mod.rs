@@ -101,3 +101,48 @@ pub fn ring_config(backends: Vec<Backend>) -> Config {
         )],
     )
 }
+
+/// The routing table `Router::decide` is measured on (benchmark and callgrind loop): a
+/// path-prefix route without a key, then a sticky route with the 3-source key chain, over
+/// `count` backends.
+pub fn decide_router(count: usize) -> tether_routing::Router {
+    tether_routing::Router::new(&config(
+        vec![upstream("docs", backends(count), Balance::Ketama)],
+        vec![
+            route("static", prefix("/static/"), None, "docs"),
+            route(
+                "docs",
+                prefix("/docs/"),
+                Some(doc_chain(OnMissing::Reject)),
+                "docs",
+            ),
+        ],
+    ))
+}
+
+/// The headers of the measured request: the key header among a cookie and a user agent.
+pub fn decide_headers() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "x-doc-id",
+        http::HeaderValue::from_static("b7c1a7e0-3f2d-4c55-9a1e-6d0f4e2b9c11"),
+    );
+    headers.insert(
+        "cookie",
+        http::HeaderValue::from_static("theme=dark; session=abc"),
+    );
+    headers.insert("user-agent", http::HeaderValue::from_static("bench"));
+    headers
+}
+
+/// The measured request, with `headers` from [`decide_headers`].
+pub fn decide_request(headers: &http::HeaderMap) -> tether_routing::RequestView<'_> {
+    tether_routing::RequestView {
+        method: "GET",
+        host: Some("docs.example.com"),
+        path: "/docs/b7c1a7e0-3f2d-4c55-9a1e-6d0f4e2b9c11/ws",
+        query: Some("v=2"),
+        headers,
+        client_ip: None,
+    }
+}
