@@ -135,6 +135,73 @@ async fn the_access_log_writes_one_json_line_per_request_without_keys() {
     assert!(!stdout.contains("secret-doc"), "a key leaked into the log");
 }
 
+/// A WebSocket is logged once, when it ends: status 101, kind `websocket`, its whole lifetime
+/// as the duration, the bytes sent to the client after the 101, and the request id the client
+/// saw on the 101.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_is_logged_when_it_ends_with_its_whole_duration() {
+    use futures_util::{SinkExt, StreamExt};
+    let config = STANDARD.replace(
+        "listeners:",
+        "server:\n  access_log: { format: json }\nlisteners:",
+    );
+    let stack = Stack::start(&config).await;
+    let (mut ws, headers) = ws_connect(&stack.ws_url("/docs/logged/ws"), &[])
+        .await
+        .expect("upgrade");
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("X-Request-Id on the 101")
+        .to_string();
+    let opened = std::time::Instant::now();
+    for _ in 0..3 {
+        ws.send(tether_testkit::Message::text("0123456789"))
+            .await
+            .expect("send");
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time");
+        assert!(matches!(echo, Some(Ok(_))), "{echo:?}");
+    }
+    // Held open a while (the stimulus), so the logged duration shows the whole lifetime.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stack.tether.stdout().contains(&request_id),
+        "logged before it ended: {}",
+        stack.tether.stdout()
+    );
+    ws.close(None).await.expect("close");
+    let open_for = opened.elapsed().as_secs_f64();
+    let logged = wait_until_async(Duration::from_secs(5), || {
+        let found = stack.tether.stdout().contains(&request_id);
+        async move { found }
+    })
+    .await;
+    assert!(logged, "stdout: {}", stack.tether.stdout());
+    let stdout = stack.tether.stdout();
+    let line: serde_json::Value = stdout
+        .lines()
+        .find(|l| l.contains(&request_id))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .expect("the line");
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["kind"], "websocket", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["route"], "by-path", "{line}");
+    assert!(
+        line["backend"].as_str().is_some_and(|b| !b.is_empty()),
+        "{line}"
+    );
+    let duration = line["duration"].as_f64().expect("duration");
+    assert!(
+        duration >= 0.3 && duration <= open_for + 1.0,
+        "duration {duration} for a WebSocket open {open_for} s"
+    );
+    // Three 10-byte echoes (2-byte frame headers) at least.
+    assert!(line["bytes"].as_u64().is_some_and(|b| b >= 36), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_downstream_connection_gauge_follows_open_connections() {
     let stack = Stack::start(STANDARD).await;
