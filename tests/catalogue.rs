@@ -678,6 +678,90 @@ async fn bytes_sent_with_the_101_reach_the_client_and_frames_flow_both_ways() {
     assert!(arrived, "the client's frame never reached the backend");
 }
 
+/// Tether's close frame never lands inside a frame: when the proxy stops while a backend is in
+/// the middle of a message, the rest of that frame reaches the client first, then the close
+/// frame (1001).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_lets_the_frame_in_flight_finish_before_the_close_frame() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (send_rest, rest_wanted) = tokio::sync::oneshot::channel::<()>();
+    let backend = tokio::spawn(async move {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        // The 101, then the first half of a 100-byte binary frame.
+        let mut first = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+        )
+        .into_bytes();
+        first.extend_from_slice(&[0x82, 100]);
+        first.extend_from_slice(&[b'a'; 50]);
+        if socket.write_all(&first).await.is_err() || rest_wanted.await.is_err() {
+            return;
+        }
+        let _ = socket.write_all(&[b'b'; 50]).await;
+        while matches!(socket.read(&mut chunk).await, Ok(n) if n > 0) {}
+    });
+    let (tether, proxy) = start_faulty(addr, "").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    stream
+        .write_all(upgrade_request("/mid-frame").as_bytes())
+        .await
+        .expect("write");
+    let got = read_until(&mut stream, |got| {
+        got.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_some_and(|end| got.len() >= end + 4 + 52)
+    })
+    .await;
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the 101")
+        + 4;
+    assert_eq!(raw_status(&got), Some(101));
+    tether
+        .signal(tether_testkit::Signal::SIGTERM)
+        .expect("SIGTERM");
+    // The stimulus: the backend is still in the middle of its frame when the stop begins.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = send_rest.send(());
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the connection was not closed");
+    let mut after_head = got[head_end..].to_vec();
+    after_head.extend_from_slice(&rest);
+    let mut expected = vec![0x82, 100];
+    expected.extend_from_slice(&[b'a'; 50]);
+    expected.extend_from_slice(&[b'b'; 50]);
+    assert!(
+        after_head.starts_with(&expected),
+        "the frame was cut: {:?}",
+        String::from_utf8_lossy(&after_head)
+    );
+    let close = &after_head[expected.len()..];
+    assert!(
+        close.len() >= 4 && close[0] == 0x88 && close[2..4] == 1001u16.to_be_bytes(),
+        "no 1001 close frame after the frame: {close:?}"
+    );
+    backend.abort();
+}
+
 /// E10 for tunnels: a WebSocket client that stops reading while its backend keeps sending is
 /// disconnected at `send_timeout`; the proxy does not buffer the backend's output for it.
 #[tokio::test(flavor = "multi_thread")]

@@ -138,6 +138,7 @@ async fn a_websocket_idle_past_the_routes_idle_timeout_is_closed() {
         .expect("upgrade");
     // Traffic keeps it open: 4 s of messages every 500 ms, longer than the 2 s idle timeout.
     let start = Instant::now();
+    let mut silent_since = start;
     while start.elapsed() < Duration::from_secs(4) {
         ws.send(Message::text("ping"))
             .await
@@ -146,10 +147,11 @@ async fn a_websocket_idle_past_the_routes_idle_timeout_is_closed() {
             .await
             .expect("echo while active");
         assert!(matches!(echo, Some(Ok(Message::Text(_)))), "{echo:?}");
+        // The last traffic: the idle time counts from here.
+        silent_since = Instant::now();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Then silence: it must be closed soon after 2 s.
-    let silent_since = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ws.next().await {

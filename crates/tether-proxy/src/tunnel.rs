@@ -10,7 +10,7 @@
 //! two sockets ([`run`]) through one buffer per thread: an idle tunnel owns its two sockets
 //! and a few hundred bytes.
 
-use crate::exchange::{valid_switch, websocket_close_frame, ExchangeKind};
+use crate::exchange::{valid_switch, websocket_close_frame, ExchangeKind, FrameCursor};
 use crate::forwarding;
 use crate::passive;
 use crate::proxy::{record_exchange, respond_local, RequestCtx};
@@ -472,6 +472,8 @@ struct Direction {
     bytes: u64,
     /// Since when the other side has not taken what is pending.
     blocked_since: Option<Instant>,
+    /// Frame boundaries of what the source sent (backend to client only).
+    frames: Option<FrameCursor>,
 }
 
 /// Where one direction stands after a turn.
@@ -536,6 +538,9 @@ where
         if n == 0 {
             dir.eof = true;
             continue;
+        }
+        if let Some(frames) = dir.frames.as_mut() {
+            frames.advance(&scratch[..n]);
         }
         let written = match Pin::new(&mut *dst).poll_write(cx, &scratch[..n]) {
             Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
@@ -650,8 +655,11 @@ async fn relay(
 /// relays, ends the connection the way the end calls for, then records the exchange.
 pub(crate) async fn run(mut client: Stream, mut tunnel: Tunnel) {
     let mut up = Direction::default();
+    let mut frames = FrameCursor::default();
+    frames.advance(&tunnel.to_client[tunnel.head_len..]);
     let mut down = Direction {
         pending: std::mem::take(&mut tunnel.to_client),
+        frames: Some(frames),
         ..Direction::default()
     };
     let end = relay(&mut client, &mut tunnel, &mut up, &mut down).await;
@@ -664,7 +672,23 @@ pub(crate) async fn run(mut client: Stream, mut tunnel: Tunnel) {
                     CloseReason::Rebalance => (tunnel.rebalance_code, "document moved"),
                 };
                 client.write_all(&down.pending[down.sent..]).await?;
-                client.write_all(&websocket_close_frame(code, text)).await?;
+                // The close frame must not land inside a frame the backend is still sending:
+                // let that one finish first (within the linger time).
+                let frames = down.frames.get_or_insert_with(FrameCursor::default);
+                let mut buf = Vec::new();
+                while !frames.at_boundary() {
+                    buf.resize(4096, 0);
+                    let n = tunnel.backend.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    let take = frames.finish_frame(&buf[..n]);
+                    client.write_all(&buf[..take]).await?;
+                    down.bytes += take as u64;
+                }
+                if frames.at_boundary() {
+                    client.write_all(&websocket_close_frame(code, text)).await?;
+                }
                 client.flush().await?;
                 client.shutdown().await
             }
