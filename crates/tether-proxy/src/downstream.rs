@@ -404,12 +404,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
                 .and_then(|mut tap| tap.inner.take())
         });
         match client {
-            // A task of its own: Pingora's connection task (about 9 KB, measured with DHAT)
-            // ends here, the tunnel keeps only what it needs.
-            Some(client) => drop(tokio::spawn(async move {
-                let _admitted = admitted;
-                crate::tunnel::run(client, *tunnel).await;
-            })),
+            Some(client) => crate::tunnel::start(client, *tunnel, admitted),
             None => tracing::debug!("WebSocket tunnel lost its client stream"),
         }
         None

@@ -120,6 +120,9 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
             .map(|n| n.get())
             .unwrap_or(1)
     });
+    if let Err(e) = tunnel::configure_runtime(threads) {
+        tracing::warn!("WebSocket tunnels stay on the proxy's runtime: {e}");
+    }
     let mut conf = ServerConf {
         threads,
         // Tether's own GracefulExit ends the process once drained; Pingora's grace period is

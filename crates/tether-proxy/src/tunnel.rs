@@ -64,7 +64,8 @@ impl Drop for Active {
 
 /// An open WebSocket: the backend socket after a completed handshake, waiting for the client.
 pub struct Tunnel {
-    backend: TcpStream,
+    /// Taken out only while the tunnel moves between runtimes.
+    backend: Option<TcpStream>,
     /// The 101 response head for the client, then whatever the backend sent right after it.
     to_client: Vec<u8>,
     head_len: usize,
@@ -217,7 +218,7 @@ pub(crate) async fn open(
     );
     ctx.holding = None;
     let tunnel = Tunnel {
-        backend: socket,
+        backend: Some(socket),
         to_client,
         head_len,
         registration,
@@ -571,15 +572,17 @@ enum End {
 
 /// Relays between the client and the backend until one ends, the tunnel idles out, a peer
 /// stops taking bytes for `send_timeout`, or convergence closes the stream.
-async fn relay(
-    client: &mut Stream,
+async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    client: &mut C,
     tunnel: &mut Tunnel,
     up: &mut Direction,
     down: &mut Direction,
 ) -> End {
     let control = tunnel.registration.control().clone();
     let (idle, send_timeout) = (tunnel.idle, tunnel.send_timeout);
-    let backend = &mut tunnel.backend;
+    let Some(backend) = tunnel.backend.as_mut() else {
+        return End::Failed(io::ErrorKind::NotConnected.into());
+    };
     let mut last_activity = Instant::now();
     let sleep = tokio::time::sleep_until(last_activity + idle);
     tokio::pin!(sleep);
@@ -591,8 +594,8 @@ async fn relay(
         let moved = up.bytes + down.bytes;
         let flows = SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let to_backend = pump(cx, &mut **client, &mut *backend, up, &mut scratch)?;
-            let to_client = pump(cx, &mut *backend, &mut **client, down, &mut scratch)?;
+            let to_backend = pump(cx, &mut *client, &mut *backend, up, &mut scratch)?;
+            let to_client = pump(cx, &mut *backend, &mut *client, down, &mut scratch)?;
             Ok::<_, io::Error>((to_backend, to_client))
         });
         let (to_backend, to_client) = match flows {
@@ -651,9 +654,101 @@ async fn relay(
     .await
 }
 
+/// The runtime tunnels run on, once [`configure_runtime`] built it.
+static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+
+/// Builds the runtime for WebSocket tunnels: `threads` workers that take tasks from the global
+/// queue every 4 polls (tokio's default is 31 or more). With 1,000 busy tunnels on one worker
+/// the local run queue (256) overflows into the global one, and a task waiting there waits
+/// for that interval: shared/research/pingora-perf.md §5.1 measured the interval as the tail
+/// of a busy WebSocket proxy. Pingora's own runtime does not expose the setting (bench/README.md,
+/// upstream text 6), so plain-TCP tunnels move to this runtime. Called once at start; without
+/// it tunnels stay on Pingora's runtime.
+pub fn configure_runtime(threads: usize) -> std::io::Result<()> {
+    if RUNTIME.get().is_some() {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("tether tunnels")
+        .global_queue_interval(4)
+        .enable_all()
+        .build()?;
+    let _ = RUNTIME.set(runtime);
+    Ok(())
+}
+
+/// Starts `tunnel` with the `client` stream Pingora let go of, in a task of its own (Pingora's
+/// connection task, about 9 KB by DHAT, ends here). A plain-TCP tunnel moves to the tunnels'
+/// runtime: both sockets leave Pingora's reactor and join that runtime's (a TLS stream cannot
+/// be taken apart, so it stays). `guard` lives as long as the tunnel.
+pub(crate) fn start(client: Stream, tunnel: Tunnel, guard: impl Send + 'static) {
+    let Some(runtime) = RUNTIME.get() else {
+        drop(tokio::spawn(async move {
+            let _guard = guard;
+            run(client, tunnel).await;
+        }));
+        return;
+    };
+    type PlainStream = pingora::protocols::l4::stream::Stream;
+    if !client.as_any().is::<PlainStream>() {
+        // Not plain TCP (TLS): it stays on Pingora's runtime.
+        drop(tokio::spawn(async move {
+            let _guard = guard;
+            run(client, tunnel).await;
+        }));
+        return;
+    }
+    let Ok(client) = client.into_any().downcast::<PlainStream>() else {
+        return;
+    };
+    drop(tokio::spawn(async move {
+        let mut tunnel = tunnel;
+        let Some((client, backend)) = detach(client, &mut tunnel).await else {
+            tracing::debug!("could not move a WebSocket tunnel to its runtime");
+            return;
+        };
+        drop(runtime.spawn(async move {
+            let _guard = guard;
+            match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
+                (Ok(client), Ok(backend)) => {
+                    tunnel.backend = Some(backend);
+                    run(client, tunnel).await;
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!("could not register a WebSocket tunnel: {e}");
+                }
+            }
+        }));
+    }));
+}
+/// Takes both sockets off Pingora's reactor: the client's descriptor is duplicated and Pingora's
+/// stream dropped (which deregisters and closes the original; the connection lives on in the
+/// duplicate), and the backend socket is taken back from tokio.
+async fn detach(
+    mut client: Box<pingora::protocols::l4::stream::Stream>,
+    tunnel: &mut Tunnel,
+) -> Option<(std::net::TcpStream, std::net::TcpStream)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // Nothing should be buffered (Tether wrote nothing through it), but never lose bytes.
+    client.flush().await.ok()?;
+    // SAFETY: the descriptor is the live socket `client` owns; `F_DUPFD_CLOEXEC` only reads it
+    // and returns a new descriptor that nobody else owns.
+    let dup = unsafe { libc::fcntl(client.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return None;
+    }
+    // SAFETY: `dup` is a fresh descriptor of a connected TCP socket, owned from here on.
+    let client_std = unsafe { std::net::TcpStream::from_raw_fd(dup) };
+    drop(client);
+    client_std.set_nonblocking(true).ok()?;
+    let backend = tunnel.backend.take()?.into_std().ok()?;
+    Some((client_std, backend))
+}
+
 /// Runs a tunnel to its end: sends the 101 (and the backend's first bytes) to `client`,
 /// relays, ends the connection the way the end calls for, then records the exchange.
-pub(crate) async fn run(mut client: Stream, mut tunnel: Tunnel) {
+async fn run<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, mut tunnel: Tunnel) {
     let mut up = Direction::default();
     let mut frames = FrameCursor::default();
     frames.advance(&tunnel.to_client[tunnel.head_len..]);
@@ -678,7 +773,10 @@ pub(crate) async fn run(mut client: Stream, mut tunnel: Tunnel) {
                 let mut buf = Vec::new();
                 while !frames.at_boundary() {
                     buf.resize(4096, 0);
-                    let n = tunnel.backend.read(&mut buf).await?;
+                    let Some(backend) = tunnel.backend.as_mut() else {
+                        break;
+                    };
+                    let n = backend.read(&mut buf).await?;
                     if n == 0 {
                         break;
                     }
@@ -696,7 +794,10 @@ pub(crate) async fn run(mut client: Stream, mut tunnel: Tunnel) {
                 client.flush().await?;
                 client.shutdown().await
             }
-            End::ClientClosed => tunnel.backend.shutdown().await,
+            End::ClientClosed => match tunnel.backend.as_mut() {
+                Some(backend) => backend.shutdown().await,
+                None => Ok(()),
+            },
             End::IdleTimeout | End::SendTimeout | End::Failed(_) => Ok(()),
         }
     };
