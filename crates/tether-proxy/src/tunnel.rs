@@ -654,6 +654,9 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     .await
 }
 
+/// Pingora's plain-TCP stream: the only kind a tunnel can take apart.
+type PlainStream = pingora::protocols::l4::stream::Stream;
+
 /// The runtime tunnels run on, once [`configure_runtime`] built it.
 static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
 
@@ -690,7 +693,6 @@ pub(crate) fn start(client: Stream, tunnel: Tunnel, guard: impl Send + 'static) 
         }));
         return;
     };
-    type PlainStream = pingora::protocols::l4::stream::Stream;
     if !client.as_any().is::<PlainStream>() {
         // Not plain TCP (TLS): it stays on Pingora's runtime.
         drop(tokio::spawn(async move {
@@ -704,9 +706,18 @@ pub(crate) fn start(client: Stream, tunnel: Tunnel, guard: impl Send + 'static) 
     };
     drop(tokio::spawn(async move {
         let mut tunnel = tunnel;
-        let Some((client, backend)) = detach(client, &mut tunnel).await else {
-            tracing::debug!("could not move a WebSocket tunnel to its runtime");
-            return;
+        let (client, backend) = match detach(client, &mut tunnel).await {
+            Ok(sockets) => sockets,
+            Err(Some(client)) => {
+                // No descriptor to spare for the move (at the open-file limit): run here.
+                let _guard = guard;
+                run(client, tunnel).await;
+                return;
+            }
+            Err(None) => {
+                tracing::debug!("could not move a WebSocket tunnel to its runtime");
+                return;
+            }
         };
         drop(runtime.spawn(async move {
             let _guard = guard;
@@ -722,28 +733,35 @@ pub(crate) fn start(client: Stream, tunnel: Tunnel, guard: impl Send + 'static) 
         }));
     }));
 }
+
 /// Takes both sockets off Pingora's reactor: the client's descriptor is duplicated and Pingora's
 /// stream dropped (which deregisters and closes the original; the connection lives on in the
-/// duplicate), and the backend socket is taken back from tokio.
+/// duplicate), and the backend socket is taken back from tokio. When the duplicate cannot be
+/// made, the client stream comes back untouched; `Err(None)` means the tunnel is lost.
 async fn detach(
-    mut client: Box<pingora::protocols::l4::stream::Stream>,
+    mut client: Box<PlainStream>,
     tunnel: &mut Tunnel,
-) -> Option<(std::net::TcpStream, std::net::TcpStream)> {
+) -> Result<(std::net::TcpStream, std::net::TcpStream), Option<Box<PlainStream>>> {
     use std::os::fd::{AsRawFd, FromRawFd};
     // Nothing should be buffered (Tether wrote nothing through it), but never lose bytes.
-    client.flush().await.ok()?;
+    client.flush().await.map_err(|_| None)?;
     // SAFETY: the descriptor is the live socket `client` owns; `F_DUPFD_CLOEXEC` only reads it
     // and returns a new descriptor that nobody else owns.
     let dup = unsafe { libc::fcntl(client.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
-        return None;
+        return Err(Some(client));
     }
     // SAFETY: `dup` is a fresh descriptor of a connected TCP socket, owned from here on.
     let client_std = unsafe { std::net::TcpStream::from_raw_fd(dup) };
     drop(client);
-    client_std.set_nonblocking(true).ok()?;
-    let backend = tunnel.backend.take()?.into_std().ok()?;
-    Some((client_std, backend))
+    client_std.set_nonblocking(true).map_err(|_| None)?;
+    let backend = tunnel
+        .backend
+        .take()
+        .ok_or(None)?
+        .into_std()
+        .map_err(|_| None)?;
+    Ok((client_std, backend))
 }
 
 /// Runs a tunnel to its end: sends the 101 (and the backend's first bytes) to `client`,
