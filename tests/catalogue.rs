@@ -576,6 +576,15 @@ fn upgrade_request(path: &str) -> String {
     )
 }
 
+/// A backend's valid 101 to [`upgrade_request`].
+fn switching_protocols() -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 /// Reads from `stream` until `done` says the bytes so far are enough, or 5 s pass.
 async fn read_until(stream: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
@@ -632,11 +641,7 @@ async fn a_backends_refusal_of_an_upgrade_reaches_the_client_whole() {
 async fn bytes_sent_with_the_101_reach_the_client_and_frames_flow_both_ways() {
     use tokio::io::AsyncWriteExt;
     let greeting = b"\x81\x05hello";
-    let mut answer = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
-    )
-    .into_bytes();
+    let mut answer = switching_protocols();
     answer.extend_from_slice(greeting);
     let backend = RawBackend::start(answer, true).await;
     let (_tether, proxy) = start_faulty(backend.addr, "").await;
@@ -702,11 +707,7 @@ async fn a_stop_lets_the_frame_in_flight_finish_before_the_close_frame() {
             }
         }
         // The 101, then the first half of a 100-byte binary frame.
-        let mut first = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
-        )
-        .into_bytes();
+        let mut first = switching_protocols();
         first.extend_from_slice(&[0x82, 100]);
         first.extend_from_slice(&[b'a'; 50]);
         if socket.write_all(&first).await.is_err() || rest_wanted.await.is_err() {
@@ -767,11 +768,7 @@ async fn a_stop_lets_the_frame_in_flight_finish_before_the_close_frame() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_websocket_client_that_stops_reading_is_disconnected_at_the_send_timeout() {
     const SIZE: usize = 50 * 1024 * 1024;
-    let mut answer = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
-    )
-    .into_bytes();
+    let mut answer = switching_protocols();
     // One binary frame of SIZE bytes (64-bit length).
     answer.extend_from_slice(&[0x82, 127]);
     answer.extend_from_slice(&(SIZE as u64).to_be_bytes());

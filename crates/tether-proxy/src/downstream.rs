@@ -80,11 +80,6 @@ pub fn request_done() {
     });
 }
 
-/// Whether this task serves an HTTP/1 connection whose stream can be handed to a tunnel.
-pub fn can_hand_off() -> bool {
-    CONNECTION.try_with(|_| ()).is_ok()
-}
-
 /// Gives `tunnel` the client stream once Pingora is done with the current request (the
 /// proxy answers the request itself and turns keep-alive off). False outside an HTTP/1
 /// connection task.

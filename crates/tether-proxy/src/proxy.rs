@@ -1,11 +1,11 @@
 //! The `ProxyHttp` implementation: route with `Router::decide`, connect to the chosen backend,
 //! retry connect failures on the next owner, and answer errors with the right status.
 
-use crate::exchange::{exchange_kind, status_for, websocket_close_frame, ExchangeKind};
+use crate::exchange::{exchange_kind, status_for, ExchangeKind};
 use crate::forwarding::{self, X_REQUEST_ID};
 use crate::passive;
-use crate::state::{InFlight, Installed, ProxyState};
-use crate::streams::{CloseReason, Registration};
+use crate::state::{Active, InFlight, Installed, ProxyState};
+use crate::streams::Registration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HOST;
@@ -18,7 +18,6 @@ use pingora::upstreams::peer::Peer;
 use pingora::{ErrorSource, ErrorType};
 use smallvec::SmallVec;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_config::RateLimitBy;
@@ -37,8 +36,8 @@ pub struct RequestCtx {
     client_ip: Option<IpAddr>,
     /// Status answered by Tether itself (rejections, errors), when no upstream response was sent.
     pub(crate) local_status: Option<u16>,
-    /// Backend whose `active` count this request holds.
-    pub(crate) holding: Option<usize>,
+    /// The `active` count this request holds on the backend it is connected to.
+    pub(crate) holding: Option<Active>,
     /// The stream's entry in the registry, for SSE and long-poll exchanges.
     registration: Option<Registration>,
     /// Counts this request for graceful stop while it lives (a tunnel takes it over).
@@ -90,23 +89,77 @@ pub(crate) async fn respond_local(session: &mut Session, status: u16, reason: &s
     session.respond_error_with_body(status, body).await
 }
 
-impl RequestCtx {
-    /// Gives back the backend `active` count this request holds, if any.
-    pub(crate) fn release_backend(&mut self) {
-        if let (Some(index), Some(installed), Some(decision)) =
-            (self.holding.take(), &self.installed, &self.decision)
-        {
-            if let Some(b) = installed.router.upstreams()[decision.upstream]
-                .backends
-                .get(index)
-            {
-                b.active.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-    }
+/// Answers the request with [`respond_local`] and notes the status for the log: the request
+/// was handled (`request_filter`'s `true`).
+pub(crate) async fn answer_locally(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    why: &str,
+) -> Result<bool> {
+    ctx.local_status = Some(status);
+    respond_local(session, status, why).await?;
+    Ok(true)
 }
 
 impl RequestCtx {
+    /// Starts the next connection attempt of the routed request: the decision's backend
+    /// first, then (a retry) the next owner not tried yet. Counts the attempt in the backend's
+    /// `active` (releasing the previous one) and notes when it began.
+    pub(crate) fn next_attempt(&mut self) -> Result<Arc<BackendState>> {
+        let (Some(installed), Some(decision)) = (&self.installed, &self.decision) else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(500),
+                "request was not routed",
+            ));
+        };
+        let router = &installed.router;
+        let retry = !self.tried.is_empty();
+        let index = if retry {
+            router.next_backend(decision, &self.tried).ok_or_else(|| {
+                Error::explain(ErrorType::HTTPStatus(502), "no backend left to retry")
+            })?
+        } else {
+            decision.backend
+        };
+        let backend = router.upstreams()[decision.upstream]
+            .backends
+            .get(index)
+            .ok_or_else(|| {
+                Error::explain(ErrorType::HTTPStatus(500), "backend index out of range")
+            })?
+            .clone();
+        if retry {
+            installed.counters.route(Some(decision.route)).retried();
+        }
+        self.tried.push(index);
+        self.holding = Some(Active::new(backend.clone()));
+        self.connect_started = Some(Instant::now());
+        Ok(backend)
+    }
+
+    /// Whether a failed connect may be tried again on the next owner (the route's `retries`).
+    /// Nothing was sent upstream yet, so any method may.
+    pub(crate) fn may_retry(&self) -> bool {
+        let retries = match (&self.installed, &self.decision) {
+            (Some(installed), Some(d)) => installed.router.routes()[d.route].retries as usize,
+            _ => 0,
+        };
+        self.tried.len() <= retries
+    }
+
+    /// Counts the connect time of the current attempt in the route's metrics.
+    pub(crate) fn connected(&mut self) {
+        if let (Some(installed), Some(d), Some(t)) =
+            (&self.installed, &self.decision, self.connect_started.take())
+        {
+            installed
+                .counters
+                .route(Some(d.route))
+                .connected_in(t.elapsed());
+        }
+    }
+
     /// The backend currently tried, with its upstream's name and passive settings.
     fn current_backend(
         &self,
@@ -123,13 +176,6 @@ impl RequestCtx {
         self.registration
             .as_ref()
             .is_some_and(|r| r.control().is_closing())
-    }
-}
-
-impl Drop for RequestCtx {
-    fn drop(&mut self) {
-        // `logging` normally releases; this covers requests Pingora abandons early.
-        self.release_backend();
     }
 }
 
@@ -255,10 +301,8 @@ impl ProxyHttp for TetherProxy {
             crate::validity::check(session.req_header(), &installed.config.server.limits)
         {
             ctx.installed = Some(installed);
-            ctx.local_status = Some(refusal.status);
             crate::metrics::refused(refusal.label, refusal.status);
-            respond_local(session, refusal.status, refusal.why).await?;
-            return Ok(true);
+            return answer_locally(session, ctx, refusal.status, refusal.why).await;
         }
         ctx.client_ip = session
             .client_addr()
@@ -314,10 +358,8 @@ impl ProxyHttp for TetherProxy {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok());
                 if declared.is_some_and(|len| len > route.max_body) {
-                    ctx.local_status = Some(413);
                     crate::metrics::refused("body_too_large", 413);
-                    respond_local(session, 413, "request body too large").await?;
-                    return Ok(true);
+                    return answer_locally(session, ctx, 413, "request body too large").await;
                 }
                 if let (Some(limit), Some(Some(rate))) =
                     (route.rate_limit, installed.limiters.get(decision.route))
@@ -340,14 +382,14 @@ impl ProxyHttp for TetherProxy {
                 }
                 ctx.max_body = route.max_body;
                 ctx.decision = Some(decision);
-                if ctx.kind == ExchangeKind::WebSocket && crate::downstream::can_hand_off() {
+                if ctx.kind == ExchangeKind::WebSocket {
+                    // WebSockets run in Tether's own tunnel, never in Pingora's relay.
                     return crate::tunnel::open(&self.state, session, ctx).await;
                 }
                 Ok(false)
             }
             Err(reject) => {
                 let status = reject.status();
-                ctx.local_status = Some(status);
                 let label = match reject {
                     Reject::BadPath(_) => Some("bad_path"),
                     Reject::NoRoute => Some("no_route"),
@@ -359,8 +401,7 @@ impl ProxyHttp for TetherProxy {
                 if let Some(label) = label {
                     crate::metrics::refused(label, status);
                 }
-                respond_local(session, status, &reject.to_string()).await?;
-                Ok(true)
+                answer_locally(session, ctx, status, &reject.to_string()).await
             }
         }
     }
@@ -370,32 +411,14 @@ impl ProxyHttp for TetherProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        let backend = ctx.next_attempt()?;
         let (Some(installed), Some(decision)) = (&ctx.installed, &ctx.decision) else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(500),
                 "request was not routed",
             ));
         };
-        let router = &installed.router;
-        let retry = !ctx.tried.is_empty();
-        let index = if retry {
-            router.next_backend(decision, &ctx.tried).ok_or_else(|| {
-                Error::explain(ErrorType::HTTPStatus(502), "no backend left to retry")
-            })?
-        } else {
-            decision.backend
-        };
-        let backend = router.upstreams()[decision.upstream]
-            .backends
-            .get(index)
-            .ok_or_else(|| {
-                Error::explain(ErrorType::HTTPStatus(500), "backend index out of range")
-            })?
-            .clone();
-        if retry {
-            installed.counters.route(Some(decision.route)).retried();
-        }
-        let route = &router.routes()[decision.route];
+        let route = &installed.router.routes()[decision.route];
         let read_timeout = match ctx.kind {
             ExchangeKind::Plain => route.timeouts.read,
             _ => route.timeouts.idle,
@@ -404,12 +427,6 @@ impl ProxyHttp for TetherProxy {
             .config_upstream(decision.upstream)
             .map_or(Duration::from_secs(1), |u| u.connect_timeout);
         let send_timeout = installed.config.server.limits.send_timeout;
-
-        ctx.release_backend();
-        ctx.tried.push(index);
-        ctx.connect_started = Some(Instant::now());
-        backend.active.fetch_add(1, Ordering::Relaxed);
-        ctx.holding = Some(index);
 
         let mut peer = HttpPeer::new(backend.address, false, String::new());
         peer.options.connection_timeout = Some(connect_timeout);
@@ -426,15 +443,10 @@ impl ProxyHttp for TetherProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Nothing was sent upstream yet, so any method may be retried on the next owner.
-        let retries = match (&ctx.installed, &ctx.decision) {
-            (Some(installed), Some(d)) => installed.router.routes()[d.route].retries as usize,
-            _ => 0,
-        };
         if let Some((upstream, passive, backend)) = ctx.current_backend() {
             passive::record_failure(&self.state, upstream, passive, backend);
         }
-        if ctx.tried.len() <= retries {
+        if ctx.may_retry() {
             e.set_retry(true);
         }
         e
@@ -487,14 +499,7 @@ impl ProxyHttp for TetherProxy {
         _digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let (Some(installed), Some(d), Some(t)) =
-            (&ctx.installed, &ctx.decision, ctx.connect_started.take())
-        {
-            installed
-                .counters
-                .route(Some(d.route))
-                .connected_in(t.elapsed());
-        }
+        ctx.connected();
         let Some(kind) = ctx.kind.stream_kind() else {
             return Ok(());
         };
@@ -519,41 +524,6 @@ impl ProxyHttp for TetherProxy {
         Ok(())
     }
 
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<Duration>> {
-        let reason = ctx.registration.as_ref().and_then(|r| r.control().reason());
-        if let (true, ExchangeKind::WebSocket, Some(reason)) = (end_of_stream, ctx.kind, reason) {
-            let (code, text) = match reason {
-                CloseReason::Shutdown => (1001, "proxy going away"),
-                CloseReason::Rebalance => match (&ctx.installed, &ctx.decision) {
-                    (Some(installed), Some(d)) => (
-                        installed
-                            .config_upstream(d.upstream)
-                            .map_or(1012, |u| u.rebalance.websocket_close_code),
-                        "document moved",
-                    ),
-                    _ => (1012, "document moved"),
-                },
-            };
-            let frame = websocket_close_frame(code, text);
-            *body = Some(match body.take() {
-                Some(data) if !data.is_empty() => {
-                    let mut joined = Vec::with_capacity(data.len() + frame.len());
-                    joined.extend_from_slice(&data);
-                    joined.extend_from_slice(&frame);
-                    Bytes::from(joined)
-                }
-                _ => frame,
-            });
-        }
-        Ok(None)
-    }
-
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -561,10 +531,6 @@ impl ProxyHttp for TetherProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // Upgraded WebSocket bytes are not a request body.
-        if ctx.kind == ExchangeKind::WebSocket {
-            return Ok(());
-        }
         if let Some(chunk) = body {
             ctx.body_seen += chunk.len() as u64;
             if ctx.body_seen > ctx.max_body {
@@ -662,7 +628,7 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        ctx.release_backend();
+        ctx.holding = None;
         if ctx.tunneled {
             // The tunnel records the exchange when the WebSocket ends.
             return;

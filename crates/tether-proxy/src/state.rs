@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tether_config::{Backend, Config, Discovery};
-use tether_routing::Router;
+use tether_routing::{BackendState, Router};
 use tokio::sync::Notify;
 
 /// A router together with everything derived from it.
@@ -116,6 +116,23 @@ pub struct ProxyState {
     owners_changed: Notify,
     /// Requests between routing and logging (streams included).
     in_flight: AtomicUsize,
+}
+
+/// Counts one request or tunnel in a backend's `active` (least-connections) while it lives.
+pub struct Active(Arc<BackendState>);
+
+impl Active {
+    /// Counts one more on `backend` until dropped.
+    pub fn new(backend: Arc<BackendState>) -> Active {
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        Active(backend)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts one request in flight while it lives.

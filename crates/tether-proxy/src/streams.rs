@@ -43,15 +43,14 @@ impl StreamKind {
 /// A WebSocket runs in Tether's own tunnel (`crate::tunnel`), which registers its task's
 /// waker here: closing marks the stream and wakes the tunnel, which sends the close frame.
 ///
-/// SSE and long-poll responses run in Pingora's relay, and Pingora has no API to close a proxied connection from outside (Pingora issue #571). What
-/// works soundly: in `connected_to_upstream` the proxy `dup`s the upstream socket's descriptor
-/// into this handle. Closing then means `shutdown(SHUT_RD)` on that duplicate: the request
-/// task's next upstream read sees end-of-stream (writes still work, so nothing in flight turns
-/// into an error that would lose the close frame), Pingora ends the relay normally and calls
-/// `response_body_filter` one last time with `end_of_stream`, where the proxy sees `closing`
-/// and appends a WebSocket close frame for the client. Because the handle owns its duplicate,
-/// the descriptor number can never be recycled for another connection while the registry can
-/// reach it; the duplicate is closed when the stream deregisters.
+/// SSE and long-poll responses run in Pingora's relay, and Pingora has no API to close a
+/// proxied connection from outside (Pingora issue #571). What works soundly: in
+/// `connected_to_upstream` the proxy `dup`s the upstream socket's descriptor into this handle.
+/// Closing then means `shutdown(SHUT_RD)` on that duplicate: the request task's next upstream
+/// read sees end-of-stream (writes still work, so nothing in flight turns into an error), and
+/// Pingora ends the response normally. Because the handle owns its duplicate, the descriptor
+/// number can never be recycled for another connection while the registry can reach it; the
+/// duplicate is closed when the stream deregisters.
 #[derive(Debug, Default)]
 pub struct StreamControl {
     /// 0 while open normally, else a `CloseReason` discriminant.

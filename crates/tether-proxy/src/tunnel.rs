@@ -10,11 +10,11 @@
 //! two sockets ([`run`]) through one buffer per thread: an idle tunnel owns its two sockets
 //! and a few hundred bytes.
 
-use crate::exchange::{valid_switch, websocket_close_frame, ExchangeKind, FrameCursor};
+use crate::exchange::{status_for, valid_switch, websocket_close_frame, ExchangeKind, FrameCursor};
 use crate::forwarding;
 use crate::passive;
-use crate::proxy::{record_exchange, respond_local, RequestCtx};
-use crate::state::{InFlight, Installed, ProxyState};
+use crate::proxy::{answer_locally, record_exchange, RequestCtx};
+use crate::state::{Active, InFlight, Installed, ProxyState};
 use crate::streams::{CloseReason, Registration, StreamKind};
 use bytes::Bytes;
 use http::HeaderValue;
@@ -25,11 +25,10 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tether_routing::{BackendState, Decision};
+use tether_routing::Decision;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -53,15 +52,6 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
 }
 
-/// Holds one count of a backend's `active` while a tunnel lives (least-connections).
-struct Active(Arc<BackendState>);
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// An open WebSocket: the backend socket after a completed handshake, waiting for the client.
 pub struct Tunnel {
     /// Taken out only while the tunnel moves between runtimes.
@@ -70,16 +60,36 @@ pub struct Tunnel {
     to_client: Vec<u8>,
     head_len: usize,
     registration: Registration,
-    _active: Active,
+    /// The backend's `active` count, taken over from the request.
+    _active: Option<Active>,
     _in_flight: Option<InFlight>,
     installed: Arc<Installed>,
     decision: Decision,
     backend_index: usize,
     request_id: Option<HeaderValue>,
     started: std::time::Instant,
-    idle: Duration,
-    send_timeout: Duration,
-    rebalance_code: u16,
+}
+
+impl Tunnel {
+    /// The route's idle timeout.
+    fn idle(&self) -> Duration {
+        self.installed.router.routes()[self.decision.route]
+            .timeouts
+            .idle
+    }
+
+    /// The close frame Tether sends when it ends the stream for `reason`.
+    fn close_frame(&self, reason: CloseReason) -> Bytes {
+        match reason {
+            CloseReason::Shutdown => websocket_close_frame(1001, "proxy going away"),
+            CloseReason::Rebalance => websocket_close_frame(
+                self.installed
+                    .config_upstream(self.decision.upstream)
+                    .map_or(1012, |u| u.rebalance.websocket_close_code),
+                "document moved",
+            ),
+        }
+    }
 }
 
 /// What the backend answered to the upgrade request.
@@ -120,36 +130,32 @@ pub(crate) async fn open(
     let connect_timeout = config_upstream.map_or(Duration::from_secs(1), |u| u.connect_timeout);
     let passive_cfg = config_upstream.and_then(|u| u.passive);
     let send_timeout = installed.config.server.limits.send_timeout;
-    let counters = installed.counters.route(Some(decision.route));
 
-    let mut index = decision.backend;
+    // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and
+    // `fail_to_connect`.
     let (mut socket, backend) = loop {
-        let Some(backend) = upstream.backends.get(index).cloned() else {
-            return answer_locally(session, ctx, 500, "backend index out of range").await;
+        let backend = match ctx.next_attempt() {
+            Ok(backend) => backend,
+            Err(e) => {
+                let status = status_for(&e);
+                let reason = http::StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("error");
+                return answer_locally(session, ctx, status, reason).await;
+            }
         };
-        ctx.release_backend();
-        ctx.tried.push(index);
-        if ctx.tried.len() > 1 {
-            counters.retried();
-        }
-        backend.active.fetch_add(1, Ordering::Relaxed);
-        ctx.holding = Some(index);
-        let started = Instant::now();
         match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
             Ok(Ok(socket)) => {
-                counters.connected_in(started.elapsed());
+                ctx.connected();
                 break (socket, backend);
             }
             Ok(Err(e)) => tracing::debug!(backend = %backend.address, "connect failed: {e}"),
             Err(_) => tracing::debug!(backend = %backend.address, "connect timed out"),
         }
         passive::record_failure(state, &upstream.name, passive_cfg, &backend);
-        let next = (ctx.tried.len() <= route.retries as usize)
-            .then(|| router.next_backend(&decision, &ctx.tried))
-            .flatten();
-        match next {
-            Some(next) => index = next,
-            None => return answer_locally(session, ctx, 502, "Bad Gateway").await,
+        if !ctx.may_retry() {
+            return answer_locally(session, ctx, 502, "Bad Gateway").await;
         }
     };
     // WebSocket messages are small and latency-bound.
@@ -216,41 +222,26 @@ pub(crate) async fn open(
         backend.address,
         StreamKind::WebSocket,
     );
-    ctx.holding = None;
     let tunnel = Tunnel {
         backend: Some(socket),
         to_client,
         head_len,
         registration,
-        _active: Active(backend),
+        _active: ctx.holding.take(),
         _in_flight: ctx.in_flight.take(),
-        idle: route.timeouts.idle,
-        send_timeout,
-        rebalance_code: config_upstream.map_or(1012, |u| u.rebalance.websocket_close_code),
+        backend_index: ctx.tried.last().copied().unwrap_or(decision.backend),
         installed: installed.clone(),
         decision,
-        backend_index: index,
         request_id: ctx.request_id.clone(),
         started: ctx.started,
     };
     if !crate::downstream::hand_off(Box::new(tunnel)) {
-        // `open` is only called where a hand-off is possible.
+        // Only HTTP/1.1 requests upgrade, and every HTTP/1 connection can hand off.
         return answer_locally(session, ctx, 500, "cannot hand off the connection").await;
     }
     session.set_keepalive(None);
     ctx.tunneled = true;
     ctx.local_status = Some(101);
-    Ok(true)
-}
-
-async fn answer_locally(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    status: u16,
-    why: &str,
-) -> Result<bool> {
-    ctx.local_status = Some(status);
-    respond_local(session, status, why).await?;
     Ok(true)
 }
 
@@ -579,7 +570,10 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     down: &mut Direction,
 ) -> End {
     let control = tunnel.registration.control().clone();
-    let (idle, send_timeout) = (tunnel.idle, tunnel.send_timeout);
+    let (idle, send_timeout) = (
+        tunnel.idle(),
+        tunnel.installed.config.server.limits.send_timeout,
+    );
     let Some(backend) = tunnel.backend.as_mut() else {
         return End::Failed(io::ErrorKind::NotConnected.into());
     };
@@ -686,21 +680,17 @@ pub fn configure_runtime(threads: usize) -> std::io::Result<()> {
 /// runtime: both sockets leave Pingora's reactor and join that runtime's (a TLS stream cannot
 /// be taken apart, so it stays). `guard` lives as long as the tunnel.
 pub(crate) fn start(client: Stream, tunnel: Tunnel, guard: impl Send + 'static) {
-    let Some(runtime) = RUNTIME.get() else {
+    // Without the tunnels' runtime, or for TLS, the tunnel stays on Pingora's runtime.
+    let Some(runtime) = RUNTIME
+        .get()
+        .filter(|_| client.as_any().is::<PlainStream>())
+    else {
         drop(tokio::spawn(async move {
             let _guard = guard;
             run(client, tunnel).await;
         }));
         return;
     };
-    if !client.as_any().is::<PlainStream>() {
-        // Not plain TCP (TLS): it stays on Pingora's runtime.
-        drop(tokio::spawn(async move {
-            let _guard = guard;
-            run(client, tunnel).await;
-        }));
-        return;
-    }
     let Ok(client) = client.into_any().downcast::<PlainStream>() else {
         return;
     };
@@ -780,10 +770,6 @@ async fn run<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, mut tunnel: Tunne
         match &end {
             End::Closing(reason) => {
                 // What the backend already sent goes first, then the close frame.
-                let (code, text) = match reason {
-                    CloseReason::Shutdown => (1001, "proxy going away"),
-                    CloseReason::Rebalance => (tunnel.rebalance_code, "document moved"),
-                };
                 client.write_all(&down.pending[down.sent..]).await?;
                 // The close frame must not land inside a frame the backend is still sending:
                 // let that one finish first (within the linger time).
@@ -803,7 +789,7 @@ async fn run<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, mut tunnel: Tunne
                     down.bytes += take as u64;
                 }
                 if frames.at_boundary() {
-                    client.write_all(&websocket_close_frame(code, text)).await?;
+                    client.write_all(&tunnel.close_frame(*reason)).await?;
                 }
                 client.flush().await?;
                 client.shutdown().await
