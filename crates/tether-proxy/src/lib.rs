@@ -192,7 +192,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
         if options.watch {
             server.add_service(background_service(
                 "tether config watch",
-                reload::WatchReload(reloader),
+                reload::WatchReload::new(reloader),
             ));
         }
     }

@@ -189,9 +189,23 @@ impl BackgroundService for SighupReload {
     }
 }
 
-/// Reloads when the config file changes (`run --watch`): polls its modification time, size and
-/// contents' hash, and waits for the file to stay unchanged for a moment (editors write in steps).
-pub struct WatchReload(pub Arc<Reloader>);
+/// Reloads when the config file changes (`run --watch`): polls its contents' hash, and waits
+/// for the file to stay unchanged for a moment (editors write in steps).
+pub struct WatchReload {
+    reloader: Arc<Reloader>,
+    /// The file as it was when the proxy was built from it. Taken then, not when the watch
+    /// service starts: that can be after the proxy already serves, and a change made in
+    /// between would become the baseline and never be loaded.
+    loaded: Option<u64>,
+}
+
+impl WatchReload {
+    /// Watches the file `reloader` loads, as it is now.
+    pub fn new(reloader: Arc<Reloader>) -> WatchReload {
+        let loaded = fingerprint(&reloader.path);
+        WatchReload { reloader, loaded }
+    }
+}
 
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -206,8 +220,8 @@ fn fingerprint(path: &std::path::Path) -> Option<u64> {
 #[async_trait]
 impl BackgroundService for WatchReload {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let path = self.0.path.clone();
-        let mut seen = fingerprint(&path);
+        let path = self.reloader.path.clone();
+        let mut seen = self.loaded;
         let mut pending: Option<Option<u64>> = None;
         loop {
             tokio::select! {
@@ -220,7 +234,7 @@ impl BackgroundService for WatchReload {
                 Some(candidate) if candidate == now => {
                     pending = None;
                     seen = now;
-                    let _ = self.0.reload(Trigger::Watch).await;
+                    let _ = self.reloader.reload(Trigger::Watch).await;
                 }
                 _ if now != seen => pending = Some(now),
                 _ => pending = None,
