@@ -203,7 +203,7 @@ mod tests {
                 host: None,
                 path,
                 query: None,
-                headers: &headers,
+                headers: (&headers).into(),
                 client_ip: None,
             };
             let d = router.decide(&view).expect("routed");

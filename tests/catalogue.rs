@@ -7,7 +7,7 @@
 mod support;
 
 use std::time::Duration;
-use support::Stack;
+use support::{start_faulty, RawBackend, Stack};
 use tether_testkit::{raw_request_within, raw_status};
 
 const CONFIG: &str = r#"
@@ -189,118 +189,6 @@ async fn malformed_fields_methods_and_versions_are_refused_and_never_forwarded()
     assert_eq!(raw_status(&fragment), Some(200));
     assert!(arrived(&stack, "/docs/a/frag"));
     assert!(!arrived(&stack, "#"), "a fragment was forwarded");
-}
-
-/// A backend that answers every connection with fixed bytes (after reading the request head),
-/// then closes: for response-side faults no real server would produce.
-struct RawBackend {
-    addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-    /// Every byte the backend received, all connections in order of arrival.
-    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-impl RawBackend {
-    /// Answers the first request head of each connection with `answer` and closes; with
-    /// `keep_alive`, answers every request head (bodiless requests) and keeps the connection.
-    async fn start(answer: Vec<u8>, keep_alive: bool) -> RawBackend {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = received.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let answer = answer.clone();
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let mut pending = Vec::new();
-                    let mut chunk = vec![0u8; 65536];
-                    loop {
-                        let n = match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if let Ok(mut all) = log.lock() {
-                            all.extend_from_slice(&chunk[..n]);
-                        }
-                        pending.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            pending.drain(..end + 4);
-                            if stream.write_all(&answer).await.is_err() {
-                                return;
-                            }
-                            if !keep_alive {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        RawBackend {
-            addr,
-            task,
-            received,
-        }
-    }
-
-    fn received(&self) -> String {
-        self.received
-            .lock()
-            .map(|r| String::from_utf8_lossy(&r).into_owned())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-const FAULTY: &str = r#"
-listeners: [ { address: $PROXY } ]
-admin: { address: $ADMIN }
-upstreams:
-  faulty:
-    backends: [ { address: $FAULTY } ]
-routes:
-  - name: faulty
-    match: { path_prefix: / }
-    upstream: faulty
-    timeouts: { read: 3s }
-"#;
-
-/// Tether in front of one raw backend, `server_limits` (YAML flow map or "") applied; returns
-/// once its listener accepts connections.
-async fn start_faulty(
-    backend: std::net::SocketAddr,
-    server_limits: &str,
-) -> (tether_testkit::TetherProcess, std::net::SocketAddr) {
-    let proxy = tether_testkit::free_addr();
-    let admin = tether_testkit::free_addr();
-    let mut config = FAULTY
-        .replace("$PROXY", &proxy.to_string())
-        .replace("$ADMIN", &admin.to_string())
-        .replace("$FAULTY", &backend.to_string());
-    if !server_limits.is_empty() {
-        config = config.replace(
-            "admin: {",
-            &format!("server: {{ limits: {server_limits} }}\nadmin: {{"),
-        );
-    }
-    let tether = tether_testkit::TetherProcess::start(support::tether_binary(), &config, admin)
-        .await
-        .expect("tether");
-    let listening = tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
-        tokio::net::TcpStream::connect(proxy).await.is_ok()
-    })
-    .await;
-    assert!(listening, "proxy listener never accepted");
-    (tether, proxy)
 }
 
 /// Starts tether in front of one raw backend answering `answer`; returns the client's view of
@@ -671,11 +559,7 @@ async fn bytes_sent_with_the_101_reach_the_client_and_frames_flow_both_ways() {
     frame.extend(b"ping".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
     stream.write_all(&frame).await.expect("write frame");
     let arrived = tether_testkit::wait_until_async(Duration::from_secs(5), || {
-        let seen = backend
-            .received
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default();
+        let seen = backend.received_bytes();
         let frame = frame.clone();
         async move { seen.windows(frame.len()).any(|w| w == frame.as_slice()) }
     })

@@ -218,3 +218,133 @@ routes:
     match: { path_prefix: /dead/ }
     upstream: dead
 "#;
+
+/// A backend that answers every connection with fixed bytes (after reading the request head),
+/// then closes: for response-side faults no real server would produce.
+pub struct RawBackend {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    /// Every byte the backend received, all connections in order of arrival.
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawBackend {
+    /// Answers the first request head of each connection with `answer` and closes; with
+    /// `keep_alive`, answers every request head (bodiless requests) and keeps the connection.
+    pub async fn start(answer: Vec<u8>, keep_alive: bool) -> RawBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = answer.clone();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut chunk = vec![0u8; 65536];
+                    loop {
+                        let n = match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if let Ok(mut all) = log.lock() {
+                            all.extend_from_slice(&chunk[..n]);
+                        }
+                        pending.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            if stream.write_all(&answer).await.is_err() {
+                                return;
+                            }
+                            if !keep_alive {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend {
+            addr,
+            task,
+            received,
+            accepted,
+        }
+    }
+
+    /// How many connections it has accepted.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Everything received so far.
+    pub fn received_bytes(&self) -> Vec<u8> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Everything received so far, as text.
+    pub fn received(&self) -> String {
+        self.received
+            .lock()
+            .map(|r| String::from_utf8_lossy(&r).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One route to one upstream of one backend (`$FAULTY`), for [`start_faulty`].
+pub const FAULTY: &str = r#"
+listeners: [ { address: $PROXY } ]
+admin: { address: $ADMIN }
+upstreams:
+  faulty:
+    backends: [ { address: $FAULTY } ]
+routes:
+  - name: faulty
+    match: { path_prefix: / }
+    upstream: faulty
+    timeouts: { read: 3s }
+"#;
+
+/// Tether in front of one raw backend, `server_limits` (YAML flow map or "") applied; returns
+/// once its listener accepts connections.
+pub async fn start_faulty(
+    backend: std::net::SocketAddr,
+    server_limits: &str,
+) -> (tether_testkit::TetherProcess, std::net::SocketAddr) {
+    let proxy = tether_testkit::free_addr();
+    let admin = tether_testkit::free_addr();
+    let mut config = FAULTY
+        .replace("$PROXY", &proxy.to_string())
+        .replace("$ADMIN", &admin.to_string())
+        .replace("$FAULTY", &backend.to_string());
+    if !server_limits.is_empty() {
+        config = config.replace(
+            "admin: {",
+            &format!("server: {{ limits: {server_limits} }}\nadmin: {{"),
+        );
+    }
+    let tether = tether_testkit::TetherProcess::start(tether_binary(), &config, admin)
+        .await
+        .expect("tether");
+    let listening = tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(proxy).await.is_ok()
+    })
+    .await;
+    assert!(listening, "proxy listener never accepted");
+    (tether, proxy)
+}

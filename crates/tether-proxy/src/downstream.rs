@@ -351,6 +351,19 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.inner.process_new(stream, shutdown).await;
         }
+        // Plain-TCP HTTP/1 starts on Tether's own keep-alive path; Pingora takes over from
+        // the first request that path leaves to it.
+        let stream: Stream = if stream.as_any().is::<crate::http1::PlainStream>() {
+            let Ok(plain) = stream.into_any().downcast::<crate::http1::PlainStream>() else {
+                return None;
+            };
+            match crate::http1::serve(&self.state, plain, shutdown).await {
+                crate::http1::Served::Done => return None,
+                crate::http1::Served::ToPingora(plain) => plain,
+            }
+        } else {
+            stream
+        };
         let stream: Stream = Box::new(Tap {
             inner: Some(stream),
         });

@@ -7,15 +7,18 @@
 
 pub mod access_log;
 pub mod admin;
+mod chunked;
 pub mod convergence;
 pub mod discovery;
 pub mod downstream;
 pub mod exchange;
 pub mod forwarding;
 pub mod health;
+pub(crate) mod http1;
 pub mod lifecycle;
 pub mod metrics;
 pub mod passive;
+pub(crate) mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod state;

@@ -103,6 +103,27 @@ pub(crate) async fn answer_locally(
 }
 
 impl RequestCtx {
+    /// The context of a request that has just arrived (counted in flight from now on).
+    pub(crate) fn for_request(state: &Arc<ProxyState>) -> RequestCtx {
+        RequestCtx {
+            installed: None,
+            decision: None,
+            tried: SmallVec::new(),
+            kind: ExchangeKind::Plain,
+            request_id: None,
+            client_ip: None,
+            local_status: None,
+            holding: None,
+            registration: None,
+            in_flight: Some(state.enter()),
+            tunneled: false,
+            started: Instant::now(),
+            connect_started: None,
+            max_body: u64::MAX,
+            body_seen: 0,
+        }
+    }
+
     /// Starts the next connection attempt of the routed request: the decision's backend
     /// first, then (a retry) the next owner not tried yet. Counts the attempt in the backend's
     /// `active` (releasing the previous one) and notes when it began.
@@ -271,23 +292,7 @@ impl ProxyHttp for TetherProxy {
     fn new_ctx(&self) -> RequestCtx {
         // Pingora makes the context right after reading a request header: stop its deadline.
         crate::downstream::header_read();
-        RequestCtx {
-            installed: None,
-            decision: None,
-            tried: SmallVec::new(),
-            kind: ExchangeKind::Plain,
-            request_id: None,
-            client_ip: None,
-            local_status: None,
-            holding: None,
-            registration: None,
-            in_flight: Some(self.state.enter()),
-            tunneled: false,
-            started: Instant::now(),
-            connect_started: None,
-            max_body: u64::MAX,
-            body_seen: 0,
-        }
+        RequestCtx::for_request(&self.state)
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -326,7 +331,7 @@ impl ProxyHttp for TetherProxy {
             host,
             path: req.uri.path(),
             query: req.uri.query(),
-            headers: &req.headers,
+            headers: tether_routing::Headers::Map(&req.headers),
             client_ip: ctx.client_ip,
         };
         let outcome = installed.router.decide(&view);

@@ -116,6 +116,8 @@ pub struct ProxyState {
     owners_changed: Notify,
     /// Requests between routing and logging (streams included).
     in_flight: AtomicUsize,
+    /// Idle keep-alive connections to backends (Tether's own HTTP/1 path).
+    pub(crate) pool: crate::pool::UpstreamPool,
 }
 
 /// Counts one request or tunnel in a backend's `active` (least-connections) while it lives.
@@ -159,6 +161,7 @@ impl ProxyState {
             registry: Arc::new(StreamRegistry::default()),
             owners_changed: Notify::new(),
             in_flight: AtomicUsize::new(0),
+            pool: crate::pool::UpstreamPool::default(),
         }
     }
 

@@ -71,7 +71,7 @@ pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
 /// A fragment never belongs in a request target (RFC 9112 3.2), and the path's
 /// percent-escapes must decode to UTF-8: an overlong `%C0%AE` is a classic way to smuggle a `.`
 /// past a proxy. (The query is the application's business.)
-fn check_target(raw: &[u8]) -> Result<(), Refusal> {
+pub(crate) fn check_target(raw: &[u8]) -> Result<(), Refusal> {
     if raw.contains(&b'#') {
         return Err(refuse(400, "fragment in request target"));
     }
@@ -162,7 +162,7 @@ fn check_host(req: &RequestHeader) -> Result<(), Refusal> {
 
 /// `host[:port]` per RFC 3986: a reg-name or IPv4 of unreserved / sub-delim / pct characters,
 /// or a bracketed IPv6 literal, then an optional port of at most 5 digits (<= 65535).
-fn valid_host(value: &[u8]) -> bool {
+pub(crate) fn valid_host(value: &[u8]) -> bool {
     let port = if value.first() == Some(&b'[') {
         let Some(end) = value.iter().position(|&b| b == b']') else {
             return false;

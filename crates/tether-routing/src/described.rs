@@ -84,7 +84,7 @@ impl DescribedRequest {
             host: self.host.as_deref(),
             path: &self.path,
             query: (!self.query.is_empty()).then_some(self.query.as_str()),
-            headers: &self.headers,
+            headers: crate::Headers::Map(&self.headers),
             client_ip: self.client_ip,
         }
     }

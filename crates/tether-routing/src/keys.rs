@@ -132,34 +132,36 @@ impl StickyPolicy {
 }
 
 fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<Found<'a>> {
-    let mut values = req.headers.get_all(name).iter();
+    let mut values = req.headers.values(name);
     let value = values.next()?;
     if values.any(|other| other != value) {
         return Some(Found::Bad);
     }
-    // The common case in one pass: `to_str` accepts only visible ASCII, space and tab, so the
-    // text is UTF-8 and tab is its only possible control character.
-    if let Ok(text) = value.to_str() {
+    let Ok(text) = std::str::from_utf8(value) else {
+        return Some(Found::Bad);
+    };
+    // The common case in one pass: visible ASCII, space and tab (what `HeaderValue::to_str`
+    // accepts), where tab is the only possible control character.
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
         return if text.is_empty() {
             None
-        } else if text.len() > MAX_KEY_LEN || has_tab(text.as_bytes()) {
+        } else if text.len() > MAX_KEY_LEN || has_tab(value) {
             Some(Found::Bad)
         } else {
             Some(Found::Key(Cow::Borrowed(text)))
         };
     }
-    match std::str::from_utf8(value.as_bytes()) {
-        Ok(text) => judge(Cow::Borrowed(text)),
-        Err(_) => Some(Found::Bad),
-    }
+    judge(Cow::Borrowed(text))
 }
 
 fn cookie<'a>(req: &RequestView<'a>, name: &str) -> Option<Found<'a>> {
     let mut values = req
         .headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|header| std::str::from_utf8(header.as_bytes()).ok())
+        .values(&COOKIE)
+        .filter_map(|header| std::str::from_utf8(header).ok())
         .flat_map(|header| header.split(';'))
         .filter_map(|pair| pair.split_once('='))
         .filter(|(n, _)| n.trim() == name)
@@ -225,7 +227,7 @@ mod tests {
             host: None,
             path: "/",
             query,
-            headers,
+            headers: headers.into(),
             client_ip: None,
         }
     }

@@ -67,7 +67,7 @@
 //!     host: Some("docs.example.com"),
 //!     path: "/docs/./42//ws",
 //!     query: None,
-//!     headers: &headers,
+//!     headers: (&headers).into(),
 //!     client_ip: None,
 //! };
 //! let decision = router.decide(&request).unwrap();
@@ -89,6 +89,7 @@ pub use tether_config::{Balance, Config, OnMissing};
 mod balance;
 pub mod change;
 pub mod described;
+mod headers;
 mod key;
 mod keys;
 pub mod normalize;
@@ -99,6 +100,7 @@ pub mod share;
 mod table;
 mod upstream;
 
+pub use headers::{Headers, Values};
 pub use key::Key;
 pub use router::Router;
 pub use upstream::{BackendState, UpstreamState};
@@ -115,7 +117,7 @@ pub struct RequestView<'a> {
     /// Raw query string without '?', if any.
     pub query: Option<&'a str>,
     /// Request headers (Cookie headers are parsed from here).
-    pub headers: &'a http::HeaderMap,
+    pub headers: Headers<'a>,
     /// The client's IP (used by `on_missing: client_ip`).
     pub client_ip: Option<IpAddr>,
 }

@@ -97,10 +97,7 @@ impl Table {
                         || route.matcher.methods.iter().any(|m| m == req.method))
                     && compiled.headers.iter().all(|(name, value)| {
                         name.as_ref().is_some_and(|name| {
-                            req.headers
-                                .get_all(name)
-                                .iter()
-                                .any(|v| v.as_bytes() == value.as_bytes())
+                            req.headers.values(name).any(|v| v == value.as_bytes())
                         })
                     });
                 matches.then_some((index, compiled, upstream))

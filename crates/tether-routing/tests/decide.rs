@@ -17,7 +17,7 @@ fn request<'a>(headers: &'a HeaderMap, path: &'a str) -> RequestView<'a> {
         host: Some("docs.example.com"),
         path,
         query: None,
-        headers,
+        headers: headers.into(),
         client_ip: None,
     }
 }

@@ -83,7 +83,7 @@ proptest! {
             host: host.as_deref(),
             path: &path,
             query: query.as_deref(),
-            headers: &headers,
+            headers: (&headers).into(),
             client_ip: None,
         };
         if let Ok(decision) = router.decide(&request) {

@@ -179,7 +179,7 @@ proptest! {
         prop_assert_eq!(router.owner(0, &key), None);
         let mut headers = HeaderMap::new();
         headers.insert("x-doc-id", HeaderValue::from_str(&key).unwrap());
-        let request = RequestView { method: "GET", host: None, path: "/", query: None, headers: &headers, client_ip: None };
+        let request = RequestView { method: "GET", host: None, path: "/", query: None, headers: (&headers).into(), client_ip: None };
         prop_assert_eq!(router.decide(&request), Err(Reject::NoHealthyBackend { route: 0, upstream: 0 }));
         // One backend back up owns every key.
         router.upstreams()[0].backends[count - 1].up.store(true, Ordering::Relaxed);

@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         host: (!host.is_empty()).then_some(host),
         path,
         query: (!query.is_empty()).then_some(query),
-        headers: &headers,
+        headers: (&headers).into(),
         client_ip: Some("192.0.2.1".parse().expect("literal")),
     };
     if let Ok(decision) = router().decide(&view) {

@@ -142,7 +142,7 @@ pub fn decide_request(headers: &http::HeaderMap) -> tether_routing::RequestView<
         host: Some("docs.example.com"),
         path: "/docs/b7c1a7e0-3f2d-4c55-9a1e-6d0f4e2b9c11/ws",
         query: Some("v=2"),
-        headers,
+        headers: headers.into(),
         client_ip: None,
     }
 }

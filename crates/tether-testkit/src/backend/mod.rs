@@ -47,6 +47,8 @@ struct Shared {
     name_header: HeaderValue,
     healthy: AtomicBool,
     requests: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
     /// Request targets (path and query) in arrival order, for "never reached the backend" checks.
     seen_targets: std::sync::Mutex<Vec<String>>,
     health_checks: AtomicU64,
@@ -80,6 +82,7 @@ impl TestBackend {
             name_header,
             healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             seen_targets: std::sync::Mutex::new(Vec::new()),
             health_checks: AtomicU64::new(0),
             open_websockets: AtomicUsize::new(0),
@@ -127,6 +130,11 @@ impl TestBackend {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Connections accepted so far (a proxy reusing its connections opens few).
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
     /// Requests to `/healthz` received so far (a subset of [`requests`](Self::requests)).
     pub fn health_checks(&self) -> u64 {
         self.shared.health_checks.load(Ordering::SeqCst)
@@ -165,6 +173,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, _)) => {
+                shared.connections.fetch_add(1, Ordering::Relaxed);
                 shared
                     .tasks
                     .spawn(serve_connection(stream, Arc::clone(&shared)));

@@ -1,0 +1,962 @@
+//! Tether's own HTTP/1.1 keep-alive path for plain requests on plain-TCP listeners.
+//!
+//! Why: Pingora's per-request machinery costs about three times HAProxy's CPU per proxied
+//! request (callgrind, `BENCHMARKS.md`): the ~7 KB per-request future moved into a box twice,
+//! the request and response headers rebuilt as maps, a task spawned and a lock taken per
+//! upstream connection returned to its pool, a timer per write. The requests that make up most
+//! of a real-time product's HTTP traffic (body-less requests to a sticky backend) need none of
+//! it, so this path serves them itself: it parses the head in place (`httparse`), routes on the
+//! raw fields ([`tether_routing::Headers::Raw`]), writes the upstream head straight into one
+//! buffer, reuses backend connections from [`crate::pool::UpstreamPool`] and relays the
+//! response as it arrives, headers edited on the way.
+//!
+//! Anything else goes to Pingora with the bytes already read put back (`rewind`), for the rest
+//! of the connection: request bodies, upgrades (WebSockets), SSE and long-poll routes, rate
+//! limited routes, HTTP/1.0, `Expect`, absolute-form or oversized targets, and every request
+//! that Tether refuses or answers itself, so refusals, their statuses and metrics have one
+//! implementation. What this path does answer itself are the failures of its own exchange
+//! (502, 504), with the same statuses and the same passive-health bookkeeping as the proxy.
+
+use crate::chunked::ChunkedEnd;
+use crate::forwarding;
+use crate::passive;
+use crate::proxy::{record_exchange, RequestCtx};
+use crate::state::ProxyState;
+use http::HeaderValue;
+use pingora::protocols::GetSocketDigest;
+use pingora::server::ShutdownWatch;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_config::{Limits, Passive};
+use tether_routing::{BackendState, Headers, RequestView};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+/// Pingora's plain-TCP client stream.
+pub(crate) type PlainStream = pingora::protocols::l4::stream::Stream;
+
+/// Most header fields parsed in place; a request with more goes to Pingora.
+const MAX_FIELDS: usize = 100;
+/// Most header fields in a backend's response head.
+const MAX_RESPONSE_FIELDS: usize = 128;
+/// Largest backend response head.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// How long a connection idle at shutdown may take to deliver a request already sent.
+const SHUTDOWN_READ_GRACE: Duration = Duration::from_millis(100);
+/// Read size for the backend's responses.
+const READ_SIZE: usize = 16 * 1024;
+/// Read size for the client's request heads (most are well under 1 KB).
+const REQUEST_READ_SIZE: usize = 4 * 1024;
+
+/// How a connection left this path.
+pub(crate) enum Served {
+    /// It is finished; dropping the stream closes it.
+    Done,
+    /// A request this path does not serve: Pingora takes the connection from here, and reads
+    /// the bytes already received first.
+    ToPingora(Box<PlainStream>),
+}
+
+/// What comes after one exchange.
+enum Next {
+    KeepAlive,
+    Close,
+    ToPingora,
+}
+
+/// Facts about a request head that this path needs, all borrowed from the head.
+struct Facts<'b> {
+    method: &'b str,
+    target: &'b str,
+    host: &'b str,
+    /// The client asked to close after this request.
+    close: bool,
+    /// The first `X-Request-Id` value.
+    request_id: Option<&'b [u8]>,
+    /// The first `X-Forwarded-For` value (appended to for a trusted client).
+    forwarded_for: Option<&'b [u8]>,
+}
+
+/// One client connection.
+struct Conn<'s> {
+    state: &'s Arc<ProxyState>,
+    client: Box<PlainStream>,
+    client_ip: Option<IpAddr>,
+    /// Requests served so far.
+    served: u64,
+    /// Shutting down: answer this request, then close.
+    shutdown: ShutdownWatch,
+    /// A head longer than this is left to Pingora (which refuses it).
+    max_head: usize,
+}
+
+/// Serves `client` until it closes, idles out, or sends a request for Pingora.
+pub(crate) async fn serve(
+    state: &Arc<ProxyState>,
+    client: Box<PlainStream>,
+    shutdown: &ShutdownWatch,
+) -> Served {
+    let (header_timeout, keepalive_timeout, max_head) = {
+        let installed = state.current();
+        let limits = &installed.config.server.limits;
+        (
+            limits.header_timeout,
+            limits.keepalive_timeout,
+            limits.max_uri + limits.max_header_bytes + 1024,
+        )
+    };
+    let client_ip = client
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
+    let mut conn = Conn {
+        state,
+        client,
+        client_ip,
+        served: 0,
+        shutdown: shutdown.clone(),
+        max_head,
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    let accepted = Instant::now();
+    let mut idle_since = accepted;
+    loop {
+        // The first request's head must arrive within `header_timeout` of the accept; later
+        // ones may idle for `keepalive_timeout` first (slowloris, catalogue G1).
+        let (idle_deadline, head_deadline) = if conn.served == 0 {
+            let end = accepted + header_timeout;
+            (end, end)
+        } else {
+            let idle_end = idle_since + keepalive_timeout;
+            (idle_end, idle_end + header_timeout)
+        };
+        let head_len = match read_head(&mut conn, &mut buf, idle_deadline, head_deadline).await {
+            Head::Complete(len) => len,
+            Head::Closed => return Served::Done,
+            Head::ToPingora => return to_pingora(conn.client, &buf),
+        };
+        let next = {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+            let mut req = httparse::Request::new(&mut fields);
+            match req.parse(&buf[..head_len]) {
+                Ok(httparse::Status::Complete(len)) if len == head_len => {
+                    // Pipelining is off, as on Pingora's path (a smaller attack surface,
+                    // catalogue A11): a request sent before the previous response is not
+                    // served; the connection closes after the first and the client retries.
+                    let pipelined = buf.len() > head_len;
+                    exchange(&mut conn, &req, pipelined).await
+                }
+                _ => Next::ToPingora,
+            }
+        };
+        match next {
+            Next::ToPingora => return to_pingora(conn.client, &buf),
+            Next::Close => {
+                let _ = timeout(Duration::from_secs(1), conn.client.shutdown()).await;
+                return Served::Done;
+            }
+            Next::KeepAlive => {
+                buf.drain(..head_len);
+                if buf.is_empty() && buf.capacity() > REQUEST_READ_SIZE {
+                    // A long head grew it: an idle connection keeps only the usual size.
+                    buf = Vec::new();
+                }
+                idle_since = Instant::now();
+            }
+        }
+    }
+}
+
+fn to_pingora(mut client: Box<PlainStream>, buf: &[u8]) -> Served {
+    client.rewind(buf);
+    Served::ToPingora(client)
+}
+
+enum Head {
+    /// A whole head of this many bytes is at the start of the buffer.
+    Complete(usize),
+    Closed,
+    ToPingora,
+}
+
+/// Reads until `buf` holds a whole request head.
+async fn read_head(
+    conn: &mut Conn<'_>,
+    buf: &mut Vec<u8>,
+    idle_deadline: Instant,
+    head_deadline: Instant,
+) -> Head {
+    loop {
+        if let Some(len) = head_end(buf) {
+            return Head::Complete(len);
+        }
+        if buf.len() > conn.max_head {
+            // Pingora reads it and Tether refuses it (414, 431) in one place.
+            return Head::ToPingora;
+        }
+        let deadline = if buf.is_empty() {
+            idle_deadline
+        } else {
+            head_deadline
+        };
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(REQUEST_READ_SIZE);
+        }
+        // Shutting down (graceful stop, binary upgrade): an idle connection closes, but a
+        // request already on its way gets a moment to arrive and is served, as on Pingora's
+        // path (vendor/pingora-proxy).
+        let grace = buf.is_empty() && *conn.shutdown.borrow();
+        let read = if grace {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(deadline, conn.client.read_buf(buf)) => Some(read),
+                _ = conn.shutdown.changed(), if buf.is_empty() => None,
+            }
+        };
+        let read = match read {
+            Some(read) => read,
+            None => match timeout(SHUTDOWN_READ_GRACE, conn.client.read_buf(buf)).await {
+                Ok(read) => Ok(read),
+                Err(_) => return Head::Closed,
+            },
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return Head::Closed,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                if !buf.is_empty() || conn.served == 0 {
+                    crate::metrics::Metrics::global()
+                        .downstream_closed
+                        .with_label_values(&["header_timeout"])
+                        .inc();
+                }
+                return Head::Closed;
+            }
+        }
+    }
+}
+
+/// The length of the request head at the start of `buf`, once it is all there.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    if let Some(at) = memchr::memmem::find(buf, b"\r\n\r\n") {
+        return Some(at + 4);
+    }
+    // Bare LF line ends are legal for a recipient to accept (RFC 9112 2.2); httparse does.
+    memchr::memmem::find(buf, b"\n\n").map(|at| at + 2)
+}
+
+/// Whether `name` is `lower` (ASCII, case-insensitive).
+fn is(name: &str, lower: &str) -> bool {
+    name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
+}
+
+/// The facts of a request this path serves, or None for one Pingora should.
+fn facts<'b>(req: &httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'b>> {
+    if req.version != Some(1) {
+        return None;
+    }
+    let method = req.method?;
+    let target = req.path?;
+    if !target.starts_with('/')
+        || target.len() > limits.max_uri
+        || req.headers.len() > limits.max_headers
+        || matches!(method, "CONNECT" | "TRACE")
+        || crate::validity::check_target(target.as_bytes()).is_err()
+    {
+        return None;
+    }
+    let mut facts = Facts {
+        method,
+        target,
+        host: "",
+        close: false,
+        request_id: None,
+        forwarded_for: None,
+    };
+    let mut hosts = 0;
+    let mut total = 0;
+    for field in req.headers.iter() {
+        let (name, value) = (field.name, field.value);
+        let line = name.len() + value.len() + 4;
+        total += line;
+        if line > limits.max_header_line || name.contains('_') {
+            return None;
+        }
+        match name.len() {
+            4 if is(name, "host") => {
+                hosts += 1;
+                facts.host = std::str::from_utf8(value).ok()?;
+            }
+            6 if is(name, "accept")
+                && memchr::memmem::find(value, b"text/event-stream").is_some() =>
+            {
+                return None
+            }
+            6 if is(name, "expect") => return None,
+            7 if is(name, "upgrade") => return None,
+            10 if is(name, "connection") => {
+                for token in value.split(|&b| b == b',') {
+                    match token.trim_ascii() {
+                        t if t.eq_ignore_ascii_case(b"close") => facts.close = true,
+                        t if t.eq_ignore_ascii_case(b"keep-alive") || t.is_empty() => {}
+                        // Any other nominated field: Pingora's general handling.
+                        _ => return None,
+                    }
+                }
+            }
+            12 if is(name, "x-request-id") && facts.request_id.is_none() => {
+                facts.request_id = Some(value);
+            }
+            14 if is(name, "content-length") && value.trim_ascii() != b"0" => return None,
+            15 if is(name, "x-forwarded-for") && facts.forwarded_for.is_none() => {
+                facts.forwarded_for = Some(value);
+            }
+            17 if is(name, "transfer-encoding") => return None,
+            _ => {}
+        }
+    }
+    if hosts != 1
+        || total > limits.max_header_bytes
+        || !crate::validity::valid_host(facts.host.as_bytes())
+    {
+        return None;
+    }
+    Some(facts)
+}
+
+/// Request fields not passed to the backend: hop-by-hop ones, and those Tether sets itself.
+fn dropped_request_field(name: &str, client_trusted: bool, replaces_forwarded_for: bool) -> bool {
+    match name.len() {
+        2 => is(name, "te"),
+        7 => is(name, "trailer"),
+        9 => is(name, "forwarded") && !client_trusted,
+        10 => is(name, "connection") || is(name, "keep-alive"),
+        12 => is(name, "x-request-id"),
+        15 => is(name, "x-forwarded-for") && replaces_forwarded_for,
+        16 => is(name, "proxy-connection") || is(name, "x-forwarded-host"),
+        17 => is(name, "x-forwarded-proto"),
+        _ => false,
+    }
+}
+
+/// Serves one parsed request.
+async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipelined: bool) -> Next {
+    let installed = conn.state.current();
+    let limits = &installed.config.server.limits;
+    let Some(facts) = facts(req, limits) else {
+        return Next::ToPingora;
+    };
+    let (path, query) = match facts.target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (facts.target, None),
+    };
+    let view = RequestView {
+        method: facts.method,
+        host: Some(facts.host),
+        path,
+        query,
+        headers: Headers::Raw(req.headers),
+        client_ip: conn.client_ip,
+    };
+    // Refusals and Tether's own answers are Pingora's path's business.
+    let Ok(decision) = installed.router.decide(&view) else {
+        return Next::ToPingora;
+    };
+    let route = &installed.router.routes()[decision.route];
+    if route.long_poll || route.rate_limit.is_some() {
+        return Next::ToPingora;
+    }
+    installed
+        .counters
+        .route(Some(decision.route))
+        .key_from(decision.key_source);
+
+    let mut ctx = RequestCtx::for_request(conn.state);
+    ctx.installed = Some(installed.clone());
+    ctx.decision = Some(decision);
+    ctx.request_id = Some(
+        facts
+            .request_id
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .and_then(|v| HeaderValue::from_bytes(v).ok())
+            .unwrap_or_else(forwarding::new_request_id),
+    );
+    conn.served += 1;
+    let mut close = facts.close
+        || pipelined
+        || *conn.shutdown.borrow()
+        || limits
+            .max_requests_per_connection
+            .is_some_and(|max| conn.served >= u64::from(max));
+
+    let outcome = proxy(conn, req, &facts, &mut ctx, close).await;
+    let (status, body_bytes) = match outcome {
+        Ok(done) => {
+            close |= done.close;
+            (done.status, done.body_bytes)
+        }
+        Err(failure) => {
+            // Nothing reached the client yet: answer, then close (as Pingora does after an
+            // error it generated).
+            let status = failure.status();
+            ctx.local_status = Some(status);
+            if status > 0 {
+                let _ = write_local(&mut conn.client, status, limits.send_timeout).await;
+            }
+            close = true;
+            (status, 0)
+        }
+    };
+    ctx.holding = None;
+    if let (Some(installed), Some(decision)) = (&ctx.installed, &ctx.decision) {
+        record_exchange(
+            installed,
+            Some(decision),
+            ctx.tried.last().copied(),
+            ctx.request_id.as_ref(),
+            facts.method,
+            crate::exchange::ExchangeKind::Plain,
+            status,
+            body_bytes,
+            ctx.started.elapsed(),
+        );
+    }
+    if close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+/// How a proxied exchange that reached the client ended.
+struct Done {
+    status: u16,
+    body_bytes: usize,
+    /// The client connection cannot be kept (the response ran until the backend closed, or
+    /// broke off midway).
+    close: bool,
+}
+
+/// Why an exchange failed before anything reached the client.
+enum Failure {
+    /// No backend could be reached, or the backend broke the exchange off (502).
+    Gateway,
+    /// The backend did not answer in time (504).
+    Timeout,
+    /// The client went away (nothing to answer).
+    ClientGone,
+}
+
+impl Failure {
+    fn status(&self) -> u16 {
+        match self {
+            Failure::Gateway => 502,
+            Failure::Timeout => 504,
+            Failure::ClientGone => 0,
+        }
+    }
+}
+
+/// A transport error on the backend connection, and whether the connection had been reused
+/// (then a fresh connection is tried once before the backend is blamed).
+enum UpstreamError {
+    Io { reused: bool },
+    Timeout,
+    Protocol,
+}
+
+/// Connects (or reuses a connection), sends the request, relays the response.
+async fn proxy(
+    conn: &mut Conn<'_>,
+    req: &httparse::Request<'_, '_>,
+    facts: &Facts<'_>,
+    ctx: &mut RequestCtx,
+    close: bool,
+) -> Result<Done, Failure> {
+    let (Some(installed), Some(decision)) = (ctx.installed.clone(), ctx.decision.clone()) else {
+        return Err(Failure::Gateway);
+    };
+    let limits = &installed.config.server.limits;
+    let route = &installed.router.routes()[decision.route];
+    let upstream = &installed.router.upstreams()[decision.upstream];
+    let config_upstream = installed.config_upstream(decision.upstream);
+    let connect_timeout = config_upstream.map_or(Duration::from_secs(1), |u| u.connect_timeout);
+    let passive_cfg: Option<Passive> = config_upstream.and_then(|u| u.passive);
+    let trusted = conn.client_ip.is_some_and(|ip| {
+        installed
+            .config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(ip))
+    });
+    let head = upstream_head(req, facts, conn.client_ip, trusted, ctx);
+    let idempotent = matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
+
+    // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and
+    // `fail_to_connect`; a pooled connection that turns out dead is replaced by a fresh one
+    // to the same backend once, without counting against the backend or the retries.
+    let mut backend = next_attempt(ctx)?;
+    let mut pooled = true;
+    loop {
+        let reused_socket = if pooled {
+            conn.state.pool.take(backend.address)
+        } else {
+            None
+        };
+        let reused = reused_socket.is_some();
+        let mut socket = match reused_socket {
+            Some(socket) => socket,
+            None => match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
+                Ok(Ok(socket)) => {
+                    ctx.connected();
+                    let _ = socket.set_nodelay(true);
+                    socket
+                }
+                failed => {
+                    if let Ok(Err(e)) = &failed {
+                        tracing::debug!(backend = %backend.address, "connect failed: {e}");
+                    } else {
+                        tracing::debug!(backend = %backend.address, "connect timed out");
+                    }
+                    passive::record_failure(conn.state, &upstream.name, passive_cfg, &backend);
+                    if !ctx.may_retry() {
+                        return Err(Failure::Gateway);
+                    }
+                    backend = next_attempt(ctx)?;
+                    pooled = true;
+                    continue;
+                }
+            },
+        };
+        if reused {
+            ctx.connected();
+        }
+        let exchange = Exchange {
+            head: &head,
+            head_request: facts.method == "HEAD",
+            reused,
+            read_timeout: route.timeouts.read,
+            send_timeout: limits.send_timeout,
+            close,
+            request_id: ctx.request_id.as_ref(),
+            backend: &backend,
+        };
+        match relay(&mut conn.client, &mut socket, &exchange).await {
+            Ok((done, keep_upstream)) => {
+                if keep_upstream {
+                    conn.state.pool.put(backend.address, socket);
+                }
+                return Ok(done);
+            }
+            Err(Relay::Upstream(UpstreamError::Io { reused: true })) if idempotent && reused => {
+                // A stale pooled connection: try a fresh one to the same backend.
+                pooled = false;
+                continue;
+            }
+            Err(Relay::Upstream(error)) => {
+                if !matches!(error, UpstreamError::Protocol) {
+                    passive::record_failure(conn.state, &upstream.name, passive_cfg, &backend);
+                }
+                return Err(match error {
+                    UpstreamError::Timeout => Failure::Timeout,
+                    _ => Failure::Gateway,
+                });
+            }
+            Err(Relay::Client) => return Err(Failure::ClientGone),
+            Err(Relay::AfterHead(done)) => return Ok(done),
+        }
+    }
+}
+
+/// [`RequestCtx::next_attempt`], its error as the client's answer.
+fn next_attempt(ctx: &mut RequestCtx) -> Result<Arc<BackendState>, Failure> {
+    ctx.next_attempt().map_err(|_| Failure::Gateway)
+}
+
+/// The request head as the backend gets it: the client's request line and fields minus the
+/// hop-by-hop ones, plus the forwarding fields (as `forwarding::add_forwarding_headers` sets
+/// them on Pingora's path).
+fn upstream_head(
+    req: &httparse::Request<'_, '_>,
+    facts: &Facts<'_>,
+    client_ip: Option<IpAddr>,
+    trusted: bool,
+    ctx: &RequestCtx,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(facts.target.len() + 512);
+    head.extend_from_slice(facts.method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(facts.target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    let replaces_forwarded_for = client_ip.is_some() || !trusted;
+    for field in req.headers.iter() {
+        if dropped_request_field(field.name, trusted, replaces_forwarded_for) {
+            continue;
+        }
+        push_field(&mut head, field.name.as_bytes(), field.value);
+    }
+    if let Some(ip) = client_ip {
+        head.extend_from_slice(b"X-Forwarded-For: ");
+        match facts.forwarded_for.map(<[u8]>::trim_ascii) {
+            Some(prev) if trusted && !prev.is_empty() => {
+                head.extend_from_slice(prev);
+                head.extend_from_slice(b", ");
+            }
+            _ => {}
+        }
+        forwarding::push_ip(&mut head, ip);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    push_field(&mut head, b"X-Forwarded-Host", facts.host.as_bytes());
+    if let Some(id) = &ctx.request_id {
+        push_field(&mut head, b"X-Request-Id", id.as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One request on one backend connection.
+struct Exchange<'a> {
+    head: &'a [u8],
+    head_request: bool,
+    /// The connection came from the pool.
+    reused: bool,
+    read_timeout: Duration,
+    send_timeout: Duration,
+    /// Tell the client this connection closes after the response.
+    close: bool,
+    request_id: Option<&'a HeaderValue>,
+    backend: &'a BackendState,
+}
+
+/// Why [`relay`] stopped early.
+enum Relay {
+    /// The backend failed before a response head reached the client.
+    Upstream(UpstreamError),
+    /// The client went away before a response head reached it.
+    Client,
+    /// Something broke after the head went out: the client connection must close.
+    AfterHead(Done),
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A parsed response head, already rewritten for the client into the output buffer.
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    body: Body,
+    /// The backend connection may serve another request afterwards.
+    reusable: bool,
+}
+
+/// Sends the request head, then relays the response to the client. On success, says whether
+/// the backend connection can go back to the pool.
+async fn relay(
+    client: &mut Box<PlainStream>,
+    socket: &mut TcpStream,
+    exchange: &Exchange<'_>,
+) -> Result<(Done, bool), Relay> {
+    let io_error = |got_bytes: bool| {
+        Relay::Upstream(UpstreamError::Io {
+            reused: exchange.reused && !got_bytes,
+        })
+    };
+    match timeout(exchange.send_timeout, socket.write_all(exchange.head)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(io_error(false)),
+        Err(_) => return Err(Relay::Upstream(UpstreamError::Timeout)),
+    }
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_SIZE);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let head = loop {
+        if !buf.is_empty() {
+            match response_head(&buf, exchange, &mut out) {
+                Ok(Some(head)) if head.status >= 200 => {
+                    passive::record_success(exchange.backend);
+                    break head;
+                }
+                Ok(Some(informational)) => {
+                    // 100 or 103: pass it on, then look for the final response.
+                    if write_client(client, &out, exchange.send_timeout)
+                        .await
+                        .is_err()
+                    {
+                        return Err(Relay::Client);
+                    }
+                    out.clear();
+                    buf.drain(..informational.len);
+                    continue;
+                }
+                Ok(None) if buf.len() > MAX_RESPONSE_HEAD => {
+                    return Err(Relay::Upstream(UpstreamError::Protocol))
+                }
+                Ok(None) => {}
+                Err(()) => return Err(Relay::Upstream(UpstreamError::Protocol)),
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_SIZE);
+        }
+        match timeout(exchange.read_timeout, socket.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(io_error(!buf.is_empty())),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(Relay::Upstream(UpstreamError::Timeout)),
+        }
+    };
+
+    // The body bytes that came with the head, then the rest as it arrives.
+    let mut done = Done {
+        status: head.status,
+        body_bytes: 0,
+        close: matches!(head.body, Body::UntilClose),
+    };
+    let mut reusable = head.reusable;
+    let mut left = match head.body {
+        Body::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunks = ChunkedEnd::default();
+    let mut finished = head.body == Body::None || (head.body == Body::Length(0));
+    let mut start = head.len;
+    let mut first_write = true;
+    loop {
+        let arrived = &buf[start.min(buf.len())..];
+        let take = if finished {
+            0
+        } else {
+            match head.body {
+                Body::None => 0,
+                Body::Length(_) => {
+                    let take = left.min(arrived.len() as u64) as usize;
+                    left -= take as u64;
+                    finished = left == 0;
+                    take
+                }
+                Body::Chunked => match chunks.feed(arrived) {
+                    Ok(Some(end)) => {
+                        finished = true;
+                        end
+                    }
+                    Ok(None) => arrived.len(),
+                    Err(_) => {
+                        done.close = true;
+                        reusable = false;
+                        finished = true;
+                        arrived.len()
+                    }
+                },
+                Body::UntilClose => arrived.len(),
+            }
+        };
+        if take < arrived.len() {
+            // The backend sent more than the response: do not trust the connection again.
+            reusable = false;
+        }
+        out.extend_from_slice(&arrived[..take]);
+        done.body_bytes += take;
+        if !out.is_empty() || first_write {
+            if write_client(client, &out, exchange.send_timeout)
+                .await
+                .is_err()
+            {
+                done.close = true;
+                return if first_write {
+                    Err(Relay::Client)
+                } else {
+                    Err(Relay::AfterHead(done))
+                };
+            }
+            first_write = false;
+        }
+        if finished {
+            let reusable = reusable && !done.close;
+            return Ok((done, reusable));
+        }
+        out.clear();
+        buf.clear();
+        start = 0;
+        if buf.capacity() < 1024 {
+            buf.reserve(READ_SIZE);
+        }
+        match timeout(exchange.read_timeout, socket.read_buf(&mut buf)).await {
+            Ok(Ok(0)) if head.body == Body::UntilClose => return Ok((done, false)),
+            Ok(Ok(n)) if n > 0 => {}
+            // Truncated, broken or too slow after the head went out: the client can only
+            // learn by the connection closing.
+            _ => {
+                done.close = true;
+                return Err(Relay::AfterHead(done));
+            }
+        }
+    }
+}
+
+/// Parses the response head at the start of `buf` and writes it, edited for the client, to
+/// `out`: hop-by-hop fields (and those `Connection` nominates) dropped, Tether's
+/// `X-Request-Id` set, `Connection: close` when the client connection ends after it.
+/// `Ok(None)`: the head is not complete yet. `Err`: not a usable response.
+fn response_head(
+    buf: &[u8],
+    exchange: &Exchange<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, ()> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
+    let mut response = httparse::Response::new(&mut fields);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let status = response.code.ok_or(())?;
+    // No upgrade was asked for, so a 101 is a broken backend.
+    if status == 101 || !(100..=999).contains(&status) {
+        return Err(());
+    }
+    let mut reusable = response.version == Some(1);
+    let mut nominated: smallvec::SmallVec<[&[u8]; 4]> = smallvec::SmallVec::new();
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    for field in response.headers.iter() {
+        if is(field.name, "connection") {
+            for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    nominated.push(token);
+                }
+            }
+        } else if is(field.name, "content-length") {
+            let value = std::str::from_utf8(field.value).map_err(|_| ())?.trim();
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n: u64 = value.parse().map_err(|_| ())?;
+            if length.is_some_and(|m| m != n) {
+                return Err(());
+            }
+            length = Some(n);
+        } else if is(field.name, "transfer-encoding") {
+            // The last coding decides; only `chunked` delimits the body.
+            chunked = field
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .map(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    if chunked.is_some() && length.is_some() {
+        // Both framings at once is how responses get smuggled (RFC 9112 6.3).
+        return Err(());
+    }
+    let body = if status < 200 || status == 204 || status == 304 || exchange.head_request {
+        Body::None
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Body::Chunked,
+            (Some(false), _) => Body::UntilClose,
+            (None, Some(n)) => Body::Length(n),
+            (None, None) => Body::UntilClose,
+        }
+    };
+    if body == Body::UntilClose {
+        reusable = false;
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
+    out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for field in response.headers.iter() {
+        let name = field.name;
+        let hop_by_hop = match name.len() {
+            2 => is(name, "te"),
+            7 => is(name, "trailer") || is(name, "upgrade"),
+            10 => is(name, "connection") || is(name, "keep-alive"),
+            12 => is(name, "x-request-id"),
+            16 => is(name, "proxy-connection"),
+            _ => false,
+        };
+        let framing = is(name, "content-length") || is(name, "transfer-encoding");
+        if hop_by_hop
+            || (!framing
+                && nominated
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(name.as_bytes())))
+        {
+            continue;
+        }
+        push_field(out, name.as_bytes(), field.value);
+    }
+    if let Some(id) = exchange.request_id {
+        push_field(out, b"X-Request-Id", id.as_bytes());
+    }
+    if status >= 200 && (exchange.close || body == Body::UntilClose) {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(ResponseHead {
+        len,
+        status,
+        body,
+        reusable,
+    }))
+}
+
+/// Writes all of `bytes` to the client within `send_timeout`.
+async fn write_client(
+    client: &mut Box<PlainStream>,
+    bytes: &[u8],
+    send_timeout: Duration,
+) -> Result<(), ()> {
+    let write = async {
+        client.write_all(bytes).await?;
+        client.flush().await
+    };
+    match timeout(send_timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Tether's own answer to a failed exchange; the connection closes after it.
+async fn write_local(
+    client: &mut Box<PlainStream>,
+    status: u16,
+    send_timeout: Duration,
+) -> Result<(), ()> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("error");
+    let body = format!("{status} {reason}\n");
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Cache-Control: private, no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    write_client(client, response.as_bytes(), send_timeout).await
+}
