@@ -25,13 +25,16 @@ use crate::state::ProxyState;
 use http::HeaderValue;
 use pingora::protocols::GetSocketDigest;
 use pingora::server::ShutdownWatch;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+use std::task::Poll;
 use std::time::Duration;
 use tether_config::{Limits, Passive};
 use tether_routing::{BackendState, Headers, RequestView};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::error::Elapsed;
 use tokio::time::{timeout, Instant};
 
 /// Pingora's plain-TCP client stream.
@@ -90,6 +93,29 @@ struct Conn<'s> {
     shutdown: ShutdownWatch,
     /// A head longer than this is left to Pingora (which refuses it).
     max_head: usize,
+    scratch: Scratch,
+}
+
+/// Buffers for the heads a connection writes, kept between its requests (the socket copies
+/// from memory that is already warm, and nothing is allocated per request).
+#[derive(Default)]
+struct Scratch {
+    /// The upstream request head.
+    head: Vec<u8>,
+    /// What goes to the client next: a response head and the body bytes that came with it.
+    out: Vec<u8>,
+}
+
+impl Scratch {
+    /// Lets go of buffers a large exchange grew, so an idle connection stays small.
+    fn keep_if_small(&mut self) {
+        const KEEP: usize = 4 * 1024;
+        for buf in [&mut self.head, &mut self.out] {
+            if buf.capacity() > KEEP {
+                *buf = Vec::new();
+            }
+        }
+    }
 }
 
 /// Serves `client` until it closes, idles out, or sends a request for Pingora.
@@ -117,6 +143,7 @@ pub(crate) async fn serve(
         served: 0,
         shutdown: shutdown.clone(),
         max_head,
+        scratch: Scratch::default(),
     };
     let mut buf: Vec<u8> = Vec::new();
     let accepted = Instant::now();
@@ -241,7 +268,10 @@ async fn read_head(
 
 /// The length of the request head at the start of `buf`, once it is all there.
 fn head_end(buf: &[u8]) -> Option<usize> {
-    if let Some(at) = memchr::memmem::find(buf, b"\r\n\r\n") {
+    // Built once: `memmem::find` would build a searcher on every call.
+    static CRLF_CRLF: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    if let Some(at) = CRLF_CRLF.find(buf) {
         return Some(at + 4);
     }
     // Bare LF line ends are legal for a recipient to accept (RFC 9112 2.2); httparse does.
@@ -392,7 +422,10 @@ async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipeline
             .max_requests_per_connection
             .is_some_and(|max| conn.served >= u64::from(max));
 
-    let outcome = proxy(conn, req, &facts, &mut ctx, close).await;
+    let mut scratch = std::mem::take(&mut conn.scratch);
+    let outcome = proxy(conn, req, &facts, &mut ctx, close, &mut scratch).await;
+    scratch.keep_if_small();
+    conn.scratch = scratch;
     let (status, body_bytes) = match outcome {
         Ok(done) => {
             close |= done.close;
@@ -475,6 +508,7 @@ async fn proxy(
     facts: &Facts<'_>,
     ctx: &mut RequestCtx,
     close: bool,
+    scratch: &mut Scratch,
 ) -> Result<Done, Failure> {
     let (Some(installed), Some(decision)) = (ctx.installed.clone(), ctx.decision.clone()) else {
         return Err(Failure::Gateway);
@@ -493,7 +527,8 @@ async fn proxy(
             .iter()
             .any(|net| net.contains(ip))
     });
-    let head = upstream_head(req, facts, conn.client_ip, trusted, ctx);
+    let Scratch { head, out } = scratch;
+    upstream_head(req, facts, conn.client_ip, trusted, ctx, head);
     let idempotent = matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
 
     // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and
@@ -536,7 +571,7 @@ async fn proxy(
             ctx.connected();
         }
         let exchange = Exchange {
-            head: &head,
+            head,
             head_request: facts.method == "HEAD",
             reused,
             read_timeout: route.timeouts.read,
@@ -545,7 +580,7 @@ async fn proxy(
             request_id: ctx.request_id.as_ref(),
             backend: &backend,
         };
-        match relay(&mut conn.client, &mut socket, &exchange).await {
+        match relay(&mut conn.client, &mut socket, &exchange, out).await {
             Ok((done, keep_upstream)) => {
                 if keep_upstream {
                     conn.state.pool.put(backend.address, socket);
@@ -558,7 +593,11 @@ async fn proxy(
                 continue;
             }
             Err(Relay::Upstream(error)) => {
-                if !matches!(error, UpstreamError::Protocol) {
+                // A kept connection that went stale is not the backend's fault.
+                if !matches!(
+                    error,
+                    UpstreamError::Protocol | UpstreamError::Io { reused: true }
+                ) {
                     passive::record_failure(conn.state, &upstream.name, passive_cfg, &backend);
                 }
                 return Err(match error {
@@ -586,8 +625,9 @@ fn upstream_head(
     client_ip: Option<IpAddr>,
     trusted: bool,
     ctx: &RequestCtx,
-) -> Vec<u8> {
-    let mut head = Vec::with_capacity(facts.target.len() + 512);
+    head: &mut Vec<u8>,
+) {
+    head.clear();
     head.extend_from_slice(facts.method.as_bytes());
     head.push(b' ');
     head.extend_from_slice(facts.target.as_bytes());
@@ -597,7 +637,7 @@ fn upstream_head(
         if dropped_request_field(field.name, trusted, replaces_forwarded_for) {
             continue;
         }
-        push_field(&mut head, field.name.as_bytes(), field.value);
+        push_field(head, field.name.as_bytes(), field.value);
     }
     if let Some(ip) = client_ip {
         head.extend_from_slice(b"X-Forwarded-For: ");
@@ -608,16 +648,15 @@ fn upstream_head(
             }
             _ => {}
         }
-        forwarding::push_ip(&mut head, ip);
+        forwarding::push_ip(head, ip);
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
-    push_field(&mut head, b"X-Forwarded-Host", facts.host.as_bytes());
+    push_field(head, b"X-Forwarded-Host", facts.host.as_bytes());
     if let Some(id) = &ctx.request_id {
-        push_field(&mut head, b"X-Request-Id", id.as_bytes());
+        push_field(head, b"X-Request-Id", id.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -675,29 +714,30 @@ async fn relay(
     client: &mut Box<PlainStream>,
     socket: &mut TcpStream,
     exchange: &Exchange<'_>,
+    out: &mut Vec<u8>,
 ) -> Result<(Done, bool), Relay> {
     let io_error = |got_bytes: bool| {
         Relay::Upstream(UpstreamError::Io {
             reused: exchange.reused && !got_bytes,
         })
     };
-    match timeout(exchange.send_timeout, socket.write_all(exchange.head)).await {
+    match within(exchange.send_timeout, socket.write_all(exchange.head)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Err(io_error(false)),
         Err(_) => return Err(Relay::Upstream(UpstreamError::Timeout)),
     }
     let mut buf: Vec<u8> = Vec::with_capacity(READ_SIZE);
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    out.clear();
     let head = loop {
         if !buf.is_empty() {
-            match response_head(&buf, exchange, &mut out) {
+            match response_head(&buf, exchange, out) {
                 Ok(Some(head)) if head.status >= 200 => {
                     passive::record_success(exchange.backend);
                     break head;
                 }
                 Ok(Some(informational)) => {
                     // 100 or 103: pass it on, then look for the final response.
-                    if write_client(client, &out, exchange.send_timeout)
+                    if write_client(client, out, exchange.send_timeout)
                         .await
                         .is_err()
                     {
@@ -717,7 +757,7 @@ async fn relay(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_SIZE);
         }
-        match timeout(exchange.read_timeout, socket.read_buf(&mut buf)).await {
+        match within(exchange.read_timeout, socket.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(io_error(!buf.is_empty())),
             Ok(Ok(_)) => {}
             Err(_) => return Err(Relay::Upstream(UpstreamError::Timeout)),
@@ -775,7 +815,7 @@ async fn relay(
         out.extend_from_slice(&arrived[..take]);
         done.body_bytes += take;
         if !out.is_empty() || first_write {
-            if write_client(client, &out, exchange.send_timeout)
+            if write_client(client, out, exchange.send_timeout)
                 .await
                 .is_err()
             {
@@ -798,7 +838,7 @@ async fn relay(
         if buf.capacity() < 1024 {
             buf.reserve(READ_SIZE);
         }
-        match timeout(exchange.read_timeout, socket.read_buf(&mut buf)).await {
+        match within(exchange.read_timeout, socket.read_buf(&mut buf)).await {
             Ok(Ok(0)) if head.body == Body::UntilClose => return Ok((done, false)),
             Ok(Ok(n)) if n > 0 => {}
             // Truncated, broken or too slow after the head went out: the client can only
@@ -926,6 +966,16 @@ fn response_head(
     }))
 }
 
+/// `timeout(limit, work)`, except that work done at its first poll (most writes, and reads
+/// whose bytes are already there) never reads the clock or arms a timer.
+async fn within<F: Future>(limit: Duration, work: F) -> Result<F::Output, Elapsed> {
+    let mut work = std::pin::pin!(work);
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await {
+        return Ok(out);
+    }
+    timeout(limit, work).await
+}
+
 /// Writes all of `bytes` to the client within `send_timeout`.
 async fn write_client(
     client: &mut Box<PlainStream>,
@@ -936,7 +986,7 @@ async fn write_client(
         client.write_all(bytes).await?;
         client.flush().await
     };
-    match timeout(send_timeout, write).await {
+    match within(send_timeout, write).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }

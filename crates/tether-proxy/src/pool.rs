@@ -6,6 +6,7 @@
 //! unless the reactor saw the socket become readable.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,7 +26,29 @@ struct Idle {
 /// Idle upstream connections by backend address.
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>, BuildHasherDefault<AddrHasher>>>,
+}
+
+/// FNV-1a: the map is looked up twice per request, and its keys are backend addresses from
+/// the config, not attacker-chosen, so SipHash's flood resistance buys nothing here.
+struct AddrHasher(u64);
+
+impl Default for AddrHasher {
+    fn default() -> AddrHasher {
+        AddrHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 impl UpstreamPool {
