@@ -45,12 +45,6 @@ fn judge(value: Cow<'_, str>) -> Option<Found<'_>> {
     }
 }
 
-/// True if `bytes` holds a tab. Branch-free, so it vectorises: keys are short, and `memchr`'s
-/// setup costs more than the scan.
-fn has_tab(bytes: &[u8]) -> bool {
-    bytes.iter().fold(false, |tab, &b| tab | (b == b'\t'))
-}
-
 /// True if printable ASCII, the common case, checked a byte at a time.
 fn is_printable_ascii(bytes: &[u8]) -> bool {
     bytes.iter().all(|&b| (0x20..0x7f).contains(&b))
@@ -137,18 +131,20 @@ fn header<'a>(req: &RequestView<'a>, name: &HeaderName) -> Option<Found<'a>> {
     if values.any(|other| other != value) {
         return Some(Found::Bad);
     }
+    // The common case, branch-free over the bytes: visible ASCII, space and tab (what
+    // `HeaderValue::to_str` accepts), where tab is the only possible control character.
+    let (mut other, mut tab) = (false, false);
+    for &b in value {
+        other |= !(b' '..=b'~').contains(&b) && b != b'\t';
+        tab |= b == b'\t';
+    }
     let Ok(text) = std::str::from_utf8(value) else {
         return Some(Found::Bad);
     };
-    // The common case in one pass: visible ASCII, space and tab (what `HeaderValue::to_str`
-    // accepts), where tab is the only possible control character.
-    if value
-        .iter()
-        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
-    {
+    if !other {
         return if text.is_empty() {
             None
-        } else if text.len() > MAX_KEY_LEN || has_tab(value) {
+        } else if text.len() > MAX_KEY_LEN || tab {
             Some(Found::Bad)
         } else {
             Some(Found::Key(Cow::Borrowed(text)))
