@@ -11,6 +11,10 @@
 //!   connection, and moved by the proxy's hooks ([`header_read`], [`request_done`]) through a
 //!   task-local, so requests pay no extra layer.
 //!
+//! - It serves a plain-TCP HTTP/1 connection on Tether's own keep-alive path
+//!   ([`crate::http1`]) until a request comes that the path leaves to Pingora; Pingora then
+//!   serves the connection from that request on (the bytes already read are rewound).
+//!
 //! - It hands an HTTP/1 connection whose WebSocket handshake the proxy completed itself to
 //!   [`crate::tunnel`] once Pingora has finished the request: every HTTP/1 stream is wrapped
 //!   in a [`Tap`] that, when the proxy asked for it ([`hand_off`]), keeps the stream open
