@@ -106,6 +106,14 @@ pub fn status_for(e: &Error) -> u16 {
     }
 }
 
+/// The canonical reason phrase of `status`, or "error" for a code without one.
+pub fn reason_phrase(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("error")
+}
+
 impl ExchangeKind {
     /// The access log label: `plain`, `websocket`, `sse` or `long_poll`.
     pub fn as_str(self) -> &'static str {

@@ -24,6 +24,19 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     UPGRADE,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`], compared without building a `HeaderName`
+/// (Tether's HTTP/1 path matches raw field names).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| hop.as_str().len() == name.len() && name.eq_ignore_ascii_case(hop.as_str()))
+}
+
+/// Whether a client's `X-Request-Id` value is kept (else Tether makes one up).
+pub fn usable_request_id(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= 200
+}
+
 /// A process-unique request id: a random 64-bit prefix chosen at start plus a counter, so ids
 /// never repeat within a process and rarely across processes, without a syscall per request.
 /// Written as `{prefix:016x}-{counter:08x}` by hand into a stack buffer: one allocation (the

@@ -21,7 +21,8 @@ use crate::chunked::ChunkedEnd;
 use crate::forwarding;
 use crate::passive;
 use crate::proxy::{record_exchange, RequestCtx};
-use crate::state::ProxyState;
+use crate::state::{Installed, ProxyState};
+use crate::validity;
 use http::HeaderValue;
 use pingora::protocols::GetSocketDigest;
 use pingora::server::ShutdownWatch;
@@ -30,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock};
 use std::task::Poll;
 use std::time::Duration;
-use tether_config::{Limits, Passive};
+use tether_config::Limits;
 use tether_routing::{BackendState, Headers, RequestView};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -290,11 +291,12 @@ fn facts<'b>(req: &httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'
     }
     let method = req.method?;
     let target = req.path?;
+    let fields = req.headers.iter().map(|f| (f.name.len(), f.value.len()));
+    // What Tether would refuse is refused on Pingora's path, in one place.
     if !target.starts_with('/')
-        || target.len() > limits.max_uri
-        || req.headers.len() > limits.max_headers
         || matches!(method, "CONNECT" | "TRACE")
-        || crate::validity::check_target(target.as_bytes()).is_err()
+        || validity::check_sizes(target.len(), req.headers.len(), fields, limits).is_err()
+        || validity::check_target(target.as_bytes()).is_err()
     {
         return None;
     }
@@ -307,12 +309,9 @@ fn facts<'b>(req: &httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'
         forwarded_for: None,
     };
     let mut hosts = 0;
-    let mut total = 0;
     for field in req.headers.iter() {
         let (name, value) = (field.name, field.value);
-        let line = name.len() + value.len() + 4;
-        total += line;
-        if line > limits.max_header_line || name.contains('_') {
+        if name.contains('_') {
             return None;
         }
         match name.len() {
@@ -348,10 +347,7 @@ fn facts<'b>(req: &httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'
             _ => {}
         }
     }
-    if hosts != 1
-        || total > limits.max_header_bytes
-        || !crate::validity::valid_host(facts.host.as_bytes())
-    {
+    if hosts != 1 || !validity::valid_host(facts.host.as_bytes()) {
         return None;
     }
     Some(facts)
@@ -359,17 +355,15 @@ fn facts<'b>(req: &httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'
 
 /// Request fields not passed to the backend: hop-by-hop ones, and those Tether sets itself.
 fn dropped_request_field(name: &str, client_trusted: bool, replaces_forwarded_for: bool) -> bool {
-    match name.len() {
-        2 => is(name, "te"),
-        7 => is(name, "trailer"),
-        9 => is(name, "forwarded") && !client_trusted,
-        10 => is(name, "connection") || is(name, "keep-alive"),
-        12 => is(name, "x-request-id"),
-        15 => is(name, "x-forwarded-for") && replaces_forwarded_for,
-        16 => is(name, "proxy-connection") || is(name, "x-forwarded-host"),
-        17 => is(name, "x-forwarded-proto"),
-        _ => false,
-    }
+    forwarding::is_hop_by_hop(name)
+        || match name.len() {
+            9 => is(name, "forwarded") && !client_trusted,
+            12 => is(name, "x-request-id"),
+            15 => is(name, "x-forwarded-for") && replaces_forwarded_for,
+            16 => is(name, "x-forwarded-host"),
+            17 => is(name, "x-forwarded-proto"),
+            _ => false,
+        }
 }
 
 /// Serves one parsed request.
@@ -410,7 +404,7 @@ async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipeline
     ctx.request_id = Some(
         facts
             .request_id
-            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .filter(|v| forwarding::usable_request_id(v))
             .and_then(|v| HeaderValue::from_bytes(v).ok())
             .unwrap_or_else(forwarding::new_request_id),
     );
@@ -423,7 +417,7 @@ async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipeline
             .is_some_and(|max| conn.served >= u64::from(max));
 
     let mut scratch = std::mem::take(&mut conn.scratch);
-    let outcome = proxy(conn, req, &facts, &mut ctx, close, &mut scratch).await;
+    let outcome = proxy(conn, req, &facts, &installed, &mut ctx, close, &mut scratch).await;
     scratch.keep_if_small();
     conn.scratch = scratch;
     let (status, body_bytes) = match outcome {
@@ -435,7 +429,6 @@ async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipeline
             // Nothing reached the client yet: answer, then close (as Pingora does after an
             // error it generated).
             let status = failure.status();
-            ctx.local_status = Some(status);
             if status > 0 {
                 let _ = write_local(&mut conn.client, status, limits.send_timeout).await;
             }
@@ -506,27 +499,19 @@ async fn proxy(
     conn: &mut Conn<'_>,
     req: &httparse::Request<'_, '_>,
     facts: &Facts<'_>,
+    installed: &Installed,
     ctx: &mut RequestCtx,
     close: bool,
     scratch: &mut Scratch,
 ) -> Result<Done, Failure> {
-    let (Some(installed), Some(decision)) = (ctx.installed.clone(), ctx.decision.clone()) else {
+    let Some((route, upstream)) = ctx.decision.as_ref().map(|d| (d.route, d.upstream)) else {
         return Err(Failure::Gateway);
     };
     let limits = &installed.config.server.limits;
-    let route = &installed.router.routes()[decision.route];
-    let upstream = &installed.router.upstreams()[decision.upstream];
-    let config_upstream = installed.config_upstream(decision.upstream);
-    let connect_timeout = config_upstream.map_or(Duration::from_secs(1), |u| u.connect_timeout);
-    let passive_cfg: Option<Passive> = config_upstream.and_then(|u| u.passive);
-    let trusted = conn.client_ip.is_some_and(|ip| {
-        installed
-            .config
-            .server
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(ip))
-    });
+    let read_timeout = installed.router.routes()[route].timeouts.read;
+    let upstream_name = &installed.router.upstreams()[upstream].name;
+    let passive_cfg = installed.config_upstream(upstream).and_then(|u| u.passive);
+    let trusted = conn.client_ip.is_some_and(|ip| installed.trusts(ip));
     let Scratch { head, out } = scratch;
     upstream_head(req, facts, conn.client_ip, trusted, ctx, head);
     let idempotent = matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
@@ -534,47 +519,34 @@ async fn proxy(
     // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and
     // `fail_to_connect`; a pooled connection that turns out dead is replaced by a fresh one
     // to the same backend once, without counting against the backend or the retries.
-    let mut backend = next_attempt(ctx)?;
+    let mut backend = ctx.next_attempt().map_err(|_| Failure::Gateway)?;
     let mut pooled = true;
     loop {
-        let reused_socket = if pooled {
+        let kept = if pooled {
             conn.state.pool.take(backend.address)
         } else {
             None
         };
-        let reused = reused_socket.is_some();
-        let mut socket = match reused_socket {
-            Some(socket) => socket,
-            None => match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
-                Ok(Ok(socket)) => {
-                    ctx.connected();
-                    let _ = socket.set_nodelay(true);
-                    socket
-                }
-                failed => {
-                    if let Ok(Err(e)) = &failed {
-                        tracing::debug!(backend = %backend.address, "connect failed: {e}");
-                    } else {
-                        tracing::debug!(backend = %backend.address, "connect timed out");
-                    }
-                    passive::record_failure(conn.state, &upstream.name, passive_cfg, &backend);
-                    if !ctx.may_retry() {
-                        return Err(Failure::Gateway);
-                    }
-                    backend = next_attempt(ctx)?;
-                    pooled = true;
-                    continue;
-                }
-            },
+        let reused = kept.is_some();
+        let mut socket = match kept {
+            Some(socket) => {
+                ctx.connected();
+                socket
+            }
+            None => {
+                let (socket, connected) = ctx
+                    .connect(conn.state, backend.clone())
+                    .await
+                    .ok_or(Failure::Gateway)?;
+                backend = connected;
+                socket
+            }
         };
-        if reused {
-            ctx.connected();
-        }
         let exchange = Exchange {
             head,
             head_request: facts.method == "HEAD",
             reused,
-            read_timeout: route.timeouts.read,
+            read_timeout,
             send_timeout: limits.send_timeout,
             close,
             request_id: ctx.request_id.as_ref(),
@@ -598,7 +570,7 @@ async fn proxy(
                     error,
                     UpstreamError::Protocol | UpstreamError::Io { reused: true }
                 ) {
-                    passive::record_failure(conn.state, &upstream.name, passive_cfg, &backend);
+                    passive::record_failure(conn.state, upstream_name, passive_cfg, &backend);
                 }
                 return Err(match error {
                     UpstreamError::Timeout => Failure::Timeout,
@@ -609,11 +581,6 @@ async fn proxy(
             Err(Relay::AfterHead(done)) => return Ok(done),
         }
     }
-}
-
-/// [`RequestCtx::next_attempt`], its error as the client's answer.
-fn next_attempt(ctx: &mut RequestCtx) -> Result<Arc<BackendState>, Failure> {
-    ctx.next_attempt().map_err(|_| Failure::Gateway)
 }
 
 /// The request head as the backend gets it: the client's request line and fields minus the
@@ -932,14 +899,8 @@ fn response_head(
     out.extend_from_slice(b"\r\n");
     for field in response.headers.iter() {
         let name = field.name;
-        let hop_by_hop = match name.len() {
-            2 => is(name, "te"),
-            7 => is(name, "trailer") || is(name, "upgrade"),
-            10 => is(name, "connection") || is(name, "keep-alive"),
-            12 => is(name, "x-request-id"),
-            16 => is(name, "proxy-connection"),
-            _ => false,
-        };
+        // Tether sets its own `X-Request-Id`.
+        let hop_by_hop = forwarding::is_hop_by_hop(name) || is(name, "x-request-id");
         let framing = is(name, "content-length") || is(name, "transfer-encoding");
         if hop_by_hop
             || (!framing
@@ -998,10 +959,7 @@ async fn write_local(
     status: u16,
     send_timeout: Duration,
 ) -> Result<(), ()> {
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("error");
+    let reason = crate::exchange::reason_phrase(status);
     let body = format!("{status} {reason}\n");
     let response = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\

@@ -169,6 +169,41 @@ impl RequestCtx {
         self.tried.len() <= retries
     }
 
+    /// Opens a new connection for the routed request, starting with `backend` (its current
+    /// attempt, from [`next_attempt`](Self::next_attempt)). A failed connect counts towards
+    /// the backend's passive ejection and moves on to the next owner while the route's
+    /// retries allow. None when every attempt failed (the client gets 502).
+    pub(crate) async fn connect(
+        &mut self,
+        state: &Arc<ProxyState>,
+        mut backend: Arc<BackendState>,
+    ) -> Option<(tokio::net::TcpStream, Arc<BackendState>)> {
+        let installed = self.installed.clone()?;
+        let upstream_index = self.decision.as_ref()?.upstream;
+        let upstream = &installed.router.upstreams()[upstream_index];
+        let config = installed.config_upstream(upstream_index);
+        let connect_timeout = config.map_or(Duration::from_secs(1), |u| u.connect_timeout);
+        let passive_config = config.and_then(|u| u.passive);
+        loop {
+            let connect = tokio::net::TcpStream::connect(backend.address);
+            match tokio::time::timeout(connect_timeout, connect).await {
+                Ok(Ok(socket)) => {
+                    self.connected();
+                    // Requests and WebSocket messages are small and latency-bound.
+                    let _ = socket.set_nodelay(true);
+                    return Some((socket, backend));
+                }
+                Ok(Err(e)) => tracing::debug!(backend = %backend.address, "connect failed: {e}"),
+                Err(_) => tracing::debug!(backend = %backend.address, "connect timed out"),
+            }
+            passive::record_failure(state, &upstream.name, passive_config, &backend);
+            if !self.may_retry() {
+                return None;
+            }
+            backend = self.next_attempt().ok()?;
+        }
+    }
+
     /// Counts the connect time of the current attempt in the route's metrics.
     pub(crate) fn connected(&mut self) {
         if let (Some(installed), Some(d), Some(t)) =
@@ -262,12 +297,7 @@ pub(crate) fn add_forwarding(
         .clone()
         .unwrap_or_else(forwarding::new_request_id);
     let trusted = match (&ctx.installed, ctx.client_ip) {
-        (Some(installed), Some(ip)) => installed
-            .config
-            .server
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(ip)),
+        (Some(installed), Some(ip)) => installed.trusts(ip),
         _ => false,
     };
     let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -317,7 +347,7 @@ impl ProxyHttp for TetherProxy {
         ctx.request_id = Some(
             req.headers
                 .get(&X_REQUEST_ID)
-                .filter(|v| !v.is_empty() && v.len() <= 200)
+                .filter(|v| forwarding::usable_request_id(v.as_bytes()))
                 .cloned()
                 .unwrap_or_else(forwarding::new_request_id),
         );
@@ -615,10 +645,7 @@ impl ProxyHttp for TetherProxy {
         // tells the client to come back, and it will reach the key's new owner.
         let code = if ctx.is_closing() { 503 } else { status_for(e) };
         if code > 0 && session.response_written().is_none() {
-            let reason = http::StatusCode::from_u16(code)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("error");
+            let reason = crate::exchange::reason_phrase(code);
             if let Err(write_err) = respond_local(session, code, reason).await {
                 tracing::debug!("could not send error response: {write_err}");
             }

@@ -61,6 +61,15 @@ impl Installed {
     pub fn config_upstream(&self, index: usize) -> Option<&tether_config::Upstream> {
         self.config.upstreams.get(index)
     }
+
+    /// Whether `ip` is in `server.trusted_proxies` (its `X-Forwarded-For` is extended).
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(ip))
+    }
 }
 
 /// What an install is made from: the file's config and the members each source reported.

@@ -10,7 +10,9 @@
 //! two sockets ([`run`]) through one buffer per thread: an idle tunnel owns its two sockets
 //! and a few hundred bytes.
 
-use crate::exchange::{status_for, valid_switch, websocket_close_frame, ExchangeKind, FrameCursor};
+use crate::exchange::{
+    reason_phrase, status_for, valid_switch, websocket_close_frame, ExchangeKind, FrameCursor,
+};
 use crate::forwarding;
 use crate::passive;
 use crate::proxy::{answer_locally, record_exchange, RequestCtx};
@@ -126,40 +128,23 @@ pub(crate) async fn open(
     let router = &installed.router;
     let route = &router.routes()[decision.route];
     let upstream = &router.upstreams()[decision.upstream];
-    let config_upstream = installed.config_upstream(decision.upstream);
-    let connect_timeout = config_upstream.map_or(Duration::from_secs(1), |u| u.connect_timeout);
-    let passive_cfg = config_upstream.and_then(|u| u.passive);
+    let passive_cfg = installed
+        .config_upstream(decision.upstream)
+        .and_then(|u| u.passive);
     let send_timeout = installed.config.server.limits.send_timeout;
 
     // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and
     // `fail_to_connect`.
-    let (mut socket, backend) = loop {
-        let backend = match ctx.next_attempt() {
-            Ok(backend) => backend,
-            Err(e) => {
-                let status = status_for(&e);
-                let reason = http::StatusCode::from_u16(status)
-                    .ok()
-                    .and_then(|s| s.canonical_reason())
-                    .unwrap_or("error");
-                return answer_locally(session, ctx, status, reason).await;
-            }
-        };
-        match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
-            Ok(Ok(socket)) => {
-                ctx.connected();
-                break (socket, backend);
-            }
-            Ok(Err(e)) => tracing::debug!(backend = %backend.address, "connect failed: {e}"),
-            Err(_) => tracing::debug!(backend = %backend.address, "connect timed out"),
-        }
-        passive::record_failure(state, &upstream.name, passive_cfg, &backend);
-        if !ctx.may_retry() {
-            return answer_locally(session, ctx, 502, "Bad Gateway").await;
+    let first = match ctx.next_attempt() {
+        Ok(backend) => backend,
+        Err(e) => {
+            let status = status_for(&e);
+            return answer_locally(session, ctx, status, reason_phrase(status)).await;
         }
     };
-    // WebSocket messages are small and latency-bound.
-    let _ = socket.set_nodelay(true);
+    let Some((mut socket, backend)) = ctx.connect(state, first).await else {
+        return answer_locally(session, ctx, 502, "Bad Gateway").await;
+    };
 
     let mut request = session.req_header().clone();
     forwarding::websocket_upgrade_request(&mut request)?;

@@ -42,16 +42,37 @@ fn refuse(status: u16, why: &'static str) -> Refusal {
 
 /// Checks `req` against `limits` and HTTP's rules for `Host`.
 pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
-    if req.raw_path().len() > limits.max_uri {
+    let fields = req
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().len(), value.len()));
+    check_sizes(req.raw_path().len(), req.headers.len(), fields, limits)?;
+    if req.method == Method::TRACE {
+        return Err(refuse(405, "TRACE is not allowed"));
+    }
+    check_target(req.raw_path())?;
+    check_websocket(req)?;
+    check_host(req)
+}
+
+/// The size limits: target length (414), field count, field line and block size (431).
+/// `fields` gives each field's name and value length.
+pub(crate) fn check_sizes(
+    target_len: usize,
+    field_count: usize,
+    fields: impl Iterator<Item = (usize, usize)>,
+    limits: &Limits,
+) -> Result<(), Refusal> {
+    if target_len > limits.max_uri {
         return Err(refuse(414, "request target too long"));
     }
-    if req.headers.len() > limits.max_headers {
+    if field_count > limits.max_headers {
         return Err(refuse(431, "too many header fields"));
     }
     let mut total = 0usize;
-    for (name, value) in &req.headers {
+    for (name, value) in fields {
         // ": " and CRLF, as on the wire.
-        let line = name.as_str().len() + value.len() + 4;
+        let line = name + value + 4;
         if line > limits.max_header_line {
             return Err(refuse(431, "header field too large"));
         }
@@ -60,12 +81,7 @@ pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
     if total > limits.max_header_bytes {
         return Err(refuse(431, "header block too large"));
     }
-    if req.method == Method::TRACE {
-        return Err(refuse(405, "TRACE is not allowed"));
-    }
-    check_target(req.raw_path())?;
-    check_websocket(req)?;
-    check_host(req)
+    Ok(())
 }
 
 /// A fragment never belongs in a request target (RFC 9112 3.2), and the path's
