@@ -37,20 +37,45 @@ pub fn usable_request_id(value: &[u8]) -> bool {
     !value.is_empty() && value.len() <= 200
 }
 
+/// A process-unique request id as a header value (see [`GeneratedId`]).
+pub fn new_request_id() -> HeaderValue {
+    HeaderValue::from_bytes(GeneratedId::new().as_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
 /// A process-unique request id: a random 64-bit prefix chosen at start plus a counter, so ids
 /// never repeat within a process and rarely across processes, without a syscall per request.
-/// Written as `{prefix:016x}-{counter:08x}` by hand into a stack buffer: one allocation (the
-/// header value) instead of `format!`'s string plus a copy.
-pub fn new_request_id() -> HeaderValue {
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(random_prefix);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut buf = [0u8; 33];
-    let mut len = push_hex(&mut buf, 0, prefix, 16);
-    buf[len] = b'-';
-    len = push_hex(&mut buf, len + 1, n, 8);
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("0"))
+/// Written as `{prefix:016x}-{counter:08x}` by hand into a stack buffer: no allocation, no
+/// `format!`.
+pub struct GeneratedId {
+    buf: [u8; 33],
+    len: usize,
+}
+
+impl GeneratedId {
+    /// The next id.
+    pub fn new() -> GeneratedId {
+        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let prefix = *PREFIX.get_or_init(random_prefix);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 33];
+        let mut len = push_hex(&mut buf, 0, prefix, 16);
+        buf[len] = b'-';
+        len = push_hex(&mut buf, len + 1, n, 8);
+        GeneratedId { buf, len }
+    }
+
+    /// The id's bytes (lower-case hex and one `-`).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Default for GeneratedId {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Writes `value` in lower-case hex with at least `min_digits` digits at `buf[at..]`; returns

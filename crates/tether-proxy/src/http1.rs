@@ -18,15 +18,17 @@
 //! (502, 504), with the same statuses and the same passive-health bookkeeping as the proxy.
 
 use crate::chunked::ChunkedEnd;
+use crate::closing::Waiter;
 use crate::forwarding;
+use crate::lazy_deadline::LazyDeadline;
 use crate::passive;
 use crate::proxy::{record_exchange, RequestCtx};
 use crate::state::{Installed, ProxyState};
 use crate::validity;
-use http::HeaderValue;
 use pingora::protocols::GetSocketDigest;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock};
 use std::task::Poll;
@@ -71,7 +73,9 @@ enum Next {
 }
 
 /// Facts about a request head that this path needs, all borrowed from the head.
-struct Facts<'b> {
+struct Facts<'h, 'b> {
+    /// All the header fields, as parsed.
+    fields: &'h [httparse::Header<'b>],
     method: &'b str,
     target: &'b str,
     host: &'b str,
@@ -91,7 +95,13 @@ struct Conn<'s> {
     /// Requests served so far.
     served: u64,
     /// Shutting down: answer this request, then close.
-    shutdown: ShutdownWatch,
+    closing: Waiter,
+    /// The deadline of the wait for the client's next head.
+    client_timer: LazyDeadline,
+    /// The deadline of the waits for the backend's response.
+    upstream_timer: LazyDeadline,
+    /// When the last exchange ended (the start of the keep-alive idle time).
+    idle_since: Instant,
     /// A head longer than this is left to Pingora (which refuses it).
     max_head: usize,
     scratch: Scratch,
@@ -137,18 +147,21 @@ pub(crate) async fn serve(
     let client_ip = client
         .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
+    state.closing.follow(shutdown);
+    let accepted = Instant::now();
     let mut conn = Conn {
         state,
         client,
         client_ip,
         served: 0,
-        shutdown: shutdown.clone(),
+        closing: state.closing.join(),
+        client_timer: LazyDeadline::default(),
+        upstream_timer: LazyDeadline::default(),
+        idle_since: accepted,
         max_head,
         scratch: Scratch::default(),
     };
     let mut buf: Vec<u8> = Vec::new();
-    let accepted = Instant::now();
-    let mut idle_since = accepted;
     loop {
         // The first request's head must arrive within `header_timeout` of the accept; later
         // ones may idle for `keepalive_timeout` first (slowloris, catalogue G1).
@@ -156,7 +169,7 @@ pub(crate) async fn serve(
             let end = accepted + header_timeout;
             (end, end)
         } else {
-            let idle_end = idle_since + keepalive_timeout;
+            let idle_end = conn.idle_since + keepalive_timeout;
             (idle_end, idle_end + header_timeout)
         };
         let head_len = match read_head(&mut conn, &mut buf, idle_deadline, head_deadline).await {
@@ -165,9 +178,10 @@ pub(crate) async fn serve(
             Head::ToPingora => return to_pingora(conn.client, &buf),
         };
         let next = {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-            let mut req = httparse::Request::new(&mut fields);
-            match req.parse(&buf[..head_len]) {
+            // Uninitialised: filling 100 empty fields per request was 1 % of the CPU.
+            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+            let mut req = httparse::Request::new(&mut []);
+            match req.parse_with_uninit_headers(&buf[..head_len], &mut fields) {
                 Ok(httparse::Status::Complete(len)) if len == head_len => {
                     // Pipelining is off, as on Pingora's path (a smaller attack surface,
                     // catalogue A11): a request sent before the previous response is not
@@ -190,7 +204,6 @@ pub(crate) async fn serve(
                     // A long head grew it: an idle connection keeps only the usual size.
                     buf = Vec::new();
                 }
-                idle_since = Instant::now();
             }
         }
     }
@@ -234,15 +247,23 @@ async fn read_head(
         // Shutting down (graceful stop, binary upgrade): an idle connection closes, but a
         // request already on its way gets a moment to arrive and is served, as on Pingora's
         // path (vendor/pingora-proxy).
-        let grace = buf.is_empty() && *conn.shutdown.borrow();
-        let read = if grace {
+        let idle = buf.is_empty();
+        let read = if idle && conn.closing.started() {
             None
         } else {
-            tokio::select! {
-                biased;
-                read = tokio::time::timeout_at(deadline, conn.client.read_buf(buf)) => Some(read),
-                _ = conn.shutdown.changed(), if buf.is_empty() => None,
-            }
+            let closing = &conn.closing;
+            let mut read =
+                std::pin::pin!(conn.client_timer.until(deadline, conn.client.read_buf(buf)));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(read) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Some(read));
+                }
+                if idle && closing.poll_started(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await
         };
         let read = match read {
             Some(read) => read,
@@ -285,7 +306,7 @@ fn is(name: &str, lower: &str) -> bool {
 }
 
 /// The facts of a request this path serves, or None for one Pingora should.
-fn facts<'b>(req: &httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'b>> {
+fn facts<'h, 'b>(req: &'h httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'h, 'b>> {
     if req.version != Some(1) {
         return None;
     }
@@ -301,6 +322,7 @@ fn facts<'b>(req: &httparse::Request<'_, 'b>, limits: &Limits) -> Option<Facts<'
         return None;
     }
     let mut facts = Facts {
+        fields: req.headers,
         method,
         target,
         host: "",
@@ -373,8 +395,8 @@ async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipeline
     let Some(facts) = facts(req, limits) else {
         return Next::ToPingora;
     };
-    let (path, query) = match facts.target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
+    let (path, query) = match memchr::memchr(b'?', facts.target.as_bytes()) {
+        Some(at) => (&facts.target[..at], Some(&facts.target[at + 1..])),
         None => (facts.target, None),
     };
     let view = RequestView {
@@ -401,23 +423,38 @@ async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipeline
     let mut ctx = RequestCtx::for_request(conn.state);
     ctx.installed = Some(installed.clone());
     ctx.decision = Some(decision);
-    ctx.request_id = Some(
-        facts
-            .request_id
-            .filter(|v| forwarding::usable_request_id(v))
-            .and_then(|v| HeaderValue::from_bytes(v).ok())
-            .unwrap_or_else(forwarding::new_request_id),
-    );
+    // The client's id when usable (httparse has checked it is a valid field value), else a
+    // new one; kept as bytes (no `HeaderValue` allocated per request).
+    let generated;
+    let request_id = match facts
+        .request_id
+        .filter(|v| forwarding::usable_request_id(v))
+    {
+        Some(id) => id,
+        None => {
+            generated = forwarding::GeneratedId::new();
+            generated.as_bytes()
+        }
+    };
     conn.served += 1;
     let mut close = facts.close
         || pipelined
-        || *conn.shutdown.borrow()
+        || conn.closing.started()
         || limits
             .max_requests_per_connection
             .is_some_and(|max| conn.served >= u64::from(max));
 
     let mut scratch = std::mem::take(&mut conn.scratch);
-    let outcome = proxy(conn, req, &facts, &installed, &mut ctx, close, &mut scratch).await;
+    let outcome = proxy(
+        conn,
+        &facts,
+        request_id,
+        &installed,
+        &mut ctx,
+        close,
+        &mut scratch,
+    )
+    .await;
     scratch.keep_if_small();
     conn.scratch = scratch;
     let (status, body_bytes) = match outcome {
@@ -436,18 +473,21 @@ async fn exchange(conn: &mut Conn<'_>, req: &httparse::Request<'_, '_>, pipeline
             (status, 0)
         }
     };
+    // One clock reading for the exchange's duration and the start of the keep-alive wait.
+    let finished = Instant::now();
+    conn.idle_since = finished;
     ctx.holding = None;
     if let (Some(installed), Some(decision)) = (&ctx.installed, &ctx.decision) {
         record_exchange(
             installed,
             Some(decision),
             ctx.tried.last().copied(),
-            ctx.request_id.as_ref(),
+            Some(request_id),
             facts.method,
             crate::exchange::ExchangeKind::Plain,
             status,
             body_bytes,
-            ctx.started.elapsed(),
+            finished.saturating_duration_since(ctx.started.into()),
         );
     }
     if close {
@@ -497,8 +537,8 @@ enum UpstreamError {
 /// Connects (or reuses a connection), sends the request, relays the response.
 async fn proxy(
     conn: &mut Conn<'_>,
-    req: &httparse::Request<'_, '_>,
-    facts: &Facts<'_>,
+    facts: &Facts<'_, '_>,
+    request_id: &[u8],
     installed: &Installed,
     ctx: &mut RequestCtx,
     close: bool,
@@ -513,7 +553,7 @@ async fn proxy(
     let passive_cfg = installed.config_upstream(upstream).and_then(|u| u.passive);
     let trusted = conn.client_ip.is_some_and(|ip| installed.trusts(ip));
     let Scratch { head, out } = scratch;
-    upstream_head(req, facts, conn.client_ip, trusted, ctx, head);
+    upstream_head(facts, conn.client_ip, trusted, request_id, head);
     let idempotent = matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
 
     // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and
@@ -523,7 +563,7 @@ async fn proxy(
     let mut pooled = true;
     loop {
         let kept = if pooled {
-            conn.state.pool.take(backend.address)
+            conn.state.pool.take(backend.address, ctx.started)
         } else {
             None
         };
@@ -549,13 +589,23 @@ async fn proxy(
             read_timeout,
             send_timeout: limits.send_timeout,
             close,
-            request_id: ctx.request_id.as_ref(),
+            request_id,
             backend: &backend,
         };
-        match relay(&mut conn.client, &mut socket, &exchange, out).await {
+        let relayed = relay(
+            &mut conn.client,
+            &mut socket,
+            &mut conn.upstream_timer,
+            &exchange,
+            out,
+        )
+        .await;
+        match relayed {
             Ok((done, keep_upstream)) => {
                 if keep_upstream {
-                    conn.state.pool.put(backend.address, socket);
+                    // Idle since the request started, as far as the pool's age limit goes:
+                    // a little early, and no clock reading.
+                    conn.state.pool.put(backend.address, socket, ctx.started);
                 }
                 return Ok(done);
             }
@@ -587,11 +637,10 @@ async fn proxy(
 /// hop-by-hop ones, plus the forwarding fields (as `forwarding::add_forwarding_headers` sets
 /// them on Pingora's path).
 fn upstream_head(
-    req: &httparse::Request<'_, '_>,
-    facts: &Facts<'_>,
+    facts: &Facts<'_, '_>,
     client_ip: Option<IpAddr>,
     trusted: bool,
-    ctx: &RequestCtx,
+    request_id: &[u8],
     head: &mut Vec<u8>,
 ) {
     head.clear();
@@ -600,7 +649,7 @@ fn upstream_head(
     head.extend_from_slice(facts.target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     let replaces_forwarded_for = client_ip.is_some() || !trusted;
-    for field in req.headers.iter() {
+    for field in facts.fields {
         if dropped_request_field(field.name, trusted, replaces_forwarded_for) {
             continue;
         }
@@ -620,9 +669,7 @@ fn upstream_head(
     }
     head.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
     push_field(head, b"X-Forwarded-Host", facts.host.as_bytes());
-    if let Some(id) = &ctx.request_id {
-        push_field(head, b"X-Request-Id", id.as_bytes());
-    }
+    push_field(head, b"X-Request-Id", request_id);
     head.extend_from_slice(b"\r\n");
 }
 
@@ -643,7 +690,7 @@ struct Exchange<'a> {
     send_timeout: Duration,
     /// Tell the client this connection closes after the response.
     close: bool,
-    request_id: Option<&'a HeaderValue>,
+    request_id: &'a [u8],
     backend: &'a BackendState,
 }
 
@@ -680,6 +727,7 @@ struct ResponseHead {
 async fn relay(
     client: &mut Box<PlainStream>,
     socket: &mut TcpStream,
+    timer: &mut LazyDeadline,
     exchange: &Exchange<'_>,
     out: &mut Vec<u8>,
 ) -> Result<(Done, bool), Relay> {
@@ -693,11 +741,12 @@ async fn relay(
         Ok(Err(_)) => return Err(io_error(false)),
         Err(_) => return Err(Relay::Upstream(UpstreamError::Timeout)),
     }
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_SIZE);
+    let mut pooled = ResponseBuf::take();
+    let buf = &mut pooled.0;
     out.clear();
     let head = loop {
         if !buf.is_empty() {
-            match response_head(&buf, exchange, out) {
+            match response_head(buf, exchange, out) {
                 Ok(Some(head)) if head.status >= 200 => {
                     passive::record_success(exchange.backend);
                     break head;
@@ -724,7 +773,10 @@ async fn relay(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_SIZE);
         }
-        match within(exchange.read_timeout, socket.read_buf(&mut buf)).await {
+        match timer
+            .within(exchange.read_timeout, socket.read_buf(buf))
+            .await
+        {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(io_error(!buf.is_empty())),
             Ok(Ok(_)) => {}
             Err(_) => return Err(Relay::Upstream(UpstreamError::Timeout)),
@@ -805,7 +857,10 @@ async fn relay(
         if buf.capacity() < 1024 {
             buf.reserve(READ_SIZE);
         }
-        match within(exchange.read_timeout, socket.read_buf(&mut buf)).await {
+        match timer
+            .within(exchange.read_timeout, socket.read_buf(buf))
+            .await
+        {
             Ok(Ok(0)) if head.body == Body::UntilClose => return Ok((done, false)),
             Ok(Ok(n)) if n > 0 => {}
             // Truncated, broken or too slow after the head went out: the client can only
@@ -818,6 +873,49 @@ async fn relay(
     }
 }
 
+/// A buffer for a backend's response, from a per-thread stack of recently used ones.
+///
+/// Why: a fresh 16 KB buffer per exchange took the allocator's slow path on every request
+/// (about 700 instructions), and a recently used buffer is still in the CPU's cache when the
+/// kernel copies the response into it (HAProxy's buffer pools work the same way). Buffers
+/// are held only while an exchange runs, so idle connections keep none.
+struct ResponseBuf(Vec<u8>);
+
+thread_local! {
+    static RESPONSE_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl ResponseBuf {
+    /// Most buffers kept per thread.
+    const KEPT: usize = 64;
+
+    fn take() -> ResponseBuf {
+        let reused = RESPONSE_BUFS
+            .try_with(|bufs| bufs.try_borrow_mut().ok().and_then(|mut bufs| bufs.pop()))
+            .ok()
+            .flatten();
+        ResponseBuf(reused.unwrap_or_else(|| Vec::with_capacity(READ_SIZE)))
+    }
+}
+
+impl Drop for ResponseBuf {
+    fn drop(&mut self) {
+        // A buffer a large response grew is let go.
+        if self.0.capacity() > 2 * READ_SIZE {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        let _ = RESPONSE_BUFS.try_with(|bufs| {
+            if let Ok(mut bufs) = bufs.try_borrow_mut() {
+                if bufs.len() < Self::KEPT {
+                    bufs.push(buf);
+                }
+            }
+        });
+    }
+}
+
 /// Parses the response head at the start of `buf` and writes it, edited for the client, to
 /// `out`: hop-by-hop fields (and those `Connection` nominates) dropped, Tether's
 /// `X-Request-Id` set, `Connection: close` when the client connection ends after it.
@@ -827,9 +925,14 @@ fn response_head(
     exchange: &Exchange<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, ()> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
-    let mut response = httparse::Response::new(&mut fields);
-    let len = match response.parse(buf) {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_FIELDS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(()),
@@ -853,11 +956,14 @@ fn response_head(
                 }
             }
         } else if is(field.name, "content-length") {
-            let value = std::str::from_utf8(field.value).map_err(|_| ())?.trim();
-            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            let value = field.value.trim_ascii();
+            // At most 19 digits: no overflow, and no body is that long.
+            if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
                 return Err(());
             }
-            let n: u64 = value.parse().map_err(|_| ())?;
+            let n = value
+                .iter()
+                .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
             if length.is_some_and(|m| m != n) {
                 return Err(());
             }
@@ -912,9 +1018,7 @@ fn response_head(
         }
         push_field(out, name.as_bytes(), field.value);
     }
-    if let Some(id) = exchange.request_id {
-        push_field(out, b"X-Request-Id", id.as_bytes());
-    }
+    push_field(out, b"X-Request-Id", exchange.request_id);
     if status >= 200 && (exchange.close || body == Body::UntilClose) {
         out.extend_from_slice(b"Connection: close\r\n");
     }

@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod admin;
 mod chunked;
+mod closing;
 pub mod convergence;
 pub mod discovery;
 pub mod downstream;
@@ -15,6 +16,7 @@ pub mod exchange;
 pub mod forwarding;
 pub mod health;
 pub(crate) mod http1;
+mod lazy_deadline;
 pub mod lifecycle;
 pub mod metrics;
 pub mod passive;
@@ -133,6 +135,11 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
         grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: upgrade_socket(&config),
+        // One current-thread runtime per worker thread (as nginx's and HAProxy's per-thread
+        // event loops), instead of tokio's work-stealing scheduler: cheaper task wake-ups and
+        // scheduling on every request (BENCHMARKS.md). WebSocket tunnels, which live long and
+        // can pile up on one thread, move to Tether's own work-stealing runtime anyway.
+        work_stealing: false,
         ..ServerConf::default()
     };
     // Retries are bounded by each route's `retries`; this is only a ceiling.

@@ -52,14 +52,15 @@ impl Hasher for AddrHasher {
 }
 
 impl UpstreamPool {
-    /// An idle connection to `backend` that still looks usable, if there is one.
-    pub fn take(&self, backend: SocketAddr) -> Option<TcpStream> {
+    /// An idle connection to `backend` that still looks usable, if there is one. `now` is a
+    /// recent clock reading the caller already has (the pool reads no clock of its own).
+    pub fn take(&self, backend: SocketAddr, now: Instant) -> Option<TcpStream> {
         loop {
             let idle = {
                 let mut pools = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                 pools.get_mut(&backend)?.pop()?
             };
-            if idle.since.elapsed() > MAX_IDLE_TIME {
+            if now.saturating_duration_since(idle.since) > MAX_IDLE_TIME {
                 // Everything under it on the stack is older still.
                 self.forget(backend);
                 return None;
@@ -74,15 +75,13 @@ impl UpstreamPool {
         }
     }
 
-    /// Keeps `socket`, whose last response ended cleanly, for the next request to `backend`.
-    pub fn put(&self, backend: SocketAddr, socket: TcpStream) {
+    /// Keeps `socket`, whose last response ended cleanly, for the next request to `backend`;
+    /// it counts as idle from `since`.
+    pub fn put(&self, backend: SocketAddr, socket: TcpStream, since: Instant) {
         let evicted = {
             let mut pools = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let stack = pools.entry(backend).or_default();
-            stack.push(Idle {
-                socket,
-                since: Instant::now(),
-            });
+            stack.push(Idle { socket, since });
             (stack.len() > MAX_IDLE_PER_BACKEND).then(|| stack.remove(0))
         };
         // Closed outside the lock.
@@ -120,15 +119,17 @@ mod tests {
 
         let live = TcpStream::connect(addr).await.unwrap();
         let (_live_server, _) = listener.accept().await.unwrap();
-        pool.put(addr, live);
+        pool.put(addr, live, Instant::now());
         assert_eq!(pool.idle_count(addr), 1);
-        let taken = pool.take(addr).expect("the live connection");
-        assert!(pool.take(addr).is_none());
+        let taken = pool
+            .take(addr, Instant::now())
+            .expect("the live connection");
+        assert!(pool.take(addr, Instant::now()).is_none());
 
-        pool.put(addr, taken);
+        pool.put(addr, taken, Instant::now());
         let dying = TcpStream::connect(addr).await.unwrap();
         let (mut dying_server, _) = listener.accept().await.unwrap();
-        pool.put(addr, dying);
+        pool.put(addr, dying, Instant::now());
         dying_server.shutdown().await.unwrap();
         drop(dying_server);
         // The reactor has to see the close before the pool can; poll until it does.
@@ -146,7 +147,22 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // The closed one (on top) is skipped and dropped; the live one under it comes back.
-        assert!(pool.take(addr).is_some());
+        assert!(pool.take(addr, Instant::now()).is_some());
+        assert_eq!(pool.idle_count(addr), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_longer_than_the_limit_is_closed_not_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = UpstreamPool::default();
+        let socket = TcpStream::connect(addr).await.unwrap();
+        let (_server, _) = listener.accept().await.unwrap();
+        let since = Instant::now();
+        pool.put(addr, socket, since);
+        assert!(pool
+            .take(addr, since + MAX_IDLE_TIME + Duration::from_secs(1))
+            .is_none());
         assert_eq!(pool.idle_count(addr), 0);
     }
 }

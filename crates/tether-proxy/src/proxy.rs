@@ -242,7 +242,7 @@ pub(crate) fn record_exchange(
     installed: &Installed,
     decision: Option<&Decision>,
     backend: Option<usize>,
-    request_id: Option<&HeaderValue>,
+    request_id: Option<&[u8]>,
     method: &str,
     kind: ExchangeKind,
     status: u16,
@@ -269,7 +269,9 @@ pub(crate) fn record_exchange(
         _ => String::new(),
     };
     let entry = crate::access_log::Entry {
-        request_id: request_id.and_then(|v| v.to_str().ok()).unwrap_or(""),
+        request_id: request_id
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or(""),
         method,
         route: decision.map_or("", |d| router.routes()[d.route].name.as_str()),
         key_source: decision.map_or("none", |d| d.key_source.as_str()),
@@ -680,7 +682,7 @@ impl ProxyHttp for TetherProxy {
             installed,
             ctx.decision.as_ref(),
             ctx.tried.last().copied(),
-            ctx.request_id.as_ref(),
+            ctx.request_id.as_ref().map(HeaderValue::as_bytes),
             session.req_header().method.as_str(),
             ctx.kind,
             status,

@@ -127,6 +127,8 @@ pub struct ProxyState {
     in_flight: AtomicUsize,
     /// Idle keep-alive connections to backends (Tether's own HTTP/1 path).
     pub(crate) pool: crate::pool::UpstreamPool,
+    /// Shutdown as the HTTP/1 path's idle connections wait for it.
+    pub(crate) closing: Arc<crate::closing::Closing>,
 }
 
 /// Counts one request or tunnel in a backend's `active` (least-connections) while it lives.
@@ -171,6 +173,7 @@ impl ProxyState {
             owners_changed: Notify::new(),
             in_flight: AtomicUsize::new(0),
             pool: crate::pool::UpstreamPool::default(),
+            closing: Arc::default(),
         }
     }
 

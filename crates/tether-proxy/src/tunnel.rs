@@ -813,7 +813,7 @@ async fn run<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, mut tunnel: Tunne
         &installed,
         Some(&decision),
         Some(backend_index),
-        request_id.as_ref(),
+        request_id.as_ref().map(HeaderValue::as_bytes),
         "GET",
         ExchangeKind::WebSocket,
         101,
