@@ -62,6 +62,7 @@ impl LazyDeadline {
             let at = match &mut deadline {
                 Deadline::Known(at) => *at,
                 Deadline::Later(compute) => {
+                    // Taken once, then `Known`; no panic path if that ever changed.
                     let Some(compute) = compute.take() else {
                         return Poll::Ready(Err(TimedOut));
                     };
