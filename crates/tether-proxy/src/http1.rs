@@ -930,7 +930,7 @@ async fn relay(
 /// A buffer for a backend's response, from a per-thread stack of recently used ones.
 ///
 /// Why: a fresh 16 KB buffer per exchange took the allocator's slow path on every request
-/// (about 700 instructions), and a recently used buffer is still in the CPU's cache when the
+/// (about 300 instructions), and a recently used buffer is still in the CPU's cache when the
 /// kernel copies the response into it (HAProxy's buffer pools work the same way). Buffers
 /// are held only while an exchange runs, so idle connections keep none.
 struct ResponseBuf(Vec<u8>);
