@@ -55,19 +55,16 @@ pub struct GeneratedId {
 impl GeneratedId {
     /// The next id.
     pub fn new() -> GeneratedId {
-        // The prefix and its dash, written out once.
-        static PREFIX: OnceLock<[u8; 17]> = OnceLock::new();
+        // The prefix and its dash, written out once: each id copies them and adds the counter.
+        static PREFIX: OnceLock<[u8; 33]> = OnceLock::new();
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let prefix = PREFIX.get_or_init(|| {
+        let mut buf = *PREFIX.get_or_init(|| {
             let mut buf = [0u8; 33];
-            push_hex(&mut buf, 0, random_prefix(), 16);
-            let mut prefix = [b'-'; 17];
-            prefix[..16].copy_from_slice(&buf[..16]);
-            prefix
+            let dash = push_hex(&mut buf, 0, random_prefix(), 16);
+            buf[dash] = b'-';
+            buf
         });
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 33];
-        buf[..17].copy_from_slice(prefix);
         let len = push_hex(&mut buf, 17, n, 8);
         GeneratedId { buf, len }
     }

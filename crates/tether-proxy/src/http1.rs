@@ -37,7 +37,6 @@ use tether_config::Limits;
 use tether_routing::{BackendState, Headers, RequestView};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::error::Elapsed;
 use tokio::time::{timeout, Instant};
 
 /// Pingora's plain-TCP client stream.
@@ -790,7 +789,10 @@ async fn relay(
             reused: exchange.reused && !got_bytes,
         })
     };
-    match within(exchange.send_timeout, socket.write_all(exchange.head)).await {
+    match timer
+        .within(exchange.send_timeout, socket.write_all(exchange.head))
+        .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Err(io_error(false)),
         Err(_) => return Err(Relay::Upstream(UpstreamError::Timeout)),
@@ -1081,16 +1083,6 @@ fn response_head(
     }))
 }
 
-/// `timeout(limit, work)`, except that work done at its first poll (most writes, and reads
-/// whose bytes are already there) never reads the clock or arms a timer.
-async fn within<F: Future>(limit: Duration, work: F) -> Result<F::Output, Elapsed> {
-    let mut work = std::pin::pin!(work);
-    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await {
-        return Ok(out);
-    }
-    timeout(limit, work).await
-}
-
 /// Writes all of `bytes` to the client within `send_timeout`.
 async fn write_client(
     client: &mut Box<PlainStream>,
@@ -1101,7 +1093,8 @@ async fn write_client(
         client.write_all(bytes).await?;
         client.flush().await
     };
-    match within(send_timeout, write).await {
+    // Most writes finish at once and never touch a timer; a blocked one arms its own.
+    match LazyDeadline::default().within(send_timeout, write).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }

@@ -48,29 +48,19 @@ impl LazyDeadline {
 
     async fn run<F: Future>(
         &mut self,
-        deadline: impl FnOnce() -> Instant,
+        mut deadline: impl FnMut() -> Instant,
         work: F,
     ) -> Result<F::Output, TimedOut> {
         let mut work = pin!(work);
-        let mut deadline = Deadline::Later(Some(deadline));
+        // Computed the first time the work is pending.
+        let mut at: Option<Instant> = None;
         // One poll per wake: the work first, then (from the first time it is pending) the
         // timer, so a wait polls its work once before the task sleeps.
         poll_fn(|cx| {
             if let Poll::Ready(out) = work.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
             }
-            let at = match &mut deadline {
-                Deadline::Known(at) => *at,
-                Deadline::Later(compute) => {
-                    // Taken once, then `Known`; no panic path if that ever changed.
-                    let Some(compute) = compute.take() else {
-                        return Poll::Ready(Err(TimedOut));
-                    };
-                    let at = compute();
-                    deadline = Deadline::Known(at);
-                    at
-                }
-            };
+            let at = *at.get_or_insert_with(&mut deadline);
             let sleep = match &mut self.sleep {
                 Some(sleep) => sleep,
                 None => self.sleep.insert(Box::pin(sleep_until(at))),
@@ -91,12 +81,6 @@ impl LazyDeadline {
         })
         .await
     }
-}
-
-/// A wait's deadline: computed the first time the work is pending.
-enum Deadline<F> {
-    Later(Option<F>),
-    Known(Instant),
 }
 
 #[cfg(test)]
