@@ -277,6 +277,30 @@ async fn sigint_exits_at_once_even_with_a_websocket_open() {
     );
 }
 
+/// Each worker thread has its own runtime; on SIGINT Pingora tears them down one by one, and
+/// an accept loop bound to a runtime already gone used to spin and keep the process alive
+/// (3 stops in 20 hung with 4 threads). Several stops, so a race that loses sometimes shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_exits_at_once_with_several_worker_threads() {
+    let config = A.replace(
+        "server: { grace_period: 10s }",
+        "server: { grace_period: 10s, threads: 4 }",
+    );
+    for round in 0..12 {
+        let mut stack = Stack::start(&config).await;
+        let sent = Instant::now();
+        stack.tether.signal(Signal::SIGINT).expect("SIGINT");
+        if let Err(e) = stack.tether.wait_exit(Duration::from_secs(3)).await {
+            panic!("stop {round} did not end the process: {e:?}");
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "stop {round}: {:?}",
+            sent.elapsed()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_binary_upgrade_under_load_fails_no_request() {
     let mut stack = Stack::start(A).await;

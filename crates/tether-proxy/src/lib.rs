@@ -86,7 +86,37 @@ pub enum StartError {
 /// process is told to stop; returns only if it cannot start.
 pub fn run(config: Config, options: RunOptions) -> Result<std::convert::Infallible, StartError> {
     let server = build_server(config, options)?;
+    exit_when_runtimes_shut_down(&server);
     server.run_forever()
+}
+
+/// Ends the process as soon as Pingora starts tearing its service runtimes down, which it
+/// does once a stop has run its course: at once for SIGINT, after the grace period otherwise
+/// (Tether's own [`lifecycle::GracefulExit`] has usually exited before that).
+///
+/// Why: the runtimes are current-thread ones (`work_stealing: false`), and Pingora shuts them
+/// down one after another without telling the accept loops first on SIGINT. An accept loop
+/// whose listener was registered with a runtime that is already gone then fails at once,
+/// forever, and never yields, so its own runtime never stops and the process hangs. Nothing is
+/// left to drain at that point, so exiting is what the teardown would end in anyway. A thread
+/// of its own, because the runtimes are what is being torn down.
+fn exit_when_runtimes_shut_down(server: &Server) {
+    use pingora::server::ExecutionPhase;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut phases = server.watch_execution_phase();
+    let watcher = std::thread::Builder::new()
+        .name("tether-exit".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownRuntimes) | Err(RecvError::Closed) => {
+                    std::process::exit(0)
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+            }
+        });
+    if let Err(e) = watcher {
+        tracing::warn!("stopping may wait for Pingora's runtimes: {e}");
+    }
 }
 
 /// The admin bearer token from `admin.token_file`, if one is configured.
@@ -138,7 +168,8 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
         // One current-thread runtime per worker thread (as nginx's and HAProxy's per-thread
         // event loops), instead of tokio's work-stealing scheduler: cheaper task wake-ups and
         // scheduling on every request (BENCHMARKS.md). WebSocket tunnels, which live long and
-        // can pile up on one thread, move to Tether's own work-stealing runtime anyway.
+        // can pile up on one thread, move to Tether's own work-stealing runtime anyway. Their
+        // teardown at a stop can hang: see `exit_when_runtimes_shut_down`.
         work_stealing: false,
         ..ServerConf::default()
     };
