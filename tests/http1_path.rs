@@ -75,6 +75,10 @@ impl Client {
             head,
             body: Vec::new(),
         };
+        if status == 101 {
+            // The rest of the connection is the upgraded protocol's.
+            return response;
+        }
         if let Some(len) = response.header("content-length") {
             let len: usize = len.parse().expect("length");
             while self.pending.len() < len {
@@ -157,20 +161,55 @@ async fn a_chunked_response_is_relayed_whole_and_the_connection_goes_on() {
     );
 }
 
+/// The connection is handed to Pingora after two kept-alive requests, by when the HTTP/1 path
+/// has taken the socket off Pingora's stream (`client_stream.rs`) and gives it back: the
+/// client's address still reaches the backend.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_with_a_body_goes_to_pingora_on_the_same_connection() {
     let stack = Stack::start(STANDARD).await;
     let mut client = Client::connect(stack.proxy).await;
     assert_eq!(client.send(&get("/h/first", "doc-b")).await.status, 200);
+    assert_eq!(client.send(&get("/h/second", "doc-b")).await.status, 200);
     let post = client
         .send("POST /h/posted HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-b\r\nContent-Length: 5\r\n\r\nhello")
         .await;
     assert_eq!(post.status, 200);
     let body = String::from_utf8_lossy(&post.body);
     assert!(body.contains("\"body\":\"hello\""), "{body}");
+    assert!(body.contains("\"x-forwarded-for\":\"127.0.0.1\""), "{body}");
     let last = client.send(&get("/h/last", "doc-b")).await;
     assert_eq!(last.status, 200);
     assert!(String::from_utf8_lossy(&last.body).contains("/h/last"));
+}
+
+/// A WebSocket upgrade on a connection that served plain requests first (its socket already
+/// off Pingora's stream) becomes a working tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_upgrade_after_kept_alive_requests_becomes_a_tunnel() {
+    let stack = Stack::start(STANDARD).await;
+    let mut client = Client::connect(stack.proxy).await;
+    for i in 0..3 {
+        let response = client.send(&get(&format!("/h/before-{i}"), "doc-w")).await;
+        assert_eq!(response.status, 200);
+    }
+    let upgraded = client
+        .send(
+            "GET /h/ws HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-w\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await;
+    assert_eq!(upgraded.status, 101, "{}", upgraded.head);
+    // A masked text frame "ping"; the backend echoes it unmasked.
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 4];
+    frame.extend_from_slice(&mask);
+    frame.extend(b"ping".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    client.stream.write_all(&frame).await.expect("write frame");
+    while client.pending.len() < 6 {
+        assert!(client.fill().await, "closed before the echo");
+    }
+    assert_eq!(&client.pending[..6], b"\x81\x04ping");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,6 +18,7 @@
 //! (502, 504), with the same statuses and the same passive-health bookkeeping as the proxy.
 
 use crate::chunked::ChunkedEnd;
+use crate::client_stream::ClientStream;
 use crate::closing::Waiter;
 use crate::forwarding;
 use crate::lazy_deadline::LazyDeadline;
@@ -91,7 +92,7 @@ struct Facts<'h, 'b> {
 /// One client connection.
 struct Conn<'s> {
     state: &'s Arc<ProxyState>,
-    client: Box<PlainStream>,
+    client: ClientStream,
     client_ip: Option<IpAddr>,
     /// Requests served so far.
     served: u64,
@@ -152,7 +153,7 @@ pub(crate) async fn serve(
     let accepted = Instant::now();
     let mut conn = Conn {
         state,
-        client,
+        client: ClientStream::Pingora(client),
         client_ip,
         served: 0,
         closing: state.closing.join(),
@@ -176,7 +177,7 @@ pub(crate) async fn serve(
         let head_len = match read_head(&mut conn, &mut buf, idle_deadline, head_deadline).await {
             Head::Complete(len) => len,
             Head::Closed => return Served::Done,
-            Head::ToPingora => return to_pingora(conn.client, &buf),
+            Head::ToPingora => return Served::ToPingora(conn.client.into_pingora(&buf)),
         };
         let next = {
             // Uninitialised: filling 100 empty fields per request was 1 % of the CPU.
@@ -194,12 +195,16 @@ pub(crate) async fn serve(
             }
         };
         match next {
-            Next::ToPingora => return to_pingora(conn.client, &buf),
+            Next::ToPingora => return Served::ToPingora(conn.client.into_pingora(&buf)),
             Next::Close => {
                 let _ = timeout(Duration::from_secs(1), conn.client.shutdown()).await;
                 return Served::Done;
             }
             Next::KeepAlive => {
+                if conn.served == 1 {
+                    // Kept alive: worth the socket of its own (see `client_stream`).
+                    conn.client.own().await;
+                }
                 buf.drain(..head_len);
                 if buf.is_empty() && buf.capacity() > REQUEST_READ_SIZE {
                     // A long head grew it: an idle connection keeps only the usual size.
@@ -208,11 +213,6 @@ pub(crate) async fn serve(
             }
         }
     }
-}
-
-fn to_pingora(mut client: Box<PlainStream>, buf: &[u8]) -> Served {
-    client.rewind(buf);
-    Served::ToPingora(client)
 }
 
 enum Head {
@@ -778,7 +778,7 @@ struct ResponseHead {
 /// Sends the request head, then relays the response to the client. On success, says whether
 /// the backend connection can go back to the pool.
 async fn relay(
-    client: &mut Box<PlainStream>,
+    client: &mut ClientStream,
     socket: &mut TcpStream,
     timer: &mut LazyDeadline,
     exchange: &Exchange<'_>,
@@ -1085,7 +1085,7 @@ fn response_head(
 
 /// Writes all of `bytes` to the client within `send_timeout`.
 async fn write_client(
-    client: &mut Box<PlainStream>,
+    client: &mut ClientStream,
     bytes: &[u8],
     send_timeout: Duration,
 ) -> Result<(), ()> {
@@ -1102,7 +1102,7 @@ async fn write_client(
 
 /// Tether's own answer to a failed exchange; the connection closes after it.
 async fn write_local(
-    client: &mut Box<PlainStream>,
+    client: &mut ClientStream,
     status: u16,
     send_timeout: Duration,
 ) -> Result<(), ()> {

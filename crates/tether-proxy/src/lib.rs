@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod admin;
 mod chunked;
+mod client_stream;
 mod closing;
 pub mod convergence;
 pub mod discovery;

@@ -1,0 +1,116 @@
+//! The client connection of Tether's HTTP/1 path ([`crate::http1`]): Pingora's stream as the
+//! listener accepted it, or, once the connection has shown it is kept alive, the socket itself.
+//!
+//! Why: every read through Pingora's stream goes through three layers and, when it has to
+//! wait, reads the clock twice (Pingora times how long reads wait), and every write ends in a
+//! flush through its write buffer: about 700 of the path's 12,700 instructions per request
+//! (callgrind), for bookkeeping nothing on this path reads. Pingora's stream does not give its
+//! socket back, so [`ClientStream::own`] duplicates the descriptor and drops the stream, as
+//! the WebSocket tunnel does ([`crate::tunnel`]). That costs four syscalls once per connection
+//! (`fcntl`, two `epoll_ctl`, `close`), which is why a connection is taken over only after its
+//! first kept-alive exchange: a connection that serves one request pays nothing.
+
+use crate::http1::PlainStream;
+use pingora::protocols::{GetSocketDigest, SocketDigest};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A plain-TCP client connection on the HTTP/1 path.
+pub(crate) enum ClientStream {
+    /// Pingora's stream, as accepted.
+    Pingora(Box<PlainStream>),
+    /// The socket itself, registered with the worker's reactor.
+    Own(TcpStream),
+}
+
+impl ClientStream {
+    /// Takes the socket off Pingora's stream, once. When the descriptor cannot be duplicated
+    /// or registered, the connection stays on Pingora's stream, unchanged.
+    pub(crate) async fn own(&mut self) {
+        let ClientStream::Pingora(stream) = self else {
+            return;
+        };
+        // Nothing should be buffered (writes are flushed), but never lose bytes.
+        if stream.flush().await.is_err() {
+            return;
+        }
+        // SAFETY: the descriptor is the live socket `stream` owns; `F_DUPFD_CLOEXEC` only
+        // reads it and returns a new descriptor that nobody else owns.
+        let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return;
+        }
+        // SAFETY: `dup` is a fresh descriptor of a connected TCP socket, owned from here on.
+        // It shares the original's file description, so it is already non-blocking.
+        let socket = unsafe { std::net::TcpStream::from_raw_fd(dup) };
+        // Registered before Pingora's stream goes: on failure nothing is lost. Until then the
+        // reactor knows the socket under both descriptors, which epoll allows.
+        let Ok(socket) = TcpStream::from_std(socket) else {
+            return;
+        };
+        // Dropping Pingora's stream deregisters and closes the original descriptor; the
+        // connection lives on in the duplicate.
+        *self = ClientStream::Own(socket);
+    }
+
+    /// Pingora's stream for this connection, with `unread` (bytes already received) put back
+    /// to be read first.
+    pub(crate) fn into_pingora(self, unread: &[u8]) -> Box<PlainStream> {
+        let mut stream = match self {
+            ClientStream::Pingora(stream) => stream,
+            ClientStream::Own(socket) => {
+                let fd = socket.as_raw_fd();
+                let mut stream = Box::new(PlainStream::from(socket));
+                // The client's address for Pingora's path (forwarding headers, logs, ACLs).
+                stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+                stream
+            }
+        };
+        stream.rewind(unread);
+        stream
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Pingora(stream) => Pin::new(stream).poll_read(cx, buf),
+            ClientStream::Own(socket) => Pin::new(socket).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Pingora(stream) => Pin::new(stream).poll_write(cx, buf),
+            ClientStream::Own(socket) => Pin::new(socket).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Pingora(stream) => Pin::new(stream).poll_flush(cx),
+            ClientStream::Own(socket) => Pin::new(socket).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Pingora(stream) => Pin::new(stream).poll_shutdown(cx),
+            ClientStream::Own(socket) => Pin::new(socket).poll_shutdown(cx),
+        }
+    }
+}
