@@ -94,6 +94,8 @@ struct Conn<'s> {
     state: &'s Arc<ProxyState>,
     client: ClientStream,
     client_ip: Option<IpAddr>,
+    /// `client_ip` as text, written once per connection for `X-Forwarded-For`.
+    client_ip_text: Vec<u8>,
     /// Requests served so far.
     served: u64,
     /// Shutting down: answer this request, then close.
@@ -151,10 +153,15 @@ pub(crate) async fn serve(
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
     state.closing.follow(shutdown);
     let accepted = Instant::now();
+    let mut client_ip_text = Vec::new();
+    if let Some(ip) = client_ip {
+        forwarding::push_ip(&mut client_ip_text, ip);
+    }
     let mut conn = Conn {
         state,
         client: ClientStream::Pingora(client),
         client_ip,
+        client_ip_text,
         served: 0,
         closing: state.closing.join(),
         client_timer: LazyDeadline::default(),
@@ -564,7 +571,8 @@ async fn proxy(
     let passive_cfg = installed.config_upstream(upstream).and_then(|u| u.passive);
     let trusted = conn.client_ip.is_some_and(|ip| installed.trusts(ip));
     let Scratch { head, out } = scratch;
-    upstream_head(facts, conn.client_ip, trusted, request_id, head);
+    let client_ip = conn.client_ip.map(|_| conn.client_ip_text.as_slice());
+    upstream_head(facts, client_ip, trusted, request_id, head);
     let idempotent = matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
 
     // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and
@@ -649,7 +657,7 @@ async fn proxy(
 /// them on Pingora's path).
 fn upstream_head(
     facts: &Facts<'_, '_>,
-    client_ip: Option<IpAddr>,
+    client_ip: Option<&[u8]>,
     trusted: bool,
     request_id: &[u8],
     head: &mut Vec<u8>,
@@ -672,7 +680,7 @@ fn upstream_head(
             }
             _ => {}
         }
-        forwarding::push_ip(head, ip);
+        head.extend_from_slice(ip);
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
