@@ -15,8 +15,8 @@ use pingora::protocols::{GetSocketDigest, SocketDigest};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A plain-TCP client connection on the HTTP/1 path.
@@ -30,12 +30,17 @@ pub(crate) enum ClientStream {
 impl ClientStream {
     /// Takes the socket off Pingora's stream, once. When the descriptor cannot be duplicated
     /// or registered, the connection stays on Pingora's stream, unchanged.
-    pub(crate) async fn own(&mut self) {
+    pub(crate) fn own(&mut self) {
         let ClientStream::Pingora(stream) = self else {
             return;
         };
-        // Nothing should be buffered (writes are flushed), but never lose bytes.
-        if stream.flush().await.is_err() {
+        // Nothing should be buffered (every write is flushed), but never lose bytes: a flush
+        // that cannot finish at once leaves the connection as it is rather than wait.
+        let mut cx = Context::from_waker(Waker::noop());
+        if !matches!(
+            Pin::new(&mut **stream).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ) {
             return;
         }
         // SAFETY: the descriptor is the live socket `stream` owns; `F_DUPFD_CLOEXEC` only

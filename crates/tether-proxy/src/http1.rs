@@ -210,7 +210,7 @@ pub(crate) async fn serve(
             Next::KeepAlive => {
                 if conn.served == 1 {
                     // Kept alive: worth the socket of its own (see `client_stream`).
-                    conn.client.own().await;
+                    conn.client.own();
                 }
                 buf.drain(..head_len);
                 if buf.is_empty() && buf.capacity() > REQUEST_READ_SIZE {
