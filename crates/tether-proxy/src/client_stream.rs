@@ -43,15 +43,9 @@ impl ClientStream {
         ) {
             return;
         }
-        // SAFETY: the descriptor is the live socket `stream` owns; `F_DUPFD_CLOEXEC` only
-        // reads it and returns a new descriptor that nobody else owns.
-        let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
+        let Some(socket) = duplicate(stream) else {
             return;
-        }
-        // SAFETY: `dup` is a fresh descriptor of a connected TCP socket, owned from here on.
-        // It shares the original's file description, so it is already non-blocking.
-        let socket = unsafe { std::net::TcpStream::from_raw_fd(dup) };
+        };
         // Registered before Pingora's stream goes: on failure nothing is lost. Until then the
         // reactor knows the socket under both descriptors, which epoll allows.
         let Ok(socket) = TcpStream::from_std(socket) else {
@@ -78,6 +72,17 @@ impl ClientStream {
         stream.rewind(unread);
         stream
     }
+}
+
+/// A second descriptor for the socket `stream` owns, for use once `stream` is dropped (which
+/// deregisters and closes its own). It shares the original's file description, so it is
+/// already non-blocking. `None` when no descriptor is left.
+pub(crate) fn duplicate(stream: &PlainStream) -> Option<std::net::TcpStream> {
+    // SAFETY: the descriptor is the live socket `stream` owns; `F_DUPFD_CLOEXEC` only reads it
+    // and returns a new descriptor that nobody else owns.
+    let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    // SAFETY: `dup` is a fresh descriptor of a connected TCP socket, owned from here on.
+    (dup >= 0).then(|| unsafe { std::net::TcpStream::from_raw_fd(dup) })
 }
 
 impl AsyncRead for ClientStream {

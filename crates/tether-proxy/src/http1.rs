@@ -95,7 +95,7 @@ struct Conn<'s> {
     client: ClientStream,
     client_ip: Option<IpAddr>,
     /// `client_ip` as text, written once per connection for `X-Forwarded-For`.
-    client_ip_text: Vec<u8>,
+    client_ip_text: Option<Vec<u8>>,
     /// Requests served so far.
     served: u64,
     /// Shutting down: answer this request, then close.
@@ -153,10 +153,11 @@ pub(crate) async fn serve(
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
     state.closing.follow(shutdown);
     let accepted = Instant::now();
-    let mut client_ip_text = Vec::new();
-    if let Some(ip) = client_ip {
-        forwarding::push_ip(&mut client_ip_text, ip);
-    }
+    let client_ip_text = client_ip.map(|ip| {
+        let mut text = Vec::new();
+        forwarding::push_ip(&mut text, ip);
+        text
+    });
     let mut conn = Conn {
         state,
         client: ClientStream::Pingora(client),
@@ -571,8 +572,13 @@ async fn proxy(
     let passive_cfg = installed.config_upstream(upstream).and_then(|u| u.passive);
     let trusted = conn.client_ip.is_some_and(|ip| installed.trusts(ip));
     let Scratch { head, out } = scratch;
-    let client_ip = conn.client_ip.map(|_| conn.client_ip_text.as_slice());
-    upstream_head(facts, client_ip, trusted, request_id, head);
+    upstream_head(
+        facts,
+        conn.client_ip_text.as_deref(),
+        trusted,
+        request_id,
+        head,
+    );
     let idempotent = matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
 
     // The same attempts, retries and bookkeeping as the proxy's `upstream_peer` and

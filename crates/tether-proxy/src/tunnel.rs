@@ -717,17 +717,11 @@ async fn detach(
     mut client: Box<PlainStream>,
     tunnel: &mut Tunnel,
 ) -> Result<(std::net::TcpStream, std::net::TcpStream), Option<Box<PlainStream>>> {
-    use std::os::fd::{AsRawFd, FromRawFd};
     // Nothing should be buffered (Tether wrote nothing through it), but never lose bytes.
     client.flush().await.map_err(|_| None)?;
-    // SAFETY: the descriptor is the live socket `client` owns; `F_DUPFD_CLOEXEC` only reads it
-    // and returns a new descriptor that nobody else owns.
-    let dup = unsafe { libc::fcntl(client.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
+    let Some(client_std) = crate::client_stream::duplicate(&client) else {
         return Err(Some(client));
-    }
-    // SAFETY: `dup` is a fresh descriptor of a connected TCP socket, owned from here on.
-    let client_std = unsafe { std::net::TcpStream::from_raw_fd(dup) };
+    };
     drop(client);
     client_std.set_nonblocking(true).map_err(|_| None)?;
     let backend = tunnel
