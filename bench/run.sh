@@ -3,7 +3,7 @@
 #
 #   bench/run.sh [verify|http|ws|wsrate|idle|all]      (default: all)
 #
-# Builds Tether (release) and the two bench tools, renders the peer configs, starts
+# Builds Tether (release, profile-guided: scripts/build-pgo.sh) and the two bench tools, renders the peer configs, starts
 # 3 backends + nginx + HAProxy + Tether, runs the measurement in rounds that alternate
 # the targets, tears everything down by PID, and writes bench/results/<stamp>/ with
 # the raw outputs and summary.md. Installs nothing: bench/setup.sh does that.
@@ -15,7 +15,10 @@
 #   PIN=1            1: proxies on CPU $PROXY_CPUS (0); backends + load tools on $LOAD_CPUS (1)
 #   WORKERS=1        worker processes / threads of every proxy
 #   TARGETS="direct nginx haproxy tether"      (any subset/order; tether variants are appended)
-#   TETHER_BIN=...   use this binary instead of building ($CARGO_TARGET_DIR/release/tether)
+#   TETHER_BUILD=pgo pgo: Tether as shipped, built by scripts/build-pgo.sh ($CARGO_TARGET_DIR/pgo/tether);
+#                    plain: `cargo build --release` ($CARGO_TARGET_DIR/release/tether)
+#   PLAIN=0          1: also measure the plain release build, as target "plain", in the same rotation
+#   TETHER_BIN=...   use this binary instead of building one
 #   TETHER_VARIANTS="name=/path/to/bin ..."   extra Tether binaries measured in the same rotation
 #   BUILD=1          0: do not run cargo (binaries must exist)
 #   REPEATS=3 HTTP_SECS=10 HTTP_CONNS=64 WARMUP_SECS=2 DOC_IDS=1000
@@ -45,6 +48,8 @@ WS_FIXED_RATE=${WS_FIXED_RATE:-20000}
 IDLE_HOLD=${IDLE_HOLD:-6}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
+TETHER_BUILD=${TETHER_BUILD:-pgo}
+PLAIN=${PLAIN:-0}
 BUILD=${BUILD:-1}
 QUIET_MAX=${QUIET_MAX:-15}
 QUIET_WAIT=${QUIET_WAIT:-30}
@@ -61,7 +66,10 @@ case "$MEASURE" in verify|http|ws|wsrate|idle|all) ;; *) echo "usage: $0 [verify
 
 # ------------------------------------------------------------------ prerequisites
 missing=()
-for tool in haproxy nginx wrk curl taskset python3 cargo; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in wrk curl taskset python3 cargo; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in haproxy nginx; do   # only the peers this run measures
+  case " $TARGETS " in *" $tool "*) command -v "$tool" >/dev/null || missing+=("$tool") ;; esac
+done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "missing: ${missing[*]}. Run bench/setup.sh (apt-get installs haproxy nginx wrk) first." >&2
   exit 1
@@ -71,13 +79,25 @@ BACKEND_BIN=$BENCH/backend/target/release/bench-backend
 WSLOAD_BIN=$BENCH/wsload/target/release/wsload
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 TETHER_BIN_GIVEN=${TETHER_BIN:+1}
-TETHER_BIN=${TETHER_BIN:-$TARGET_DIR/release/tether}
+case "$TETHER_BUILD" in
+  pgo)   TETHER_BIN=${TETHER_BIN:-$TARGET_DIR/pgo/tether} ;;
+  plain) TETHER_BIN=${TETHER_BIN:-$TARGET_DIR/release/tether} ;;
+  *) echo "TETHER_BUILD must be pgo or plain" >&2; exit 2 ;;
+esac
+PLAIN_BIN=$TARGET_DIR/release/tether
 if [ "$BUILD" = 1 ]; then
   # The tools keep their own target dirs (they are not workspace members).
   (cd "$BENCH/backend" && CARGO_TARGET_DIR=target cargo build --release --locked -q) || exit 1
   (cd "$BENCH/wsload" && CARGO_TARGET_DIR=target cargo build --release --locked -q) || exit 1
-  if [ -z "${TETHER_BIN_GIVEN:-}" ]; then (cd "$REPO" && cargo build --release --locked -q --bin tether) || exit 1; fi
+  if [ -z "${TETHER_BIN_GIVEN:-}" ] && [ "$TETHER_BUILD" = pgo ]; then
+    PGO_DIR="$TARGET_DIR/pgo" "$REPO/scripts/build-pgo.sh" >"$OUT/build-pgo.log" 2>&1 \
+      || { echo "scripts/build-pgo.sh failed; see $OUT/build-pgo.log" >&2; exit 1; }
+  fi
+  if { [ -z "${TETHER_BIN_GIVEN:-}" ] && [ "$TETHER_BUILD" = plain ]; } || [ "$PLAIN" = 1 ]; then
+    (cd "$REPO" && cargo build --release --locked -q --bin tether) || exit 1
+  fi
 fi
+[ "$PLAIN" = 1 ] && TETHER_VARIANTS="$TETHER_VARIANTS plain=$PLAIN_BIN"
 for b in "$BACKEND_BIN" "$WSLOAD_BIN" "$TETHER_BIN"; do
   [ -x "$b" ] || { echo "missing $b (BUILD=0?)" >&2; exit 1; }
 done
@@ -361,7 +381,7 @@ export DOC_IDS
 log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${LOAD_CPUS:-any} workers=$WORKERS nofile=$NOFILE targets='$TARGETS' out=$OUT"
 {
   echo "--- measure=$MEASURE date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "layout=$LAYOUT workers=$WORKERS nofile=$NOFILE"
-  echo "tether=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty') bin=$TETHER_BIN variants='$TETHER_VARIANTS'"
+  echo "tether=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty') build=$TETHER_BUILD bin=$TETHER_BIN variants='$TETHER_VARIANTS'"
   echo "nginx=$(nginx -v 2>&1)"; echo "haproxy=$(haproxy -v | head -1)"
   echo "wrk=$(wrk -v 2>&1 | head -1)"; echo "kernel=$(uname -r) cpus=$(nproc) cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
