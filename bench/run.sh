@@ -3,10 +3,11 @@
 #
 #   bench/run.sh [verify|http|ws|wsrate|idle|all]      (default: all)
 #
-# Builds Tether (release, profile-guided: scripts/build-pgo.sh) and the two bench tools, renders the peer configs, starts
-# 3 backends + nginx + HAProxy + Tether, runs the measurement in rounds that alternate
-# the targets, tears everything down by PID, and writes bench/results/<stamp>/ with
-# the raw outputs and summary.md. Installs nothing: bench/setup.sh does that.
+# Builds Tether (the profile-guided release build of scripts/build-pgo.sh) and the two bench
+# tools, renders the peer configs, starts 3 backends + nginx + HAProxy + Tether, runs the
+# measurement in rounds that alternate the targets, tears everything down by PID, and writes
+# bench/results/<stamp>/ with the raw outputs and summary.md. Installs nothing but the
+# toolchain's llvm-tools (build-pgo.sh); bench/setup.sh installs the peers and wrk.
 #
 # All traffic goes to 127.0.0.1. Every load run is bounded by its own duration and
 # by `timeout`. Only processes started by this script are signalled, by PID.
