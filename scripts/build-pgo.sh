@@ -13,10 +13,10 @@
 # ("Profile-guided build") has the measured gain. PGO changes no behaviour: the same code,
 # placed and inlined differently.
 #
-# Needs: wrk (bench/setup.sh installs it; this script runs it if wrk is missing) and the
-# toolchain's llvm-tools (`rustup component add llvm-tools`, done here if missing; it downloads
-# from static.rust-lang.org). Knobs: PGO_DIR (default target/pgo), TRAIN_HTTP_SECS=8,
-# TRAIN_WS_SECS=5.
+# Needs: wrk and cmake (bench/setup.sh installs them; this script runs it if either is
+# missing) and the toolchain's llvm-tools (`rustup component add llvm-tools`, done here if
+# missing; it downloads from static.rust-lang.org). Knobs: PGO_DIR (default target/pgo),
+# TRAIN_HTTP_SECS=8, TRAIN_WS_SECS=5.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -33,7 +33,8 @@ if [ ! -x "$PROFDATA" ]; then
   rustup component add llvm-tools
 fi
 [ -x "$PROFDATA" ] || { echo "build-pgo: no $PROFDATA after installing llvm-tools" >&2; exit 1; }
-command -v wrk >/dev/null 2>&1 || "$REPO/bench/setup.sh"
+# bench/setup.sh installs wrk, and cmake for Pingora's zlib-ng build.
+{ command -v wrk && command -v cmake; } >/dev/null 2>&1 || "$REPO/bench/setup.sh"
 
 build() { # build RUSTFLAGS
   RUSTFLAGS="$1" CARGO_TARGET_DIR="$PGO_DIR/build" \
