@@ -722,8 +722,8 @@ async fn detach(
     let Some(client_std) = crate::client_stream::duplicate(&client) else {
         return Err(Some(client));
     };
+    // The duplicate shares the accepted socket's file description, non-blocking already.
     drop(client);
-    client_std.set_nonblocking(true).map_err(|_| None)?;
     let backend = tunnel
         .backend
         .take()
