@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the browser end-to-end test (tests/browser_demo.rs) needs, on Debian:
+# Installs what the browser end-to-end test (tests/e2e/browser_demo.rs) needs, on Debian:
 # Chromium (the `chromium` package) and, in tests/browser, playwright-core from its lock file.
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail

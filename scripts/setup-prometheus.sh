@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the Prometheus end-to-end test (tests/prometheus.rs) needs, on Debian:
+# Installs what the Prometheus end-to-end test (tests/e2e/prometheus.rs) needs, on Debian:
 # the Prometheus server and promtool, both from Debian's `prometheus` package.
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs kosoku (the Autobahn WebSocket test cases as a Rust/PyO3 client, from PyPI) into
-# .venv-ws/ for tests/websocket_conformance.rs. Safe to run repeatedly.
+# .venv-ws/ for tests/e2e/websocket_conformance.rs. Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv-ws/bin/kosoku ]; then

@@ -2,7 +2,7 @@
 # Installs what building and testing Tether needs beyond Rust and gcc, on Debian:
 # cmake (Pingora's zlib-ng build), nginx-light (the ketama compatibility test), slowhttptest
 # (the slow-client test), etcd-server and dnsmasq-base (the fleet test's etcd and DNS
-# discovery, tests/fleet.rs), then the
+# discovery, tests/e2e/fleet.rs), then the
 # browser test's Chromium and playwright-core (scripts/setup-browser.sh), and Prometheus for
 # the dashboard and alert test (scripts/setup-prometheus.sh), and kosoku for the WebSocket
 # conformance test (scripts/setup-ws-conformance.sh).

@@ -95,6 +95,7 @@ impl Default for Passive {
         Passive {
             failures: 3,
             eject_for: Duration::from_secs(10),
+            timeouts: false,
         }
     }
 }

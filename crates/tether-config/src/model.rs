@@ -258,6 +258,10 @@ pub struct Passive {
     pub failures: u32,
     /// How long an ejected backend stays out.
     pub eject_for: Duration,
+    /// Whether a backend that does not answer within the route's `timeouts.read` counts as a
+    /// failure. Default false: refused and reset connections and broken responses count, but
+    /// one slow endpoint (or a client asking for one) must not eject a healthy backend.
+    pub timeouts: bool,
 }
 
 /// `rebalance:` of an upstream: convergence of open streams when key owners change.

@@ -149,6 +149,7 @@ fn render_upstream(out: &mut Out, upstream: &Upstream) {
             out.line(4, "passive:");
             out.line(6, &format!("failures: {}", p.failures));
             out.line(6, &format!("eject_for: {}", duration(p.eject_for)));
+            out.line(6, &format!("timeouts: {}", p.timeouts));
         }
         None => out.line(
             4,

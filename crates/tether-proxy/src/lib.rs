@@ -1,35 +1,28 @@
-//! Pingora glue for Tether: the `ProxyHttp` implementation, the swappable routing state, active
-//! health checks, metrics and the admin listener.
+//! Tether's data path and control side: the HTTP/1 engine, the HTTP/2 adapter on Pingora, the
+//! exchange core both call, the swappable routing state, the stream registry, metrics, and the
+//! control services (admin, reload, health checks, convergence, discovery, graceful stop).
 //!
-//! This crate knows Pingora and sockets; it does not parse YAML (`tether-config` does) and does
-//! not decide where a request goes (`tether-routing` does). [`run`] wires them into a Pingora
-//! server and never returns.
+//! This crate knows sockets; it does not parse YAML (`tether-config` does) and does not decide
+//! where a request goes (`tether-routing` does). [`run`] wires them into a Pingora server and
+//! never returns. Imports run one way: `listener` → `h1`, `h2` → `core` → `state`, `streams`,
+//! `pool`, `closing`, `passive` → `metrics`; `control` → `state`. ARCHITECTURE.md at the
+//! repository root draws the path of a request through them.
 
 pub mod access_log;
-pub mod admin;
-mod chunked;
-mod client_stream;
 mod closing;
-pub mod convergence;
-pub mod discovery;
-pub mod downstream;
-pub mod exchange;
-pub mod forwarding;
-pub mod health;
-pub(crate) mod http1;
-mod lazy_deadline;
-pub mod lifecycle;
+pub mod control;
+pub mod core;
+pub mod h1;
+pub mod h2;
+pub mod listener;
 pub mod metrics;
 pub mod passive;
 pub(crate) mod pool;
-pub mod proxy;
-pub mod reload;
 pub mod state;
 pub mod streams;
 pub mod tls;
-pub mod tunnel;
-pub mod validity;
 
+pub use control::{admin, convergence, discovery, health, lifecycle, reload};
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -39,7 +32,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tether_config::Config;
 
-pub use proxy::TetherProxy;
 pub use state::ProxyState;
 
 /// Process-level options that are not part of the YAML config.
@@ -136,10 +128,9 @@ fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
     Ok(Some(token.to_string()))
 }
 
-/// A plaintext listener without Pingora's 64 KiB downstream L4 read buffer. Pingora's HTTP/1
-/// code reads into its own header and body buffers; the L4 buffer in front of them adds a copy
-/// per read, and it stays allocated for the connection's life, which for an idle WebSocket is
-/// the largest single part of its memory.
+/// A plaintext listener without Pingora's 64 KiB downstream L4 read buffer: the HTTP/1 engine
+/// reads into its own buffers; the L4 buffer in front of them would add a copy per read and
+/// stay allocated for the connection's life.
 fn plain_listener(address: &str) -> ListenerConfig {
     ListenerConfig::tcp(address).l4_buffer(L4BufferSettings::default().read(0))
 }
@@ -156,7 +147,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    if let Err(e) = tunnel::configure_runtime(threads) {
+    if let Err(e) = h1::tunnel::configure_runtime(threads) {
         tracing::warn!("WebSocket tunnels stay on the proxy's runtime: {e}");
     }
     let mut conf = ServerConf {
@@ -186,11 +177,10 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
     let state = Arc::new(ProxyState::new(&config));
 
     let limits = &config.server.limits;
-    let mut http =
-        pingora::proxy::http_proxy(&server.configuration, TetherProxy::new(state.clone()));
-    http.server_options = Some(downstream::server_options(limits));
-    http.h2_options = Some(downstream::h2_options(limits));
-    let app = downstream::ConnectionCap::new(http, state.clone());
+    let mut h2 = pingora::proxy::http_proxy(&server.configuration, h2::H2Proxy::new(state.clone()));
+    h2.server_options = Some(h2::server_options(limits));
+    h2.h2_options = Some(h2::h2_options(limits));
+    let app = listener::ConnectionCap::new(h2, state.clone());
     let mut proxy = Service::new("tether proxy".to_string(), app);
     for listener in &config.listeners {
         let address = listener.address.to_string();

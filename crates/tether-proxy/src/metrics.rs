@@ -10,8 +10,17 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use tether_routing::{KeySourceKind, Router};
 
-/// Labels of `tether_requests_refused_total` besides `validity::REASONS`.
-pub const ROUTING_REFUSALS: [&str; 6] = [
+/// Every `tether_requests_refused_total` label, created at 0 at start: the checks before
+/// routing (`core::checks`), the request framing and body, and routing's refusals.
+pub const REFUSALS: [&str; 14] = [
+    "uri_too_long",
+    "header_too_large",
+    "method_not_allowed",
+    "bad_target",
+    "bad_websocket",
+    "bad_host",
+    "bad_framing",
+    "bad_request",
     "body_too_large",
     "rate_limited",
     "bad_path",
@@ -19,18 +28,6 @@ pub const ROUTING_REFUSALS: [&str; 6] = [
     "missing_key",
     "bad_key",
 ];
-
-/// Every `tether_requests_refused_total` label, created at 0 at start.
-const REFUSALS: [&str; 12] = {
-    let mut all = [""; 12];
-    let mut i = 0;
-    while i < 6 {
-        all[i] = crate::validity::REASONS[i];
-        all[i + 6] = ROUTING_REFUSALS[i];
-        i += 1;
-    }
-    all
-};
 
 /// Counts a refused request and logs it, at most one line a second per process (an attack
 /// must be visible without flooding the log).

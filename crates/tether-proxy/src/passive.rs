@@ -1,8 +1,7 @@
 //! Passive ejection: consecutive connect failures or upstream transport errors (reset, timeout)
 //! take a backend out of the ring for `passive.eject_for`; a response from it resets the count.
 
-use crate::convergence::Cause;
-use crate::state::ProxyState;
+use crate::state::{Cause, ProxyState};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_config::Passive;

@@ -1,4 +1,4 @@
-//! Idle keep-alive connections to backends, for Tether's own HTTP/1 path (`crate::http1`).
+//! Idle keep-alive connections to backends, for the HTTP/1 engine (`crate::h1`).
 //!
 //! A stack per backend address: the connection used last is reused first (it is the least
 //! likely to have been closed by the backend's idle timeout). Taking one checks that the

@@ -6,7 +6,6 @@
 //! filled in from its source. Both a reload and a membership change go through one install
 //! path, so health state, metrics and convergence behave the same for either.
 
-use crate::convergence::Cause;
 use crate::metrics::{Metrics, RouterCounters};
 use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
@@ -302,5 +301,33 @@ impl ProxyState {
     /// The routing state in force now.
     pub fn current(&self) -> Arc<Installed> {
         self.current.load_full()
+    }
+}
+
+/// Why an upstream's owner function changed (the `cause` label of `ring_changes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// An active health check flipped a backend.
+    Health,
+    /// Passive ejection started or ended.
+    Passive,
+    /// A backend was drained or undrained.
+    Drain,
+    /// A new config was installed.
+    Config,
+    /// A discovery source (etcd, DNS) reported another member set.
+    Discovery,
+}
+
+impl Cause {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Health => "health",
+            Cause::Passive => "passive",
+            Cause::Drain => "drain",
+            Cause::Config => "config",
+            Cause::Discovery => "discovery",
+        }
     }
 }

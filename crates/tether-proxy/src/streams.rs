@@ -40,11 +40,13 @@ impl StreamKind {
 
 /// The handle convergence uses to end one stream from outside its request task.
 ///
-/// A WebSocket runs in Tether's own tunnel (`crate::tunnel`), which registers its task's
-/// waker here: closing marks the stream and wakes the tunnel, which sends the close frame.
+/// Every stream of the HTTP/1 engine (a WebSocket tunnel, an SSE or long-poll response) is
+/// relayed by a task that registers its waker here: closing marks the stream and wakes the
+/// relay, which ends it (a close frame for a WebSocket, 503 for a long-poll still waiting,
+/// the end of the connection for a response under way).
 ///
-/// SSE and long-poll responses run in Pingora's relay, and Pingora has no API to close a
-/// proxied connection from outside (Pingora issue #571). What works soundly: in
+/// SSE and long-poll responses over HTTP/2 run in Pingora's relay, and Pingora has no API to
+/// close a proxied stream from outside (Pingora issue #571). What works soundly there: in
 /// `connected_to_upstream` the proxy `dup`s the upstream socket's descriptor into this handle.
 /// Closing then means `shutdown(SHUT_RD)` on that duplicate: the request task's next upstream
 /// read sees end-of-stream (writes still work, so nothing in flight turns into an error), and
@@ -56,7 +58,7 @@ pub struct StreamControl {
     /// 0 while open normally, else a `CloseReason` discriminant.
     closing: AtomicU8,
     upstream: Mutex<Option<OwnedFd>>,
-    /// The tunnel task to wake when closing (WebSockets).
+    /// The relay task to wake when closing (HTTP/1 streams).
     relay: AtomicWaker,
     relay_attached: AtomicBool,
 }
@@ -110,7 +112,7 @@ impl StreamControl {
         }
     }
 
-    /// Registers the waker of the tunnel relaying this stream; `close` wakes it.
+    /// Registers the waker of the task relaying this stream; `close` wakes it.
     pub fn attach_relay(&self, waker: &Waker) {
         self.relay.register(waker);
         if !self.relay_attached.load(Ordering::Relaxed) {
@@ -132,7 +134,7 @@ impl StreamControl {
         }
     }
 
-    /// Asks the stream to end: marks it closing and wakes its tunnel, or shuts the upstream
+    /// Asks the stream to end: marks it closing and wakes its relay, or shuts the upstream
     /// socket down so Pingora's relay finishes. Returns false if nothing relays the stream yet
     /// (it ends when its relay starts and sees the mark).
     pub fn close(&self, reason: CloseReason) -> bool {

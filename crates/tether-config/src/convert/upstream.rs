@@ -353,7 +353,7 @@ fn http_probe(cx: &mut Cx, node: &Node, path: &str) -> Option<HealthCheckKind> {
 }
 
 fn passive(cx: &mut Cx, node: &Node, path: &str) -> Option<Passive> {
-    let f = cx.map(node, path, &["failures", "eject_for"], &[])?;
+    let f = cx.map(node, path, &["failures", "eject_for", "timeouts"], &[])?;
     let mut passive = Passive::default();
     if let Some(n) = f.get("failures") {
         passive.failures = cx
@@ -364,6 +364,11 @@ fn passive(cx: &mut Cx, node: &Node, path: &str) -> Option<Passive> {
         passive.eject_for = cx
             .positive_duration(n, &field(path, "eject_for"))
             .unwrap_or(passive.eject_for);
+    }
+    if let Some(n) = f.get("timeouts") {
+        passive.timeouts = cx
+            .boolean(n, &field(path, "timeouts"))
+            .unwrap_or(passive.timeouts);
     }
     Some(passive)
 }

@@ -1,0 +1,101 @@
+//! The connection entry: every accepted client connection comes here (Pingora's `ServerApp`
+//! extension point, wrapped around the HTTP/2 adapter), is counted and capped
+//! (`server.limits.max_connections`: 503 and close beyond it), and is given to its engine,
+//! once, for its whole life: HTTP/2 (TLS with ALPN `h2`) to Pingora's adapter (`crate::h2`),
+//! everything else to Tether's HTTP/1 engine (`crate::h1`).
+
+use crate::h1::client::{ClientStream, PlainStream};
+use crate::metrics::Metrics;
+use crate::state::ProxyState;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::{Stream, ALPN};
+use pingora::server::ShutdownWatch;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// Caps and counts open client connections, and picks each one's engine.
+pub struct ConnectionCap<A> {
+    h2: Arc<A>,
+    state: Arc<ProxyState>,
+    open: Arc<AtomicUsize>,
+}
+
+impl<A> ConnectionCap<A> {
+    /// Serves HTTP/2 with `h2`; the cap is read from the config in force for each connection.
+    pub fn new(h2: A, state: Arc<ProxyState>) -> ConnectionCap<A> {
+        ConnectionCap {
+            h2: Arc::new(h2),
+            state,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// One admitted connection; uncounted when dropped.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        Metrics::global().downstream_connections.dec();
+    }
+}
+
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Content-Length: 24\r\nRetry-After: 1\r\nConnection: close\r\n\r\n503 too many connections\n";
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let max = self.state.current().config.server.limits.max_connections;
+        if self.open.fetch_add(1, Ordering::AcqRel) >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            Metrics::global()
+                .downstream_closed
+                .with_label_values(&["max_connections"])
+                .inc();
+            // An HTTP/1 client learns why; an h2 client just sees the close.
+            if !h2 {
+                let write = async {
+                    stream.write_all(OVER_CAPACITY).await?;
+                    stream.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+            }
+            return None;
+        }
+        Metrics::global().downstream_connections.inc();
+        let admitted = Admitted(self.open.clone());
+        if h2 {
+            let reused = self.h2.process_new(stream, shutdown).await;
+            drop(admitted);
+            return reused;
+        }
+        let client_ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
+        let client = if stream.as_any().is::<PlainStream>() {
+            match stream.into_any().downcast::<PlainStream>() {
+                Ok(plain) => ClientStream::Pingora(plain),
+                Err(_) => return None,
+            }
+        } else {
+            ClientStream::Tls(stream)
+        };
+        crate::h1::serve(&self.state, client, client_ip, shutdown, Box::new(admitted)).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.h2.cleanup().await;
+    }
+}
