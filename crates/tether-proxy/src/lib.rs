@@ -12,6 +12,8 @@ pub mod access_log;
 mod closing;
 pub mod control;
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod h1;
 pub mod h2;
 pub mod listener;

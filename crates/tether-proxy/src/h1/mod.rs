@@ -693,20 +693,7 @@ async fn proxy(
         .flatten();
     // The body that came with the head, when it is all there: sent with the head in one
     // write, and again on a fresh connection if a kept-alive one turns out stale.
-    let inline_body = match facts.body {
-        ReqBody::None => Some(&after_head[..0]),
-        ReqBody::Length(n) => usize::try_from(n)
-            .ok()
-            .filter(|&n| n <= after_head.len())
-            .map(|n| &after_head[..n]),
-        ReqBody::Chunked => {
-            let mut end = ChunkedEnd::default();
-            match end.feed(after_head) {
-                Ok(Some(n)) if end.data_bytes() <= route.max_body => Some(&after_head[..n]),
-                _ => None,
-            }
-        }
-    };
+    let inline_body = facts.body.whole_in(after_head, route.max_body);
     let pipelined = match inline_body {
         Some(body) => after_head.len() > body.len(),
         None => false,

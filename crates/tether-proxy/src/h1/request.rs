@@ -2,6 +2,7 @@
 //! fields), its body framing (RFC 9112 6), and the head the backend gets.
 
 use crate::core::checks::{self, Refusal};
+use crate::core::chunked::ChunkedEnd;
 use crate::core::framing::content_length;
 use crate::core::policy::{self, is, Forwarding, Nominated};
 use smallvec::SmallVec;
@@ -16,6 +17,29 @@ pub(crate) enum ReqBody {
     Length(u64),
     /// `Transfer-Encoding: chunked`.
     Chunked,
+}
+
+impl ReqBody {
+    /// The whole body when it came with the head in `after_head` (and is within `max_body`):
+    /// it is then sent with the head in one write, and again on a fresh connection if a
+    /// kept-alive one turns out stale. None when more must be read from the client (or the
+    /// body is broken or too large: streaming it finds out and answers).
+    pub fn whole_in(self, after_head: &[u8], max_body: u64) -> Option<&[u8]> {
+        match self {
+            ReqBody::None => Some(&after_head[..0]),
+            ReqBody::Length(n) => usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= after_head.len())
+                .map(|n| &after_head[..n]),
+            ReqBody::Chunked => {
+                let mut end = ChunkedEnd::default();
+                match end.feed(after_head) {
+                    Ok(Some(n)) if end.data_bytes() <= max_body => Some(&after_head[..n]),
+                    _ => None,
+                }
+            }
+        }
+    }
 }
 
 /// What the engine needs of one request head, borrowed from it.

@@ -352,6 +352,21 @@ fn response_head(
     })))
 }
 
+/// [`response_head`] for the fuzz targets: true when the head was complete and usable.
+pub(crate) fn head_for_fuzzing(buf: &[u8], http11_client: bool, out: &mut Vec<u8>) -> bool {
+    let exchange = Exchange {
+        head_request: false,
+        read_timeout: Duration::from_secs(1),
+        send_timeout: Duration::from_secs(1),
+        close: false,
+        http11_client,
+        request_id: b"fuzz",
+        websocket_key: Some(b"dGhlIHNhbXBsZSBub25jZQ=="),
+        control: None,
+    };
+    matches!(response_head(buf, &exchange, out), Ok(Some(_)))
+}
+
 fn write_status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(&[
