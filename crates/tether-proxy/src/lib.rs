@@ -239,3 +239,135 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
     server.add_service(graceful_exit);
     Ok(server)
 }
+
+/// The crate's layout as its sources say it: imports run one way.
+#[cfg(test)]
+mod layout {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// Every module (by path, `h1::response`) and the source text of its file.
+    fn modules() -> BTreeMap<String, String> {
+        fn walk(dir: &Path, prefix: &str, out: &mut BTreeMap<String, String>) {
+            for entry in std::fs::read_dir(dir).expect("src dir") {
+                let path = entry.expect("entry").path();
+                let name = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("")
+                    .to_string();
+                let join = |n: &str| {
+                    if prefix.is_empty() {
+                        n.to_string()
+                    } else {
+                        format!("{prefix}::{n}")
+                    }
+                };
+                if path.is_dir() {
+                    walk(&path, &join(&name), out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let module = match name.as_str() {
+                        "mod" => prefix.to_string(),
+                        "lib" => "crate".to_string(),
+                        _ => join(&name),
+                    };
+                    let text = std::fs::read_to_string(&path).expect("source");
+                    // Comments name modules without using them.
+                    let code: String = text
+                        .lines()
+                        .map(|l| l.split("//").next().unwrap_or(""))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    out.insert(module, code);
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            "",
+            &mut out,
+        );
+        out
+    }
+
+    /// The modules each module uses: `crate::a::b` and `super::x` paths, resolved to the
+    /// longest module they name.
+    fn uses(modules: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+        let mut graph = BTreeMap::new();
+        for (module, code) in modules {
+            let mut used = BTreeSet::new();
+            let parent = module.rsplit_once("::").map_or("", |(p, _)| p);
+            for (marker, base) in [("crate::", ""), ("super::", parent)] {
+                for (at, _) in code.match_indices(marker) {
+                    let rest = &code[at + marker.len()..];
+                    let path: Vec<&str> = rest
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                        .next()
+                        .unwrap_or("")
+                        .split("::")
+                        .collect();
+                    for len in (1..=path.len()).rev() {
+                        let name = path[..len].join("::");
+                        let full = if base.is_empty() {
+                            name
+                        } else {
+                            format!("{base}::{name}")
+                        };
+                        if modules.contains_key(&full) {
+                            if &full != module && module != "crate" {
+                                used.insert(full);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            graph.insert(module.clone(), used);
+        }
+        graph
+    }
+
+    #[test]
+    fn no_module_imports_one_that_imports_it_back() {
+        let modules = modules();
+        assert!(modules.contains_key("h1::response") && modules.contains_key("core::policy"));
+        let graph = uses(&modules);
+        // Depth-first search for a path back to where it started.
+        fn reaches(
+            graph: &BTreeMap<String, BTreeSet<String>>,
+            from: &str,
+            to: &str,
+            seen: &mut BTreeSet<String>,
+            path: &mut Vec<String>,
+        ) -> bool {
+            for next in graph.get(from).into_iter().flatten() {
+                path.push(next.clone());
+                if next == to || (seen.insert(next.clone()) && reaches(graph, next, to, seen, path))
+                {
+                    return true;
+                }
+                path.pop();
+            }
+            false
+        }
+        let mut cycles = Vec::new();
+        for module in graph.keys() {
+            let mut path = vec![module.clone()];
+            if reaches(&graph, module, module, &mut BTreeSet::new(), &mut path) {
+                cycles.push(path.join(" -> "));
+            }
+        }
+        assert!(cycles.is_empty(), "import cycles: {cycles:#?}");
+        // The core knows neither engine, and the control side not the data path.
+        for (module, used) in &graph {
+            if module.starts_with("core") || module.starts_with("control") || module == "state" {
+                let wrong: Vec<_> = used
+                    .iter()
+                    .filter(|u| u.starts_with("h1") || u.starts_with("h2") || *u == "listener")
+                    .collect();
+                assert!(wrong.is_empty(), "{module} uses {wrong:?}");
+            }
+        }
+    }
+}

@@ -1,13 +1,13 @@
-//! Passive ejection: consecutive connect failures or upstream transport errors (reset, timeout)
-//! take a backend out of the ring for `passive.eject_for`; a response from it resets the count.
+//! Passive ejection: consecutive faults of a backend (what `core::attempt::Fault` counts)
+//! take it out of the ring for `passive.eject_for`; a response from it resets the count.
 
-use crate::state::{Cause, ProxyState};
+use crate::state::{Availability, ProxyState};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_config::Passive;
 use tether_routing::BackendState;
 
-/// Records a transport failure of `backend` in `upstream`; ejects it at the threshold.
+/// Records a fault of `backend` in `upstream`; ejects it at the threshold.
 pub fn record_failure(
     state: &Arc<ProxyState>,
     upstream: &str,
@@ -16,7 +16,9 @@ pub fn record_failure(
 ) {
     let Some(passive) = passive else { return };
     let failures = backend.failures.fetch_add(1, Ordering::AcqRel) + 1;
-    if failures < passive.failures || backend.ejected.swap(true, Ordering::AcqRel) {
+    if failures < passive.failures
+        || !state.set_availability(upstream, backend, Availability::Ejected(true))
+    {
         return;
     }
     tracing::warn!(
@@ -26,14 +28,12 @@ pub fn record_failure(
         eject_for = ?passive.eject_for,
         "backend ejected after consecutive failures"
     );
-    state.owner_changed(upstream, Cause::Passive);
     let (state, backend, upstream) = (state.clone(), backend.clone(), upstream.to_string());
     tokio::spawn(async move {
         tokio::time::sleep(passive.eject_for).await;
         backend.failures.store(0, Ordering::Release);
-        backend.ejected.store(false, Ordering::Release);
         tracing::info!(upstream, backend = %backend.address, "ejection over");
-        state.owner_changed(&upstream, Cause::Passive);
+        state.set_availability(&upstream, &backend, Availability::Ejected(false));
     });
 }
 

@@ -281,6 +281,27 @@ impl ProxyState {
         self.owners_changed.notify_one();
     }
 
+    /// The one way a backend's availability changes (an active health check, passive
+    /// ejection, a drain): writes the backend's flag and, when it changed, counts the ring
+    /// change and wakes convergence, so no writer can forget to. Returns whether it changed.
+    pub fn set_availability(
+        &self,
+        upstream: &str,
+        backend: &BackendState,
+        change: Availability,
+    ) -> bool {
+        let (flag, value, cause) = match change {
+            Availability::Up(up) => (&backend.up, up, Cause::Health),
+            Availability::Ejected(ejected) => (&backend.ejected, ejected, Cause::Passive),
+            Availability::Draining(draining) => (&backend.draining, draining, Cause::Drain),
+        };
+        let changed = flag.swap(value, Ordering::AcqRel) != value;
+        if changed {
+            self.owner_changed(upstream, cause);
+        }
+        changed
+    }
+
     /// Records that the key owners of `upstream` changed (counted in `ring_changes_total`) and
     /// wakes convergence.
     pub fn owner_changed(&self, upstream: &str, cause: Cause) {
@@ -329,5 +350,64 @@ impl Cause {
             Cause::Config => "config",
             Cause::Discovery => "discovery",
         }
+    }
+}
+
+/// A change of one backend's availability (see [`ProxyState::set_availability`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Active health checks found it up (true) or down.
+    Up(bool),
+    /// Passive ejection took it out (true) or let it back.
+    Ejected(bool),
+    /// An operator drained it (true) or undrained it.
+    Draining(bool),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "\
+listeners:
+  - address: 127.0.0.1:1
+upstreams:
+  app:
+    backends:
+      - address: 127.0.0.1:2
+      - address: 127.0.0.1:3
+routes:
+  - name: all
+    match: { path_prefix: / }
+    upstream: app
+";
+
+    #[tokio::test]
+    async fn an_availability_change_is_counted_once_and_wakes_convergence() {
+        let config = tether_config::parse(CONFIG, "t.yaml").expect("config");
+        let state = ProxyState::new(&config);
+        let installed = state.current();
+        let backend = &installed.router.upstreams()[0].backends[0];
+        let changes = || {
+            Metrics::global()
+                .ring_changes
+                .with_label_values(&["app", "drain"])
+                .get()
+        };
+        let before = changes();
+        assert!(state.set_availability("app", backend, Availability::Draining(true)));
+        assert!(backend.draining.load(Ordering::Acquire));
+        // Convergence is woken (the notification is kept until it waits).
+        tokio::time::timeout(std::time::Duration::from_secs(5), state.owners_changed())
+            .await
+            .expect("woken");
+        assert!(!state.set_availability("app", backend, Availability::Draining(true)));
+        assert_eq!(
+            changes(),
+            before + 1,
+            "an unchanged flag counts no ring change"
+        );
+        assert!(state.set_availability("app", backend, Availability::Draining(false)));
+        assert_eq!(changes(), before + 2);
     }
 }

@@ -2,7 +2,7 @@
 //! `GET /upstreams`, and `POST|DELETE /upstreams/{name}/backends/{address}/drain`.
 
 use crate::control::reload::{Reloader, Trigger};
-use crate::state::{Cause, ProxyState};
+use crate::state::{Availability, ProxyState};
 use async_trait::async_trait;
 use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -298,10 +298,11 @@ impl AdminApp {
         let Some(backend) = up.backends.iter().find(|b| b.address == address) else {
             return json_error(StatusCode::NOT_FOUND, "no such backend in this upstream");
         };
-        let was = backend.draining.swap(drain, Ordering::AcqRel);
-        if was != drain {
+        if self
+            .state
+            .set_availability(upstream, backend, Availability::Draining(drain))
+        {
             tracing::info!(upstream, backend = %address, drain, "drain state changed");
-            self.state.owner_changed(upstream, Cause::Drain);
         }
         json_reply(
             StatusCode::OK,

@@ -3,7 +3,7 @@
 //! successes or `unhealthy_after` failures. Backends count as up until their first verdict.
 
 use crate::metrics::Metrics;
-use crate::state::{Cause, ProxyState};
+use crate::state::{Availability, ProxyState};
 use async_trait::async_trait;
 use pingora::lb::health_check::{HealthCheck as Probe, HttpHealthCheck, TcpHealthCheck};
 use pingora::lb::Backend;
@@ -154,13 +154,13 @@ impl BackgroundService for HealthChecker {
                     .inc();
                 let was_up = backend.up.load(Ordering::Relaxed);
                 if was_up && streak.failures >= check.unhealthy_after {
-                    backend.up.store(false, Ordering::Relaxed);
                     tracing::warn!(upstream = %name, backend = %address, "backend is down");
-                    self.state.owner_changed(&name, Cause::Health);
+                    self.state
+                        .set_availability(&name, &backend, Availability::Up(false));
                 } else if !was_up && streak.successes >= check.healthy_after {
-                    backend.up.store(true, Ordering::Relaxed);
                     tracing::info!(upstream = %name, backend = %address, "backend is up");
-                    self.state.owner_changed(&name, Cause::Health);
+                    self.state
+                        .set_availability(&name, &backend, Availability::Up(true));
                 }
             }
             tokio::select! {
