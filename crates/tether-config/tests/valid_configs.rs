@@ -21,7 +21,7 @@ fn parse_ok(text: &str) -> Config {
     }
 }
 
-/// DESIGN.md's example, minus the keys of features not built yet (token_file,
+/// The original design brief's example config, minus the keys of features not built yet (token_file,
 /// discovery, passive, rebalance).
 const DESIGN_EXAMPLE: &str = "\
 server:
