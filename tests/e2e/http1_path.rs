@@ -1,7 +1,9 @@
-//! End-to-end: Tether's own HTTP/1 keep-alive path (`crates/tether-proxy/src/http1.rs`) with
-//! the real binary and real backends: backend connections are reused, every response framing
-//! reaches the client whole, a backend's silent close of an idle connection costs the client
-//! nothing, and a request the path leaves to Pingora is served on the same connection.
+//! End-to-end: Tether's HTTP/1 engine (`crates/tether-proxy/src/h1/`) with the real binary and
+//! real backends: backend connections are reused, every response framing reaches the client
+//! whole, a backend's silent close of an idle connection costs the client nothing, and every
+//! kind of request — with a body, chunked, `Expect: 100-continue`, a WebSocket upgrade — is
+//! served on one connection by one engine, which treats the same bytes the same way whatever
+//! came before them.
 
 use crate::support::{start_faulty, RawBackend, Stack, STANDARD};
 use std::time::Duration;
@@ -73,8 +75,9 @@ impl Client {
             head,
             body: Vec::new(),
         };
-        if status == 101 {
-            // The rest of the connection is the upgraded protocol's.
+        if status < 200 {
+            // An interim response has no body; after a 101 the rest of the connection is the
+            // upgraded protocol's.
             return response;
         }
         if let Some(len) = response.header("content-length") {
@@ -159,11 +162,11 @@ async fn a_chunked_response_is_relayed_whole_and_the_connection_goes_on() {
     );
 }
 
-/// The connection is handed to Pingora after two kept-alive requests, by when the HTTP/1 path
-/// has taken the socket off Pingora's stream (`client_stream.rs`) and gives it back: the
-/// client's address still reaches the backend.
+/// A request with a body after two kept-alive requests (by when the engine has taken the
+/// socket off Pingora's stream, `h1/client.rs`) is served on the same connection, the client's
+/// address still reaches the backend, and the connection goes on.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_with_a_body_goes_to_pingora_on_the_same_connection() {
+async fn a_request_with_a_body_is_served_on_the_same_kept_alive_connection() {
     let stack = Stack::start(STANDARD).await;
     let mut client = Client::connect(stack.proxy).await;
     assert_eq!(client.send(&get("/h/first", "doc-b")).await.status, 200);
@@ -181,7 +184,7 @@ async fn a_request_with_a_body_goes_to_pingora_on_the_same_connection() {
 }
 
 /// A WebSocket upgrade on a connection that served plain requests first (its socket already
-/// off Pingora's stream) becomes a working tunnel.
+/// the engine's own) becomes a working tunnel.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_websocket_upgrade_after_kept_alive_requests_becomes_a_tunnel() {
     let stack = Stack::start(STANDARD).await;
@@ -269,4 +272,75 @@ async fn hop_by_hop_fields_are_dropped_both_ways() {
     assert!(seen.contains("X-Forwarded-Proto: http\r\n"), "{seen}");
     assert!(!seen.contains("https"), "{seen}");
     assert!(seen.contains("X-Request-Id: client-id\r\n"), "{seen}");
+}
+
+/// GETs, a POST with a length, a chunked POST, a POST that waits for `100 Continue`, and GETs
+/// again, all on one connection: each answered in turn, and the connection stays open.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_chunks_and_expect_continue_share_one_kept_alive_connection() {
+    let stack = Stack::start(STANDARD).await;
+    let mut client = Client::connect(stack.proxy).await;
+    assert_eq!(client.send(&get("/h/one", "doc-m")).await.status, 200);
+    let posted = client
+        .send("POST /h/len HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-m\r\nContent-Length: 3\r\n\r\nabc")
+        .await;
+    assert_eq!(posted.status, 200);
+    assert!(String::from_utf8_lossy(&posted.body).contains("\"body\":\"abc\""));
+    let chunked = client
+        .send(
+            "POST /h/chunked HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-m\r\n\
+             Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n\r\n",
+        )
+        .await;
+    assert_eq!(chunked.status, 200);
+    assert!(String::from_utf8_lossy(&chunked.body).contains("\"body\":\"abcde\""));
+    // The head alone; the proxy says 100 Continue before the client sends the body.
+    client
+        .stream
+        .write_all(
+            b"POST /h/expect HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-m\r\nExpect: 100-continue\r\n\
+              Content-Length: 5\r\n\r\n",
+        )
+        .await
+        .expect("write head");
+    let interim = client.read_response().await;
+    assert_eq!(interim.status, 100, "{}", interim.head);
+    client.stream.write_all(b"hello").await.expect("write body");
+    let expected = client.read_response().await;
+    assert_eq!(expected.status, 200, "{}", expected.head);
+    assert!(String::from_utf8_lossy(&expected.body).contains("\"body\":\"hello\""));
+    let body = String::from_utf8_lossy(&expected.body).to_lowercase();
+    assert!(
+        !body.contains("\"expect\""),
+        "Expect reached the backend: {body}"
+    );
+    let last = client.send(&get("/h/last", "doc-m")).await;
+    assert_eq!(last.status, 200);
+    assert!(last.header("connection").is_none(), "{}", last.head);
+}
+
+/// The same bytes get the same answer whether they come first on a connection or after a
+/// POST: a target with `<` is 400 both times, never forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_request_gets_the_same_answer_whatever_came_before_it() {
+    let stack = Stack::start(STANDARD).await;
+    let odd = "GET /h/a<b HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-s\r\n\r\n";
+    let mut first = Client::connect(stack.proxy).await;
+    let alone = first.send(odd).await;
+    let mut second = Client::connect(stack.proxy).await;
+    let posted = second
+        .send("POST /h/p HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-s\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    assert_eq!(posted.status, 200);
+    let after_post = second.send(odd).await;
+    assert_eq!(alone.status, 400, "{}", alone.head);
+    assert_eq!(after_post.status, alone.status, "{}", after_post.head);
+    for b in &stack.backends {
+        assert!(
+            !b.seen_targets()
+                .iter()
+                .any(|t| t.contains("a<b") || t.contains("a%3Cb")),
+            "the odd target reached a backend"
+        );
+    }
 }

@@ -385,3 +385,37 @@ async fn a_stalled_request_body_gets_408_and_a_slow_response_does_not() {
     .expect("POST");
     assert_eq!(slow_post.status, 200);
 }
+
+/// `max_requests_per_connection` counts every request of a connection, with a body or not:
+/// the fifth of GETs and POSTs closes it, and a sixth is never served.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_requests_per_connection_counts_requests_with_bodies_too() {
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start(CONFIG).await;
+    let mut stream = TcpStream::connect(stack.proxy).await.expect("connect");
+    for i in 0..5 {
+        let (status, head) = if i % 2 == 1 {
+            stream
+                .write_all(b"POST /docs/a/x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nbody")
+                .await
+                .expect("write");
+            read_response(&mut stream)
+                .await
+                .unwrap_or_else(|| panic!("request {i} got no response"))
+        } else {
+            keepalive_get(&mut stream, "/docs/a/x")
+                .await
+                .unwrap_or_else(|| panic!("request {i} got no response"))
+        };
+        assert_eq!(status, 200, "request {i}");
+        assert_eq!(
+            head.contains("connection: close"),
+            i == 4,
+            "request {i}: {head}"
+        );
+    }
+    assert!(
+        keepalive_get(&mut stream, "/docs/a/x").await.is_none(),
+        "a sixth request was served"
+    );
+}

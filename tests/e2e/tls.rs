@@ -135,3 +135,118 @@ async fn http1_http2_and_websocket_over_tls_are_sticky_and_certificates_reload()
     assert_eq!(still.leaf.as_deref(), Some(second_der.as_slice()));
     assert_eq!(owners(&stack, &ca, Alpn::Http1, &keys[..5]).await.len(), 5);
 }
+
+/// Convergence over TLS: draining a backend ends exactly its WebSockets (close 1012) and SSE
+/// responses, on TLS connections as on plain ones; the other streams go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_ends_the_moved_websockets_and_sse_streams_over_tls_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf();
+    let files: &[(&str, &[u8])] = &[("cert.pem", cert.as_bytes()), ("key.pem", key.as_bytes())];
+    let stack = Stack::start_with(
+        CONFIG,
+        LaunchOptions {
+            files,
+            ..LaunchOptions::default()
+        },
+    )
+    .await;
+    let keys: Vec<String> = (0..12).map(|i| format!("tls-doc-{i}")).collect();
+    let owner = owners(&stack, &ca, Alpn::Http1, &keys).await;
+    let drained = owner[&keys[0]].clone();
+
+    let mut sockets = Vec::new();
+    for k in &keys {
+        let connection = connect(&stack, &ca, Alpn::Http1).await;
+        let (ws, _) = wss_connect(connection, "localhost", "/docs/ws", &[("x-doc-id", k)])
+            .await
+            .expect("wss upgrade");
+        sockets.push((k.clone(), ws));
+    }
+    // One SSE stream per key, over HTTP/1.1 on TLS, held open after its first event.
+    let mut streams = Vec::new();
+    for k in &keys {
+        let mut connection = connect(&stack, &ca, Alpn::Http1).await;
+        let request = format!(
+            "GET /docs/sse?count=1&hold=1 HTTP/1.1\r\nHost: localhost\r\nX-Doc-Id: {k}\r\n\
+             Accept: text/event-stream\r\n\r\n"
+        );
+        connection
+            .stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("data:") {
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                connection.stream.read(&mut buf),
+            )
+            .await
+            .expect("first event in time")
+            .expect("read");
+            assert!(n > 0, "{k}: closed before the first event");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        streams.push((k.clone(), connection));
+    }
+
+    let addr = stack
+        .backends
+        .iter()
+        .find(|b| b.name() == drained)
+        .expect("drained backend")
+        .addr();
+    let url = stack
+        .tether
+        .admin_url(&format!("/upstreams/docs/backends/{addr}/drain"));
+    let resp = tether_testkit::http_request(Method::POST, &url, &[], Vec::new())
+        .await
+        .expect("drain");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+
+    for (k, ws) in &mut sockets {
+        if owner[k.as_str()] == drained {
+            let closed = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+                .await
+                .expect("closed in time");
+            match closed {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    assert_eq!(u16::from(frame.code), 1012, "{k}")
+                }
+                other => panic!("{k}: expected a 1012 close, got {other:?}"),
+            }
+        } else {
+            ws.send(Message::text("still here")).await.expect("send");
+            let echo = ws.next().await.expect("echo").expect("frame");
+            assert_eq!(
+                echo.into_text().expect("text").as_str(),
+                "still here",
+                "{k}"
+            );
+        }
+    }
+    for (k, connection) in &mut streams {
+        if owner[k.as_str()] != drained {
+            continue;
+        }
+        // The response ends: the connection reaches its end within the deadline.
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connection.stream.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(
+            ended.is_ok(),
+            "{k}: SSE stream of a drained backend still open"
+        );
+    }
+    let moved = owners(&stack, &ca, Alpn::Http1, &keys).await;
+    assert!(
+        moved.values().all(|b| *b != drained),
+        "a key still on the drained backend"
+    );
+}
