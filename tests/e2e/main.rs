@@ -15,6 +15,7 @@ mod browser_demo;
 mod catalogue;
 mod cli;
 mod convergence;
+mod differential;
 mod fleet;
 mod hardening;
 mod health;
