@@ -3,11 +3,17 @@
 #
 #   bench/run.sh [verify|http|ws|wsrate|idle|all]      (default: all)
 #
-# Builds Tether (the profile-guided release build of scripts/build-pgo.sh) and the two bench
-# tools, renders the peer configs, starts 3 backends + nginx + HAProxy + Tether, runs the
-# measurement in rounds that alternate the targets, tears everything down by PID, and writes
-# bench/results/<stamp>/ with the raw outputs and summary.md. Installs nothing but the
-# toolchain's llvm-tools (build-pgo.sh); bench/setup.sh installs the peers and wrk.
+# Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
+# profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
+# configs, starts 3 backends + nginx + HAProxy + Tether, runs the measurement in rounds that
+# visit every target in a freshly randomised order (drawn from SEED, logged and recorded),
+# tears everything down by PID, and writes bench/results/<stamp>/ with the raw outputs and
+# summary.md. Installs nothing (TETHER_BUILD=pgo: the toolchain's llvm-tools, via
+# build-pgo.sh); bench/setup.sh installs the peers and wrk.
+#
+# Headline figures (BENCHMARKS.md) need REPEATS>=10: summarize.py reports the median over rounds
+# of the per-round Tether/peer CPU ratio with a bootstrap 95 % interval, over all rounds and
+# over the rounds not disturbed by foreign load or steal time.
 #
 # All traffic goes to 127.0.0.1. Every load run is bounded by its own duration and
 # by `timeout`. Only processes started by this script are signalled, by PID.
@@ -16,16 +22,23 @@
 #   PIN=1            1: proxies on CPU $PROXY_CPUS (0); backends + load tools on $LOAD_CPUS (1)
 #   WORKERS=1        worker processes / threads of every proxy
 #   TARGETS="direct nginx haproxy tether"      (any subset/order; tether variants are appended)
-#   TETHER_BUILD=pgo pgo: Tether as shipped, built by scripts/build-pgo.sh ($CARGO_TARGET_DIR/pgo/tether);
-#                    plain: `cargo build --release` ($CARGO_TARGET_DIR/release/tether)
-#   PLAIN=0          1: also measure the plain release build, as target "plain", in the same rotation
+#   TETHER_BUILD=plain  plain: `cargo build --release` ($CARGO_TARGET_DIR/release/tether), the headline;
+#                    pgo: the profile-guided build of scripts/build-pgo.sh ($CARGO_TARGET_DIR/pgo/tether)
+#   PLAIN=0          1: also measure the plain release build, as target "plain", in the same rounds
+#                    (meant for TETHER_BUILD=pgo; with the plain default it is an A/A run)
 #   TETHER_BIN=...   use this binary instead of building one
 #   TETHER_VARIANTS="name=/path/to/bin ..."   extra Tether binaries measured in the same rotation
 #   BUILD=1          0: do not run cargo (binaries must exist)
-#   REPEATS=3 HTTP_SECS=10 HTTP_CONNS=64 WARMUP_SECS=2 DOC_IDS=1000
+#   SEED=<random>    seed of the per-round target order (printed, in env.txt, order.txt, META);
+#                    the same SEED and TARGETS give the same orders
+#   REPEATS=3 (headlines: REPEATS>=10) HTTP_SECS=10 HTTP_CONNS=64 WARMUP_SECS=2 DOC_IDS=1000
 #   WS_REPEATS=$REPEATS WS_CONNS=1000 WS_SECS=8 WS_SIZE=64 WS_FIXED_RATE=20000
 #   IDLE_CONNS=(what fits in the fd limit; 9000 at 20000) IDLE_HOLD=6
-#   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 RETRIES=2 EXTRA_SECS=240   (foreign-load guard)
+#   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
+#                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
+#                    summarize.py flags a round as disturbed when any kept run is above either)
+#   TARGET_HTTP= TARGET_WS= TARGET_WSRATE=   e.g. 0.85: summary.md says whether the upper bound of
+#                    the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
 
 set -uo pipefail
@@ -49,12 +62,14 @@ WS_FIXED_RATE=${WS_FIXED_RATE:-20000}
 IDLE_HOLD=${IDLE_HOLD:-6}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
-TETHER_BUILD=${TETHER_BUILD:-pgo}
+TETHER_BUILD=${TETHER_BUILD:-plain}
 PLAIN=${PLAIN:-0}
 BUILD=${BUILD:-1}
 QUIET_MAX=${QUIET_MAX:-15}
 QUIET_WAIT=${QUIET_WAIT:-30}
 MAX_FOREIGN=${MAX_FOREIGN:-8}
+MAX_STEAL=${MAX_STEAL:-2}
+SEED=${SEED:-$(( (RANDOM << 15 | RANDOM) ))}
 RETRIES=${RETRIES:-2}
 EXTRA_SECS=${EXTRA_SECS:-240}
 EXTRA_USED=0
@@ -194,17 +209,22 @@ quiet() { # wait (bounded) until the machine is quiet; sets BUSY
 }
 
 # Foreign load: machine user+nice+system ticks minus those of our processes and of this
-# shell's reaped children (load generators, helpers).
-snap() { # sets S_WALL S_MACH S_OURS S_KIDS (in this shell, not a subshell)
-  local a p; S_WALL=$(date +%s%N); read -ra a </proc/stat; S_MACH=$((a[1] + a[2] + a[3]))
+# shell's reaped children (load generators, helpers). Steal: the hypervisor's steal ticks
+# (/proc/stat, 8th value of the cpu line), time our vCPUs wanted to run and could not.
+snap() { # sets S_WALL S_MACH S_STEAL S_OURS S_KIDS (in this shell, not a subshell)
+  local a p; S_WALL=$(date +%s%N); read -ra a </proc/stat; S_MACH=$((a[1] + a[2] + a[3])); S_STEAL=${a[8]:-0}
   S_OURS=0; for p in "${PIDS[@]}"; do S_OURS=$((S_OURS + $(cpu_ticks "$p"))); done
   times >"$RUN/times.txt"
   S_KIDS=$(awk -v hz="$CLK_TCK" 'NR==2 { t=0; for (i=1;i<=2;i++) { split($i, x, /[ms]/); t += x[1]*60 + x[2] } printf "%d", t*hz }' "$RUN/times.txt")
 }
-foreign_since() { # foreign CPU % of the whole machine since the last snap
-  local w0=$S_WALL m0=$S_MACH o0=$S_OURS k0=$S_KIDS; snap
+foreign_since() { # foreign CPU % of the whole machine since the last snap (stdout); also sets
+  # STEAL10 (steal ticks in tenths of a % of the machine's ticks) and STEAL_PCT ("1.5")
+  local w0=$S_WALL m0=$S_MACH s0=$S_STEAL o0=$S_OURS k0=$S_KIDS; snap
   local wall_ticks=$(( (S_WALL - w0) * CLK_TCK / 1000000000 * NCPU ))
+  STEAL10=0; STEAL_PCT=0.0
   [ "$wall_ticks" -le 0 ] && { echo 0; return; }
+  local st=$(( S_STEAL - s0 )); [ "$st" -lt 0 ] && st=0
+  STEAL10=$(( 1000 * st / wall_ticks )); STEAL_PCT="$((STEAL10 / 10)).$((STEAL10 % 10))"
   local f=$(( (S_MACH - m0) - (S_OURS - o0) - (S_KIDS - k0) )); [ "$f" -lt 0 ] && f=0
   echo $(( 100 * f / wall_ticks ))
 }
@@ -317,8 +337,11 @@ do_verify() {
 }
 
 # measured TARGET FILE cmd...: one bounded load command (output -> FILE), then a META line
-# with the target's CPU ticks and the foreign load. A run that saw more than MAX_FOREIGN %
-# foreign load is repeated (RETRIES, within EXTRA_SECS).
+# with the target's CPU ticks, the foreign load and the steal time over the run, and the
+# caller's RUN_TAGS (round, position in the round's order, seed). A run that saw more than
+# MAX_FOREIGN % foreign load or MAX_STEAL % steal is repeated (RETRIES, within EXTRA_SECS);
+# the output of the attempt it replaces is kept as FILE-without-.txt.tryN.log with its own META.
+RUN_TAGS=()
 measured() {
   local t=$1 f=$2; shift 2
   local pid=${PID_OF[$t]} try=0 c0 c1 foreign t0
@@ -326,11 +349,28 @@ measured() {
     quiet; c0=$(cpu_ticks "$pid"); snap; t0=$SECONDS
     "$@" >"$f" 2>&1
     foreign_since >"$RUN/foreign.txt"; c1=$(cpu_ticks "$pid"); foreign=$(cat "$RUN/foreign.txt")
-    if [ "$foreign" -le "$MAX_FOREIGN" ] || [ "$try" -ge "$RETRIES" ] || [ "$EXTRA_USED" -ge "$EXTRA_SECS" ]; then break; fi
+    if { [ "$foreign" -le "$MAX_FOREIGN" ] && [ "$STEAL10" -le $((MAX_STEAL * 10)) ]; } \
+       || [ "$try" -ge "$RETRIES" ] || [ "$EXTRA_USED" -ge "$EXTRA_SECS" ]; then break; fi
+    meta "$f" target="$t" cpu_ticks=$((c1 - c0)) clk_tck="$CLK_TCK" busy_before="$BUSY" foreign_cpu_pct="$foreign" \
+      steal_pct="$STEAL_PCT" max_foreign="$MAX_FOREIGN" max_steal="$MAX_STEAL" retries="$try" layout="$LAYOUT" "${RUN_TAGS[@]}" replaced=1
+    mv "$f" "${f%.txt}.try$try.log"
     try=$((try + 1)); EXTRA_USED=$((EXTRA_USED + SECONDS - t0))
-    log "foreign load ${foreign}% during $(basename "$f"); retry $try/$RETRIES"
+    log "foreign load ${foreign}%, steal ${STEAL_PCT}% during $(basename "$f"); retry $try/$RETRIES"
   done
-  meta "$f" target="$t" cpu_ticks=$((c1 - c0)) clk_tck="$CLK_TCK" busy_before="$BUSY" foreign_cpu_pct="$foreign" retries="$try" layout="$LAYOUT"
+  meta "$f" target="$t" cpu_ticks=$((c1 - c0)) clk_tck="$CLK_TCK" busy_before="$BUSY" foreign_cpu_pct="$foreign" \
+    steal_pct="$STEAL_PCT" max_foreign="$MAX_FOREIGN" max_steal="$MAX_STEAL" retries="$try" layout="$LAYOUT" "${RUN_TAGS[@]}"
+}
+
+# round_order SCENARIO ROUND: $TARGETS shuffled by a generator seeded with "SEED/SCENARIO/ROUND"
+# (deterministic for a given SEED: str seeds are hashed alike since Python 3.2), logged and
+# appended to $OUT/order.txt so the order actually used is on record.
+round_order() {
+  local order
+  order=$(python3 -c 'import random, sys; t = sys.argv[2:]; random.Random(sys.argv[1]).shuffle(t); print(" ".join(t))' \
+          "$SEED/$1/$2" $TARGETS) || { log "round_order failed"; exit 1; }
+  echo "$1 $2 $order" >>"$OUT/order.txt"
+  log "$1 round $2 order (seed $SEED): $order"
+  echo "$order"
 }
 
 http_one() { # http_one TARGET SECS OUTFILE
@@ -339,10 +379,15 @@ http_one() { # http_one TARGET SECS OUTFILE
 }
 
 do_http() {
-  local t r
+  local t r i order
+  RUN_TAGS=(round=0 seed="$SEED")
   for t in $TARGETS; do http_one "$t" "$WARMUP_SECS" "$OUT/warmup-http-$t.txt"; done
   for r in $(seq 1 "$REPEATS"); do
-    for t in $TARGETS; do          # every round visits every target: drift hits all alike
+    # Every round visits every target, in a fresh random order: drift and any position
+    # effect (the run after a warm-up, the one after a busy peer) hit all targets alike.
+    order=$(round_order http "$r") || exit 1; i=0
+    for t in $order; do
+      i=$((i + 1)); RUN_TAGS=(round="$r" pos="$i" seed="$SEED")
       http_one "$t" "$HTTP_SECS" "$OUT/http-$t-$r.txt"
       log "http $t rep $r: $(awk '/Requests\/sec/{print $2}' "$OUT/http-$t-$r.txt") req/s"
     done
@@ -350,9 +395,11 @@ do_http() {
 }
 
 do_ws() { # do_ws PREFIX RATE
-  local t r f
+  local t r f i order
   for r in $(seq 1 "$WS_REPEATS"); do
-    for t in $TARGETS; do
+    order=$(round_order "$1" "$r") || exit 1; i=0
+    for t in $order; do
+      i=$((i + 1)); RUN_TAGS=(round="$r" pos="$i" seed="$SEED")
       f=$OUT/$1-$t-$r.txt
       measured "$t" "$f" timeout $((WS_SECS + 60)) "${LOADPIN[@]}" "$WSLOAD_BIN" \
         --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/bench" --mode echo --conns "$WS_CONNS" --duration "$WS_SECS" \
@@ -365,13 +412,14 @@ do_ws() { # do_ws PREFIX RATE
 }
 
 do_idle() {
-  local t f
-  for t in $TARGETS; do
+  local t f order
+  order=$(round_order idle 1) || exit 1
+  for t in $order; do
     f=$OUT/idle-$t.txt; quiet
     timeout 150 "${LOADPIN[@]}" "$WSLOAD_BIN" --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/idle" --mode idle \
       --conns "$IDLE_CONNS" --hold "$IDLE_HOLD" --ids "$DOC_IDS" --threads "$LOAD_THREADS" \
       --rss-pid "${PID_OF[$t]}" --connect-concurrency 128 --timeout-ms 10000 --max-secs 100 --label "$t" >"$f" 2>&1
-    meta "$f" target="$t" busy_before="$BUSY" layout="$LAYOUT"
+    meta "$f" target="$t" busy_before="$BUSY" layout="$LAYOUT" seed="$SEED"
     log "idle $t: $(grep -o '"connected":[0-9]*' "$f") $(grep -o '"kb_per_conn":[0-9.]*' "$f")"
     sleep 3   # let the closed sockets drain before the next target
   done
@@ -379,13 +427,17 @@ do_idle() {
 
 # ------------------------------------------------------------------------ main
 export DOC_IDS
+[ "$PLAIN" = 1 ] && [ "$TETHER_BUILD" = plain ] && [ -z "${TETHER_BIN_GIVEN:-}" ] \
+  && log "note: PLAIN=1 with TETHER_BUILD=plain measures the same binary twice (tether and plain: an A/A run)"
+log "seed=$SEED (SEED=$SEED reproduces this run's target orders)"
 log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${LOAD_CPUS:-any} workers=$WORKERS nofile=$NOFILE targets='$TARGETS' out=$OUT"
 {
-  echo "--- measure=$MEASURE date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "layout=$LAYOUT workers=$WORKERS nofile=$NOFILE"
+  echo "--- measure=$MEASURE date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ) seed=$SEED targets='$TARGETS'"; echo "layout=$LAYOUT workers=$WORKERS nofile=$NOFILE"
   echo "tether=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty') build=$TETHER_BUILD bin=$TETHER_BIN variants='$TETHER_VARIANTS'"
   echo "nginx=$(nginx -v 2>&1)"; echo "haproxy=$(haproxy -v | head -1)"
   echo "wrk=$(wrk -v 2>&1 | head -1)"; echo "kernel=$(uname -r) cpus=$(nproc) cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
+  echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
 render_configs
 start_all

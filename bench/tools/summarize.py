@@ -1,20 +1,51 @@
 #!/usr/bin/env python3
-"""Turn one bench/run.sh results directory into markdown tables (stdout). Stdlib only.
+"""Turn one bench/run.sh results directory into markdown (stdout). Stdlib only.
 
-Reads http-<target>-<round>.txt (wrk output + META line), ws-<target>-<round>.txt and
-wsrate-<target>-<round>.txt (wsload RESULT line + META line) and idle-<target>.txt.
-Cells are median (min–max) over rounds. "vs haproxy"/"vs nginx" divide Tether's median by the
-peer's median; "paired" is the median over rounds of the per-round ratio (both measured
-back to back in the same round, so slow drift of the host cancels out).
+THE STATISTIC (the project's rule for any performance figure), per scenario, for every Tether
+build T (target "tether", and "plain" or TETHER_VARIANTS measured in the same rounds) against
+every peer P (haproxy, nginx; other builds also against "tether"):
+
+    cpu(X, r)  = CPU µs per unit of target X in round r: utime+stime of its process tree over
+                 the run (META cpu_ticks / clk_tck) divided by the requests (http, wrk) or
+                 messages (ws, wsrate; wsload RESULT) completed in that run
+    ratio_r    = cpu(T, r) / cpu(P, r)            (T and P measured in the same round)
+    headline   = the median over rounds of ratio_r
+    95 % CI    = bootstrap of the per-round log-ratio: resample the rounds with replacement,
+                 10,000 times; for each resample take the median of its log-ratios; the 2.5th
+                 and 97.5th percentiles of those medians, exponentiated. The generator is
+                 random.Random(BOOT_SEED), fixed, so the same results give the same summary.
+
+Rounds are never dropped. A round is "disturbed" when any of its kept runs (any target) had
+foreign_cpu_pct > max_foreign or steal_pct > max_steal (from its META line; 8 and 2 when the
+line predates these keys; a run without steal_pct cannot be flagged for steal). Every scenario
+shows rounds total and disturbed, which runs disturbed them, and the statistic twice: over
+all rounds and over the undisturbed rounds only.
+
+Verdict: a target t (e.g. 0.85, from TARGET_HTTP / TARGET_WS / TARGET_WSRATE in the
+environment) is met only when the CI's upper bound is below t. A headline figure needs at
+least 10 rounds (REPEATS>=10); fewer are marked as not a headline.
+
+Inputs: http-<target>-<round>.txt (wrk output + META line), ws-<target>-<round>.txt and
+wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt. The
+descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
 import glob
 import json
+import math
 import os
+import random
 import re
 import statistics
 import sys
 
 ORDER = ["direct", "nginx", "haproxy", "tether"]
+PEERS = ["haproxy", "nginx"]
+NOT_TETHER = {"direct", "nginx", "haproxy"}
+BOOT_SEED = 20261129
+BOOT_N = 10_000
+HEADLINE_ROUNDS = 10
+DEFAULT_MAX_FOREIGN = 8.0
+DEFAULT_MAX_STEAL = 2.0
 
 
 def order_key(t):
@@ -63,22 +94,39 @@ def parse_ws(text):
     }
 
 
+def num(meta, key, default=None):
+    try:
+        return float(meta[key])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
 def load(d, prefix, parse):
-    """{target: {round: record}} with cpu_us and foreign filled in from the META line."""
+    """{target: {round: record}}: the parsed output plus cpu_us, foreign, steal, disturbed."""
     out = {}
     for f in glob.glob(os.path.join(d, prefix + "-*-*.txt")):
-        m = re.match(prefix + r"-(.+)-(\d+)\.txt$", os.path.basename(f))
+        m = re.match(re.escape(prefix) + r"-(.+)-(\d+)\.txt$", os.path.basename(f))
         if not m:
             continue
         text = open(f).read()
         meta = line_json(text, "META ") or {}
         r = parse(text)
-        try:
-            secs = float(meta["cpu_ticks"]) / float(meta.get("clk_tck", 100))
-            r["cpu_us"] = secs * 1e6 / r["units"] if r["units"] else None
-        except (KeyError, ValueError):
-            r["cpu_us"] = None
-        r["foreign"] = float(meta.get("foreign_cpu_pct", "nan"))
+        secs = num(meta, "cpu_ticks")
+        if secs is not None:
+            secs /= num(meta, "clk_tck", 100.0)
+        r["cpu_us"] = secs * 1e6 / r["units"] if secs is not None and r["units"] else None
+        r["foreign"] = num(meta, "foreign_cpu_pct")
+        r["steal"] = num(meta, "steal_pct")
+        r["retries"] = int(num(meta, "retries", 0))
+        r["seed"] = meta.get("seed")
+        max_foreign = num(meta, "max_foreign", DEFAULT_MAX_FOREIGN)
+        max_steal = num(meta, "max_steal", DEFAULT_MAX_STEAL)
+        why = []
+        if r["foreign"] is not None and r["foreign"] > max_foreign:
+            why.append("foreign {:g} % > {:g}".format(r["foreign"], max_foreign))
+        if r["steal"] is not None and r["steal"] > max_steal:
+            why.append("steal {:g} % > {:g}".format(r["steal"], max_steal))
+        r["disturbed"] = why
         out.setdefault(meta.get("target", m.group(1)), {})[int(m.group(2))] = r
     return out
 
@@ -99,56 +147,124 @@ def mmm(v, fmt):
     return "{} ({}–{})".format(fmt.format(med(v)), fmt.format(min(v)), fmt.format(max(v)))
 
 
-def ratio(a, b):
-    return "{:.2f}".format(a / b) if a and b else "–"
+def fmax(v, fmt="{:.0f}"):
+    v = [x for x in v if x is not None and x == x]
+    return fmt.format(max(v)) if v else "–"
 
 
-def paired(data, t, ref, k):
-    """Median over rounds of data[t][r][k] / data[ref][r][k]."""
-    if t not in data or ref not in data:
+def per_round_ratios(data, t, ref, rounds):
+    """[cpu(t, r) / cpu(ref, r)] over the given rounds where both have a CPU figure."""
+    return [data[t][r]["cpu_us"] / data[ref][r]["cpu_us"] for r in sorted(rounds)
+            if r in data[t] and r in data[ref]
+            and data[t][r].get("cpu_us") and data[ref][r].get("cpu_us")]
+
+
+def median_ci(ratios):
+    """(median ratio, CI low, CI high): bootstrap 95 % interval of the median log-ratio."""
+    logs = [math.log(x) for x in ratios]
+    rng = random.Random(BOOT_SEED)  # fixed: the summary of a results directory is reproducible
+    n = len(logs)
+    meds = [statistics.median(rng.choices(logs, k=n)) for _ in range(BOOT_N)]
+    # quantiles(n=40) cuts at 2.5 %, 5 %, ..., 97.5 %: the first and last cut points
+    q = statistics.quantiles(meds, n=40, method="inclusive")
+    return statistics.median(ratios), math.exp(q[0]), math.exp(q[-1])
+
+
+def scenario_target(name):
+    v = os.environ.get("TARGET_" + name.upper(), "").strip()
+    try:
+        return float(v) if v else None
+    except ValueError:
         return None
-    rs = [data[t][r][k] / data[ref][r][k] for r in data[t]
-          if r in data[ref] and data[t][r].get(k) and data[ref][r].get(k)]
-    return med(rs)
 
 
-def fmt_ratio(x):
-    return "{:.2f}".format(x) if x else "–"
+def headline(data, name, unit):
+    out = []
+    rounds = sorted({r for rs in data.values() for r in rs})
+    disturbed = {}
+    for t in sorted(data, key=order_key):
+        for r, rec in data[t].items():
+            for why in rec["disturbed"]:
+                disturbed.setdefault(r, []).append("{} {}".format(t, why))
+    clean = [r for r in rounds if r not in disturbed]
+    seeds = sorted({rec["seed"] for rs in data.values() for rec in rs.values() if rec.get("seed")})
+    retried = sum(rec["retries"] for rs in data.values() for rec in rs.values())
+    no_steal = any(rec["steal"] is None for rs in data.values() for rec in rs.values())
+
+    line = "Rounds: **{}** total, **{}** disturbed".format(len(rounds), len(disturbed))
+    if disturbed:
+        line += " (" + "; ".join("round {}: {}".format(r, ", ".join(disturbed[r]))
+                                 for r in sorted(disturbed)) + ")"
+    line += ". Runs retried by the guard (replaced attempts kept as *.tryN.log): {}.".format(retried)
+    line += " Target order seed: {}.".format(", ".join(seeds) if seeds else "not recorded (fixed order)")
+    if no_steal:
+        line += " Steal time not recorded for some runs: they can only be flagged for foreign load."
+    if len(rounds) < HEADLINE_ROUNDS:
+        line += " **Fewer than {} rounds: not a headline figure.**".format(HEADLINE_ROUNDS)
+    out += [line, ""]
+
+    target = scenario_target(name)
+    head = ["Tether build", "vs", "rounds", "n", "median Tether/peer CPU µs/%s" % unit,
+            "95 % CI (bootstrap)", "CI upper bound"]
+    if target is not None:
+        head.append("upper < {:g}?".format(target))
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    builds = [t for t in sorted(data, key=order_key) if t not in NOT_TETHER]
+    for t in builds:
+        refs = [p for p in PEERS if p in data] + (["tether"] if t != "tether" and "tether" in data else [])
+        for ref in refs:
+            for label, rs in (("all", rounds), ("undisturbed", clean)):
+                ratios = per_round_ratios(data, t, ref, rs)
+                row = [t, ref, label, str(len(ratios))]
+                if ratios:
+                    m, lo, hi = median_ci(ratios)
+                    row += ["{:.3f}".format(m), "{:.3f}–{:.3f}".format(lo, hi), "{:.3f}".format(hi)]
+                    if target is not None:
+                        row.append("yes" if hi < target else "no")
+                else:
+                    row += ["–", "–", "–"] + (["–"] if target is not None else [])
+                out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    return out
 
 
-def fmax(v):
-    v = [x for x in v if x == x]
-    return "{:.0f}".format(max(v)) if v else "–"
-
-
-def table(data, unit, latency_cols, title):
-    out = [title, ""]
+def table(data, unit, latency_cols):
+    out = []
     head = ["target", "%s/s" % unit]
     head += ["%s ms" % c for c in latency_cols]
-    head += ["CPU µs/%s" % unit, "CPU vs haproxy (paired)", "CPU vs nginx (paired)",
-             "%s/s vs haproxy" % unit, "errors", "foreign CPU % max", "rounds"]
+    head += ["CPU µs/%s" % unit, "errors", "foreign CPU % max", "steal % max", "disturbed runs",
+             "retries", "rounds"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for t in sorted(data, key=order_key):
         rs = data[t]
         row = [t, mmm(vals(rs, "rate"), "{:.0f}")]
         row += [mmm(vals(rs, c), "{:.2f}") for c in latency_cols]
-        cpu = med(vals(rs, "cpu_us"))
         row.append(mmm(vals(rs, "cpu_us"), "{:.1f}"))
-        for ref in ("haproxy", "nginx"):
-            if t in ("direct", ref):
-                row.append("–")
-            else:
-                row.append("{} ({})".format(ratio(cpu, med(vals(data.get(ref, {}), "cpu_us"))),
-                                            fmt_ratio(paired(data, t, ref, "cpu_us"))))
-        row.append("–" if t in ("direct", "haproxy") else
-                   ratio(med(vals(rs, "rate")), med(vals(data.get("haproxy", {}), "rate"))))
         row.append(str(sum(r["errors"] for r in rs.values())))
         row.append(fmax([r["foreign"] for r in rs.values()]))
+        row.append(fmax([r["steal"] for r in rs.values()], "{:.1f}"))
+        row.append(str(sum(1 for r in rs.values() if r["disturbed"])))
+        row.append(str(sum(r["retries"] for r in rs.values())))
         row.append(str(len(rs)))
         out.append("| " + " | ".join(row) + " |")
     out.append("")
     return out
+
+
+STATISTIC = (
+    "**Statistic.** For each scenario: the median over rounds of the per-round ratio of Tether's "
+    "CPU µs per request (http) or per message (ws, wsrate) to the peer's, both measured in the "
+    "same round (every round visits every target in a freshly randomised order), with a "
+    "bootstrap 95 % confidence interval of the per-round log-ratio ({:,} resamples of the "
+    "rounds, median of each, 2.5th/97.5th percentiles, exponentiated; fixed generator seed {}). "
+    "A round is *disturbed* when any of its runs saw foreign CPU above MAX_FOREIGN or steal time "
+    "above MAX_STEAL; disturbed rounds are counted and listed, and the statistic is given over all "
+    "rounds and over the undisturbed ones. A target ratio is met only when the interval's upper "
+    "bound is below it. A headline needs at least {} rounds. The tables below each headline "
+    "table are descriptive: median (min–max) over rounds.\n"
+).format(BOOT_N, BOOT_SEED, HEADLINE_ROUNDS)
 
 
 def main(d):
@@ -156,21 +272,26 @@ def main(d):
     env = os.path.join(d, "env.txt")
     if os.path.exists(env):
         out.append("```\n" + open(env).read().strip() + "\n```\n")
-    http = load(d, "http", parse_wrk)
-    if http:
-        out += table(http, "req", ["p50", "p99"],
-                     "**HTTP keep-alive** (wrk, 64 connections, 1,000 document keys; CPU = proxy "
-                     "process tree, or backend b1 for direct)")
-    ws = load(d, "ws", parse_ws)
-    if ws:
-        out += table(ws, "msg", ["p50", "p99"],
-                     "**WebSocket echo, closed loop** (1,000 connections, 64-byte messages, one in "
-                     "flight per connection)")
-    wsrate = load(d, "wsrate", parse_ws)
-    if wsrate:
-        out += table(wsrate, "msg", ["p50", "p99", "p999"],
-                     "**WebSocket echo at a fixed rate** (1,000 connections; p99 is the latency "
-                     "the proxy adds below saturation)")
+    scenarios = [
+        ("http", parse_wrk, "req", ["p50", "p99"],
+         "**HTTP keep-alive** (wrk, 64 connections, 1,000 document keys; CPU = proxy "
+         "process tree, or backend b1 for direct)"),
+        ("ws", parse_ws, "msg", ["p50", "p99"],
+         "**WebSocket echo, closed loop** (1,000 connections, 64-byte messages, one in "
+         "flight per connection)"),
+        ("wsrate", parse_ws, "msg", ["p50", "p99", "p999"],
+         "**WebSocket echo at a fixed rate** (1,000 connections; p99 is the latency "
+         "the proxy adds below saturation)"),
+    ]
+    loaded = [(s, load(d, s[0], s[1])) for s in scenarios]
+    if any(data for _, data in loaded):
+        out.append(STATISTIC)
+    for (name, _, unit, lat, title), data in loaded:
+        if not data:
+            continue
+        out += [title, ""]
+        out += headline(data, name, unit)
+        out += table(data, unit, lat)
     idle = {}
     for f in glob.glob(os.path.join(d, "idle-*.txt")):
         text = open(f).read()
@@ -180,7 +301,7 @@ def main(d):
             idle[meta.get("target", "?")] = r
     if idle:
         out.append("**Idle WebSockets held** (VmRSS of the proxy process tree, freshly started; "
-                   "backend b1 for direct)\n")
+                   "backend b1 for direct; one run per target, in a seeded random order)\n")
         out.append("| target | held/requested | RSS before MiB | RSS after MiB | KB per conn |")
         out.append("|---|---|---|---|---|")
         for t in sorted(idle, key=order_key):

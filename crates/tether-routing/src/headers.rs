@@ -49,10 +49,12 @@ impl<'a> Iterator for Values<'a, '_> {
 
     fn next(&mut self) -> Option<&'a [u8]> {
         match self {
-            Values::Map(values) => values.next().map(|v| v.as_bytes()),
+            // A field value excludes the whitespace around it (RFC 9110 5.5): httparse trims
+            // it, an HTTP/2 field may still carry it, so both give the same key.
+            Values::Map(values) => values.next().map(|v| v.as_bytes().trim_ascii()),
             Values::Raw { fields, name } => fields
                 .find(|field| field.name.eq_ignore_ascii_case(name))
-                .map(|field| field.value),
+                .map(|field| field.value.trim_ascii()),
         }
     }
 }

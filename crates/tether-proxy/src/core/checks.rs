@@ -1,7 +1,8 @@
 //! Request checks made before routing, the same for both engines: size limits (414, 431),
 //! methods that are never proxied (TRACE, CONNECT: 405), the request target (400: form, bytes,
-//! fragment, escapes), `Host` (400: missing, repeated or malformed; an absolute-form target
-//! must name the same host) and the WebSocket handshake (400, 426). A request that fails is
+//! escapes; a fragment is cut off), `Host` (400: missing, repeated or malformed; an
+//! absolute-form target must name the same host), `Expect` (417 unless `100-continue`) and the
+//! WebSocket handshake (400, 426). A request that fails is
 //! answered by the engine and never reaches a backend.
 
 use crate::core::policy::is;
@@ -70,13 +71,25 @@ pub fn check<'a, F>(head: &Head<'a, F>, limits: &Limits) -> Result<Checked<'a>, 
 where
     F: Iterator<Item = (&'a str, &'a [u8])> + Clone,
 {
-    let fields = head.fields.clone();
-    check_sizes(
-        head.target.len(),
-        fields.clone().count(),
-        fields.clone().map(|(n, v)| (n.len(), v.len())),
-        limits,
-    )?;
+    // One pass over the fields (this runs on every request); the refusals follow in a fixed
+    // order below, whatever order the fields came in.
+    let mut seen = Seen::default();
+    for (name, value) in head.fields.clone() {
+        seen.take(name, value);
+    }
+    if head.target.len() > limits.max_uri {
+        return Err(Refusal::new(414, "uri_too_long", "request target too long"));
+    }
+    let large = |why| Refusal::new(431, "header_too_large", why);
+    if seen.count > limits.max_headers {
+        return Err(large("too many header fields"));
+    }
+    if seen.longest_line > limits.max_header_line {
+        return Err(large("header field too large"));
+    }
+    if seen.total > limits.max_header_bytes {
+        return Err(large("header block too large"));
+    }
     if matches!(head.method, "TRACE" | "CONNECT") {
         return Err(Refusal::new(
             405,
@@ -99,15 +112,10 @@ where
         Some((path, query)) => (path, Some(query)),
         None => (origin, None),
     };
-    let mut hosts = fields
-        .clone()
-        .filter(|(n, _)| is(n, "host"))
-        .map(|(_, v)| v);
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    if seen.hosts > 1 {
         return Err(bad_host("more than one Host header"));
     }
-    let host = match (host, head.authority) {
+    let host = match (seen.host, head.authority) {
         (Some(h), _) => Some(h),
         (None, Some(a)) => Some(a),
         (None, None) if head.http11 && authority.is_none() => {
@@ -126,7 +134,11 @@ where
             return Err(bad_host("request target and Host name different hosts"));
         }
     }
-    let websocket = check_websocket(head)?;
+    if seen.unknown_expectation {
+        // RFC 9110 10.1.1: an expectation the proxy cannot meet.
+        return Err(Refusal::new(417, "bad_request", "unknown expectation"));
+    }
+    let websocket = seen.websocket(head.method, head.http11)?;
     Ok(Checked {
         path,
         query,
@@ -134,6 +146,88 @@ where
         host: host.and_then(|h| std::str::from_utf8(h).ok()),
         websocket,
     })
+}
+
+/// What one pass over a request's fields found.
+#[derive(Default)]
+struct Seen<'a> {
+    count: usize,
+    /// The longest field line and the whole block, counted as on the wire (`: ` and CRLF).
+    longest_line: usize,
+    total: usize,
+    hosts: usize,
+    host: Option<&'a [u8]>,
+    /// `Upgrade` names `websocket`.
+    upgrade: bool,
+    version: Option<&'a [u8]>,
+    keys: usize,
+    key_ok: bool,
+    /// A body is declared (a non-zero length, or any transfer coding).
+    body: bool,
+    /// An `Expect` other than `100-continue`.
+    unknown_expectation: bool,
+}
+
+impl<'a> Seen<'a> {
+    fn take(&mut self, name: &'a str, value: &'a [u8]) {
+        self.count += 1;
+        let line = name.len() + value.len() + 4;
+        self.longest_line = self.longest_line.max(line);
+        self.total += line;
+        match name.len() {
+            6 if is(name, "expect") => {
+                self.unknown_expectation |=
+                    !value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            }
+            4 if is(name, "host") => {
+                self.hosts += 1;
+                self.host.get_or_insert(value);
+            }
+            7 if is(name, "upgrade") => self.upgrade |= names_websocket(value),
+            14 if is(name, "content-length") => self.body |= value.trim_ascii() != b"0",
+            17 if is(name, "transfer-encoding") => self.body = true,
+            17 if is(name, "sec-websocket-key") => {
+                self.keys += 1;
+                self.key_ok = crate::core::websocket::valid_key(value);
+            }
+            21 if is(name, "sec-websocket-version") => self.version = Some(value),
+            _ => {}
+        }
+    }
+
+    /// A WebSocket upgrade must be an HTTP/1.1 GET with version 13 and one well-formed
+    /// `Sec-WebSocket-Key` (RFC 6455 4.1), and declare no body: anything else could only be
+    /// completed by a lax backend, so it is refused. True for a checked upgrade.
+    fn websocket(&self, method: &str, http11: bool) -> Result<bool, Refusal> {
+        if !self.upgrade {
+            return Ok(false);
+        }
+        if method != "GET" || !http11 {
+            return Err(bad_websocket(
+                400,
+                "WebSocket upgrade must be an HTTP/1.1 GET",
+            ));
+        }
+        if self.body {
+            return Err(bad_websocket(400, "WebSocket upgrade with a request body"));
+        }
+        if self.version != Some(b"13") {
+            return Err(bad_websocket(426, "WebSocket version 13 required"));
+        }
+        if self.keys != 1 || !self.key_ok {
+            return Err(bad_websocket(
+                400,
+                "WebSocket upgrade without a valid Sec-WebSocket-Key",
+            ));
+        }
+        Ok(true)
+    }
+}
+
+fn names_websocket(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// The size limits: target length (414), field count, field line and block size (431).
@@ -255,59 +349,6 @@ pub fn check_target(raw: &[u8]) -> Result<(), Refusal> {
         Ok(_) => Ok(()),
         Err(_) => Err(bad_target("request target is not UTF-8 once decoded")),
     }
-}
-
-/// Whether the request asks for a WebSocket: `Upgrade` names `websocket`.
-pub fn asks_for_websocket<'a>(mut fields: impl Iterator<Item = (&'a str, &'a [u8])>) -> bool {
-    fields.any(|(name, value)| {
-        is(name, "upgrade")
-            && value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-    })
-}
-
-/// A WebSocket upgrade must be an HTTP/1.1 GET with version 13 and one well-formed
-/// `Sec-WebSocket-Key` (RFC 6455 4.1), and declare no body: anything else could only be
-/// completed by a lax backend, so it is refused.
-fn check_websocket<'a, F>(head: &Head<'a, F>) -> Result<bool, Refusal>
-where
-    F: Iterator<Item = (&'a str, &'a [u8])> + Clone,
-{
-    if !asks_for_websocket(head.fields.clone()) {
-        return Ok(false);
-    }
-    if head.method != "GET" || !head.http11 {
-        return Err(bad_websocket(
-            400,
-            "WebSocket upgrade must be an HTTP/1.1 GET",
-        ));
-    }
-    let mut version = None;
-    let mut keys = 0;
-    let mut key_ok = false;
-    for (name, value) in head.fields.clone() {
-        if is(name, "sec-websocket-version") {
-            version = Some(value);
-        } else if is(name, "sec-websocket-key") {
-            keys += 1;
-            key_ok = crate::core::websocket::valid_key(value);
-        } else if (is(name, "content-length") && value.trim_ascii() != b"0")
-            || is(name, "transfer-encoding")
-        {
-            return Err(bad_websocket(400, "WebSocket upgrade with a request body"));
-        }
-    }
-    if version != Some(b"13") {
-        return Err(bad_websocket(426, "WebSocket version 13 required"));
-    }
-    if keys != 1 || !key_ok {
-        return Err(bad_websocket(
-            400,
-            "WebSocket upgrade without a valid Sec-WebSocket-Key",
-        ));
-    }
-    Ok(true)
 }
 
 /// The bytes of a reg-name or IPv4 address (RFC 3986: unreserved, sub-delims, `%`), as a
@@ -497,6 +538,11 @@ mod tests {
             status(run("POST", "/ws", &ws)),
             Some((400, "bad_websocket"))
         );
+        assert_eq!(
+            status(run("POST", "/a", &[("Host", "h"), ("Expect", "magic")])),
+            Some((417, "bad_request"))
+        );
+        assert!(run("POST", "/a", &[("Host", "h"), ("Expect", "100-Continue")]).is_ok());
         let mut with_body = ws.to_vec();
         with_body.push(("Content-Length", "3"));
         assert_eq!(

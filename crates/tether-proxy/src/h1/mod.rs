@@ -174,7 +174,7 @@ pub(crate) async fn serve(
                 } else {
                     Refusal::new(431, "header_too_large", "request header too large")
                 };
-                refuse(&mut conn, &refusal, None).await;
+                refuse(&mut conn, &refusal, "", b"", std::time::Instant::now()).await;
                 return;
             }
         };
@@ -188,12 +188,12 @@ pub(crate) async fn serve(
                 }
                 Err(httparse::Error::TooManyHeaders) => {
                     let refusal = Refusal::new(431, "header_too_large", "too many header fields");
-                    refuse(&mut conn, &refusal, None).await;
+                    refuse(&mut conn, &refusal, "", b"", std::time::Instant::now()).await;
                     Next::Close
                 }
                 _ => {
                     let refusal = Refusal::new(400, "bad_request", "malformed request");
-                    refuse(&mut conn, &refusal, None).await;
+                    refuse(&mut conn, &refusal, "", b"", std::time::Instant::now()).await;
                     Next::Close
                 }
             }
@@ -319,13 +319,32 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
-/// Answers a request Tether refuses (counted by reason) and closes the connection.
-async fn refuse(conn: &mut Conn<'_>, refusal: &Refusal, installed: Option<&Installed>) {
+/// Answers a request Tether refuses before routing (counted by reason), records it, and
+/// closes the connection.
+async fn refuse(
+    conn: &mut Conn<'_>,
+    refusal: &Refusal,
+    method: &str,
+    request_id: &[u8],
+    started: std::time::Instant,
+) {
     crate::metrics::refused(refusal.label, refusal.status);
-    let send_timeout = installed
-        .map(|i| i.config.server.limits.send_timeout)
-        .unwrap_or(Duration::from_secs(10));
+    let installed = conn.state.current();
+    let send_timeout = installed.config.server.limits.send_timeout;
     let _ = write_local(&mut conn.client, refusal.status, refusal.why, send_timeout).await;
+    record_exchange(
+        &installed,
+        &Finished {
+            decision: None,
+            backend: None,
+            request_id: (!request_id.is_empty()).then_some(request_id),
+            method,
+            kind: ExchangeKind::Plain,
+            status: refusal.status,
+            bytes: 0,
+            elapsed: started.elapsed(),
+        },
+    );
 }
 
 /// Tether's own answer: a short text body, advice headers where the status has them, and
@@ -376,23 +395,34 @@ async fn exchange<'b>(
     };
     conn.served += 1;
     let raw = &buf[..head_len];
-    let facts = match Request::read(raw, req) {
-        Ok(facts) => facts,
-        Err(refusal) => return refused(conn, &installed, &refusal, req.method, &ticket).await,
-    };
-    let checked = match facts.check(limits) {
-        Ok(checked) => checked,
-        Err(refusal) => {
-            return refused(conn, &installed, &refusal, Some(facts.method), &ticket).await
-        }
-    };
     // The client's id when usable, else a new one; kept as bytes.
     let generated;
-    let request_id = match facts.request_id.filter(|v| policy::usable_request_id(v)) {
+    let request_id = match req
+        .headers
+        .iter()
+        .find(|f| policy::is(f.name, "x-request-id"))
+        .map(|f| f.value)
+        .filter(|v| policy::usable_request_id(v))
+    {
         Some(id) => id,
         None => {
             generated = GeneratedId::new();
             generated.as_bytes()
+        }
+    };
+    let refused = |refusal| (refusal, req.method.unwrap_or(""));
+    let checked =
+        Request::read(raw, req)
+            .map_err(refused)
+            .and_then(|facts| match facts.check(limits) {
+                Ok(checked) => Ok((facts, checked)),
+                Err(refusal) => Err(refused(refusal)),
+            });
+    let (facts, checked) = match checked {
+        Ok(both) => both,
+        Err((refusal, method)) => {
+            refuse(conn, &refusal, method, request_id, ticket.started).await;
+            return Next::Close;
         }
     };
     let view = RequestView {
@@ -563,30 +593,6 @@ async fn exchange<'b>(
     } else {
         Next::KeepAlive
     }
-}
-
-/// Answers a request refused before routing, records it, and closes.
-async fn refused(
-    conn: &mut Conn<'_>,
-    installed: &Arc<Installed>,
-    refusal: &Refusal,
-    method: Option<&str>,
-    ticket: &Ticket,
-) -> Next {
-    refuse(conn, refusal, Some(installed)).await;
-    let method = method.unwrap_or("");
-    finish(
-        installed,
-        None,
-        None,
-        b"",
-        method,
-        ExchangeKind::Plain,
-        refusal.status,
-        0,
-        ticket,
-    );
-    Next::Close
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -788,6 +794,12 @@ async fn proxy(
             )
             .await?;
         }
+        let state = conn.state;
+        let address = backend.address;
+        let keep = move |socket: TcpStream| {
+            // Idle since the request started, as far as the pool's age limit goes.
+            state.pool.put(address, socket, started);
+        };
         let exchange = response::Exchange {
             head_request: facts.method == "HEAD",
             read_timeout,
@@ -797,22 +809,20 @@ async fn proxy(
             request_id,
             websocket_key,
             control: registration.as_ref().map(|r| &**r.control()),
+            keep: (!websocket).then_some(&keep as &(dyn Fn(TcpStream) + Sync)),
         };
+        let mut upstream = Some(socket);
         let relayed = response::relay(
             &mut conn.client,
-            &mut socket,
+            &mut upstream,
             &mut conn.upstream_timer,
             &exchange,
             out,
         )
         .await;
         match relayed {
-            Ok(Relayed::Response(done, keep_upstream)) => {
+            Ok(Relayed::Response(done)) => {
                 attempt.answered();
-                if keep_upstream && !websocket {
-                    // Idle since the request started, as far as the pool's age limit goes.
-                    conn.state.pool.put(backend.address, socket, started);
-                }
                 return Ok(Proxied::Done {
                     done,
                     pipelined: pipelined || body_pipelined,
@@ -820,7 +830,7 @@ async fn proxy(
             }
             Ok(Relayed::Switched(to_client)) => {
                 attempt.answered();
-                let Some(registration) = registration else {
+                let (Some(registration), Some(socket)) = (registration, upstream) else {
                     return Err(Failure::Gateway);
                 };
                 return Ok(Proxied::Switched {

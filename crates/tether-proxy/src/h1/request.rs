@@ -59,8 +59,6 @@ pub(crate) struct Request<'h, 'b> {
     pub body: ReqBody,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
-    /// The first `X-Request-Id` value.
-    pub request_id: Option<&'b [u8]>,
     /// Names the `Connection` fields nominate.
     pub nominated: Nominated<'b>,
     /// The `X-Forwarded-For` values (used only from a trusted peer).
@@ -72,7 +70,7 @@ pub(crate) struct Request<'h, 'b> {
 }
 
 impl<'h, 'b> Request<'h, 'b> {
-    /// The facts of a parsed head, or the refusal its framing earns (400, 417).
+    /// The facts of a parsed head, or the refusal its framing earns (400).
     pub fn read(raw: &'b [u8], req: &'h httparse::Request<'_, 'b>) -> Result<Self, Refusal> {
         let framing = |why| Refusal::new(400, "bad_framing", why);
         let method = req.method.unwrap_or("");
@@ -87,7 +85,6 @@ impl<'h, 'b> Request<'h, 'b> {
             close: !http11,
             body: ReqBody::None,
             expect_continue: false,
-            request_id: None,
             nominated: Nominated::new(),
             chain: SmallVec::new(),
             forwarded_proto: None,
@@ -101,11 +98,10 @@ impl<'h, 'b> Request<'h, 'b> {
             let (name, value) = (field.name, field.value);
             match name.len() {
                 6 if is(name, "accept") => facts.accepts.push(value),
+                // Any other expectation is refused by the checks (417).
                 6 if is(name, "expect") => {
-                    if !value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
-                        return Err(Refusal::new(417, "bad_request", "unknown expectation"));
-                    }
-                    facts.expect_continue = true;
+                    facts.expect_continue =
+                        value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
                 }
                 10 if is(name, "connection") => {
                     for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -114,9 +110,6 @@ impl<'h, 'b> Request<'h, 'b> {
                         }
                     }
                     policy::nominated(value, &mut facts.nominated);
-                }
-                12 if is(name, "x-request-id") && facts.request_id.is_none() => {
-                    facts.request_id = Some(value);
                 }
                 14 if is(name, "content-length") => {
                     let n = content_length(value).ok_or(framing("malformed Content-Length"))?;
@@ -334,10 +327,6 @@ mod tests {
         ] {
             assert_eq!(status(bad), Some(400), "{bad}");
         }
-        assert_eq!(
-            status("POST / HTTP/1.1\r\nExpect: magic\r\n\r\n"),
-            Some(417)
-        );
     }
 
     #[test]

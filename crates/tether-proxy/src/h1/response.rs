@@ -40,6 +40,10 @@ pub(crate) struct Exchange<'a> {
     pub websocket_key: Option<&'a [u8]>,
     /// The stream's handle, for a stream convergence may end.
     pub control: Option<&'a StreamControl>,
+    /// Where a backend connection goes that can serve another request: it is handed over as
+    /// soon as the response has arrived whole, before its last bytes go to the client, so the
+    /// next request (perhaps from another client) finds it in the pool.
+    pub keep: Option<&'a (dyn Fn(TcpStream) + Sync)>,
 }
 
 /// How a relayed response that reached the client ended.
@@ -53,9 +57,8 @@ pub(crate) struct Done {
 
 /// What the relay achieved.
 pub(crate) enum Relayed {
-    /// A response went to the client; the flag says whether the backend connection can go
-    /// back to the pool.
-    Response(Done, bool),
+    /// A response went to the client (and its backend connection to `keep`, if reusable).
+    Response(Done),
     /// The backend switched to the WebSocket protocol: the client's `101` head and the bytes
     /// the backend sent after it, for the tunnel to send first.
     Switched(Vec<u8>),
@@ -106,11 +109,14 @@ async fn unless_closed<F: Future>(
 /// Reads the backend's response and relays it to the client.
 pub(crate) async fn relay(
     client: &mut ClientStream,
-    socket: &mut TcpStream,
+    upstream: &mut Option<TcpStream>,
     timer: &mut LazyDeadline,
     exchange: &Exchange<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Relayed, Relay> {
+    let Some(socket) = upstream.as_mut() else {
+        return Err(Relay::Upstream(UpstreamError::Io { got_bytes: false }));
+    };
     let mut pooled = ResponseBuf::take();
     let buf = &mut pooled.0;
     out.clear();
@@ -209,6 +215,11 @@ pub(crate) async fn relay(
         }
         out.extend_from_slice(&arrived[..take]);
         done.body_bytes += take;
+        if finished && reusable && !done.close {
+            if let (Some(keep), Some(socket)) = (exchange.keep, upstream.take()) {
+                keep(socket);
+            }
+        }
         if !out.is_empty() || first_write {
             if write_client(client, out, exchange.send_timeout)
                 .await
@@ -224,8 +235,7 @@ pub(crate) async fn relay(
             first_write = false;
         }
         if finished {
-            let reusable = reusable && !done.close;
-            return Ok(Relayed::Response(done, reusable));
+            return Ok(Relayed::Response(done));
         }
         out.clear();
         buf.clear();
@@ -233,11 +243,12 @@ pub(crate) async fn relay(
         if buf.capacity() < 1024 {
             buf.reserve(READ_SIZE);
         }
+        let Some(socket) = upstream.as_mut() else {
+            return Err(Relay::AfterHead(done));
+        };
         let read = timer.within(exchange.read_timeout, socket.read_buf(buf));
         match unless_closed(exchange.control, read).await {
-            Ok(Ok(Ok(0))) if head.body == Body::UntilClose => {
-                return Ok(Relayed::Response(done, false))
-            }
+            Ok(Ok(Ok(0))) if head.body == Body::UntilClose => return Ok(Relayed::Response(done)),
             Ok(Ok(Ok(n))) if n > 0 => {}
             // Truncated, broken, too slow or ended by convergence after the head went out:
             // the client can only learn by the connection closing.
@@ -363,6 +374,7 @@ pub(crate) fn head_for_fuzzing(buf: &[u8], http11_client: bool, out: &mut Vec<u8
         request_id: b"fuzz",
         websocket_key: Some(b"dGhlIHNhbXBsZSBub25jZQ=="),
         control: None,
+        keep: None,
     };
     matches!(response_head(buf, &exchange, out), Ok(Some(_)))
 }
@@ -454,6 +466,7 @@ mod tests {
             request_id: b"rid",
             websocket_key,
             control: None,
+            keep: None,
         }
     }
 

@@ -411,7 +411,7 @@ impl ProxyHttp for H2Proxy {
                 upstream_request.set_uri(uri);
             }
         }
-        let headers = session.req_header().headers.clone();
+        let headers = &session.req_header().headers;
         let mut nominated = Nominated::new();
         for value in headers.get_all(http::header::CONNECTION) {
             policy::nominated(value.as_bytes(), &mut nominated);
