@@ -153,3 +153,63 @@ async fn consecutive_connect_failures_eject_a_backend_for_eject_for() {
         assert_eq!(r.header("x-backend"), Some("b1"), "{key} did not return");
     }
 }
+
+const SLOW_ENDPOINT: &str = r#"
+listeners: [ { address: $PROXY } ]
+admin: { address: $ADMIN }
+upstreams:
+  docs:
+    backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
+    passive: { failures: 2, eject_for: 30s }
+  counted:
+    backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
+    passive: { failures: 2, eject_for: 30s, timeouts: true }
+routes:
+  - name: docs
+    match: { path_prefix: /docs/ }
+    sticky: { keys: [ { path: "/docs/{key}" } ] }
+    upstream: docs
+    timeouts: { read: 200ms }
+  - name: counted
+    match: { path_prefix: /counted/ }
+    sticky: { keys: [ { path: "/counted/{key}" } ] }
+    upstream: counted
+    timeouts: { read: 200ms }
+"#;
+
+/// A client asking one slow endpoint over and over gets 504s, but cannot get the healthy
+/// backend behind it ejected: read timeouts do not count by default. With
+/// `passive.timeouts: true` they do.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_timeouts_eject_a_backend_only_when_passive_timeouts_says_so() {
+    let stack = Stack::start(SLOW_ENDPOINT).await;
+    for prefix in ["docs", "counted"] {
+        for _ in 0..4 {
+            let r = http_get(&stack.url(&format!("/{prefix}/k1/slow?ms=1000")), &[])
+                .await
+                .expect("GET");
+            assert_eq!(r.status, 504, "{prefix}");
+        }
+    }
+    let text = metrics_text(&stack).await;
+    let ejections = |upstream: &str| {
+        series_value(
+            &text,
+            &format!(r#"tether_ring_changes_total{{cause="passive",upstream="{upstream}"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        ejections("docs"),
+        0.0,
+        "a slow endpoint got a backend ejected"
+    );
+    // Counted: the slow endpoint's owner is ejected, then the next owner that times out.
+    assert!(
+        ejections("counted") >= 1.0,
+        "timeouts: true did not count them"
+    );
+    // The slow endpoint's backend still serves its other requests on `docs`.
+    let r = http_get(&stack.url("/docs/k1/x"), &[]).await.expect("GET");
+    assert_eq!(r.status, 200);
+}
