@@ -344,3 +344,32 @@ async fn the_same_request_gets_the_same_answer_whatever_came_before_it() {
         );
     }
 }
+
+/// A head with more fields than the engine parses without allocating (48) is served, and one
+/// past `max_headers` (100 by default) is refused with 431 by the proxy itself. (The test
+/// backend, hyper, takes at most 100 fields, forwarding fields included.)
+#[tokio::test(flavor = "multi_thread")]
+async fn heads_with_many_fields_are_served_up_to_max_headers() {
+    let stack = Stack::start(STANDARD).await;
+    for (count, expected) in [(60, 200), (101, 431)] {
+        // Host, X-Doc-Id and Connection plus `count` more.
+        let fields: String = (0..count).map(|i| format!("X-F{i}: v\r\n")).collect();
+        let request = format!(
+            "GET /h/many HTTP/1.1\r\nHost: h\r\nX-Doc-Id: doc-f\r\n{fields}Connection: close\r\n\r\n"
+        );
+        let mut client = Client::connect(stack.proxy).await;
+        let response = client.send(&request).await;
+        assert_eq!(
+            response.status, expected,
+            "{count} extra fields: {}",
+            response.head
+        );
+        if expected == 431 {
+            assert!(
+                response.head.contains("text/plain"),
+                "not the proxy's: {}",
+                response.head
+            );
+        }
+    }
+}

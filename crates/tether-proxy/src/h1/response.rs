@@ -180,7 +180,12 @@ pub(crate) async fn relay(
     let mut finished = head.body == Body::None || head.body == Body::Length(0);
     let mut start = head.len;
     let mut first_write = true;
+    // A stream gives its buffer back while it waits for its next event (`held` is None then).
+    let mut held = Some(pooled);
     loop {
+        let Some(ResponseBuf(buf)) = held.as_mut() else {
+            return Err(Relay::AfterHead(done));
+        };
         let arrived = &buf[start.min(buf.len())..];
         let take = if finished {
             0
@@ -213,15 +218,22 @@ pub(crate) async fn relay(
             // The backend sent more than the response: do not trust the connection again.
             reusable = false;
         }
-        out.extend_from_slice(&arrived[..take]);
         done.body_bytes += take;
         if finished && reusable && !done.close {
             if let (Some(keep), Some(socket)) = (exchange.keep, upstream.take()) {
                 keep(socket);
             }
         }
-        if !out.is_empty() || first_write {
-            if write_client(client, out, exchange.send_timeout)
+        // The head goes out with the body bytes that came with it; later bytes straight from
+        // the read buffer.
+        let bytes: &[u8] = if first_write {
+            out.extend_from_slice(&arrived[..take]);
+            out
+        } else {
+            &arrived[..take]
+        };
+        if !bytes.is_empty() || first_write {
+            if write_client(client, bytes, exchange.send_timeout)
                 .await
                 .is_err()
             {
@@ -237,15 +249,26 @@ pub(crate) async fn relay(
         if finished {
             return Ok(Relayed::Response(done));
         }
-        out.clear();
         buf.clear();
         start = 0;
-        if buf.capacity() < 1024 {
-            buf.reserve(READ_SIZE);
-        }
         let Some(socket) = upstream.as_mut() else {
             return Err(Relay::AfterHead(done));
         };
+        if exchange.control.is_some() {
+            drop(held.take());
+            let ready = timer.within(exchange.read_timeout, socket.readable());
+            if !matches!(unless_closed(exchange.control, ready).await, Ok(Ok(Ok(())))) {
+                done.close = true;
+                return Err(Relay::AfterHead(done));
+            }
+            held = Some(ResponseBuf::take());
+        }
+        let Some(ResponseBuf(buf)) = held.as_mut() else {
+            return Err(Relay::AfterHead(done));
+        };
+        if buf.capacity() < 1024 {
+            buf.reserve(READ_SIZE);
+        }
         let read = timer.within(exchange.read_timeout, socket.read_buf(buf));
         match unless_closed(exchange.control, read).await {
             Ok(Ok(Ok(0))) if head.body == Body::UntilClose => return Ok(Relayed::Response(done)),
