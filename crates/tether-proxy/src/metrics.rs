@@ -11,7 +11,7 @@ use std::time::Duration;
 use tether_routing::{KeySourceKind, Router};
 
 /// Every `tether_requests_refused_total` label, created at 0 at start: the checks before
-/// routing (`core::checks`), the request framing and body, and routing's refusals.
+/// routing (`tether_http::checks`), the request framing and body, and routing's refusals.
 pub const REFUSALS: [&str; 14] = [
     "uri_too_long",
     "header_too_large",

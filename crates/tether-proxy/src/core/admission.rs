@@ -2,10 +2,10 @@
 //! refusal becomes a status (and a counted reason), and a routed request is admitted or not
 //! by its route's body limit (413) and rate limit (429).
 
-use crate::core::checks::Refusal;
 use crate::state::Installed;
 use std::net::IpAddr;
 use tether_config::RateLimitBy;
+use tether_http::checks::Refusal;
 use tether_routing::{Decision, Reject};
 
 /// The status for a request the router refused; counts it by reason unless the refusal is

@@ -4,29 +4,26 @@
 //!
 //! Why its own: Pingora's per-request machinery costs about three times HAProxy's CPU per
 //! proxied request (callgrind, `BENCHMARKS.md`). Here a head is parsed in place (`httparse`),
-//! routed on its raw fields, checked and edited by the shared core (`crate::core`), written
+//! routed on its raw fields, checked and edited by the shared core (`tether_http`,
+//! `crate::core`), written
 //! to the backend in one buffer, and the response relayed as it arrives. Backend connections
 //! are reused from the upstream pool (`crate::pool`).
 //!
-//! One exchange: read the head ([`request`]) → checks → route → kind → connect or reuse →
+//! One exchange: read the head (`tether_http::request`) → checks → route → kind → connect or reuse →
 //! send the head and the body (streamed, `max_body`, `body_timeout`, `Expect: 100-continue`)
-//! → relay the response ([`response`]) → record. A WebSocket whose backend switched
+//! → relay the response (`response`) → record. A WebSocket whose backend switched
 //! protocols becomes a [`tunnel`]. Requests sent before the previous response (pipelining)
 //! are not served: the connection closes after the first, and nothing behind it is
 //! forwarded (the client retries them, RFC 9112 9.3.2).
 
 pub(crate) mod client;
 pub(crate) mod deadline;
-pub(crate) mod request;
 pub(crate) mod response;
 pub mod tunnel;
 
 use crate::closing::Waiter;
 use crate::core::admission;
 use crate::core::attempt::{Attempt, Fault};
-use crate::core::checks::Refusal;
-use crate::core::chunked::ChunkedEnd;
-use crate::core::policy::{self, Forwarding, GeneratedId};
 use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished};
 use crate::metrics::Metrics;
 use crate::state::{InFlight, Installed, ProxyState};
@@ -34,7 +31,6 @@ use crate::streams::Registration;
 use client::ClientStream;
 use deadline::LazyDeadline;
 use pingora::server::ShutdownWatch;
-use request::{ReqBody, Request};
 use response::{Relay, Relayed, UpstreamError};
 use std::future::Future;
 use std::mem::MaybeUninit;
@@ -42,6 +38,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 use std::task::Poll;
 use std::time::Duration;
+use tether_http::checks::Refusal;
+use tether_http::chunked::ChunkedEnd;
+use tether_http::policy::{self, Forwarding, GeneratedId};
+use tether_http::request::{self, ReqBody, Request};
+use tether_http::response::For;
 use tether_routing::RequestView;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -814,13 +815,15 @@ async fn proxy(
             state.pool.put(address, socket, started);
         };
         let exchange = response::Exchange {
-            head_request: facts.method == "HEAD",
+            asked: For {
+                head_request: facts.method == "HEAD",
+                close: close || pipelined || body_pipelined || websocket,
+                http11_client: facts.http11,
+                request_id,
+                websocket_key,
+            },
             read_timeout,
             send_timeout: limits.send_timeout,
-            close: close || pipelined || body_pipelined || websocket,
-            http11_client: facts.http11,
-            request_id,
-            websocket_key,
             control: registration.as_ref().map(|r| &**r.control()),
             keep: (!websocket).then_some(&keep as &(dyn Fn(TcpStream) + Sync)),
         };

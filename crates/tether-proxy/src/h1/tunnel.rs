@@ -1,12 +1,11 @@
 //! WebSocket tunnels: once a backend switched protocols, the HTTP/1 engine hands the client
-//! connection and the backend socket to a tunnel, which relays bytes between the two ([`run`])
+//! connection and the backend socket to a tunnel, which relays bytes between the two (`run`)
 //! through one buffer per thread: an idle tunnel owns its two sockets and a few hundred bytes.
 //! Convergence ends a tunnel through its registration's waker; the tunnel then finishes the
 //! frame the backend is sending and adds a close frame.
 
 use super::client::{duplicate, ClientStream};
 use crate::core::record::{record_exchange, ExchangeKind, Finished};
-use crate::core::websocket::{close_frame, FrameCursor};
 use crate::state::{Active, InFlight, Installed};
 use crate::streams::{CloseReason, Registration};
 use bytes::Bytes;
@@ -17,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tether_http::websocket::{close_frame, FrameCursor};
 use tether_routing::Decision;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;

@@ -1,15 +1,12 @@
 //! The HTTP/2 adapter: Pingora's `ProxyHttp` serves HTTP/2 connections (TLS with ALPN `h2`)
-//! and calls the same core as the HTTP/1 engine at each step: the checks (`core::checks`),
+//! and calls the same core as the HTTP/1 engine at each step: the checks (`tether_http::checks`),
 //! the routing decision, the backend attempt and its passive-health accounting
-//! (`core::attempt`), the header policy (`core::policy`, through a [`FieldWriter`] over
-//! Pingora's header maps), the response-head validation (`core::framing`) and the record.
+//! (`core::attempt`), the header policy (`tether_http::policy`, through a [`FieldWriter`] over
+//! Pingora's header maps), the response-head validation (`tether_http::framing`) and the record.
 //! HTTP/1 never reaches it.
 
 use crate::core::admission;
 use crate::core::attempt::{Attempt, Fault};
-use crate::core::checks;
-use crate::core::framing;
-use crate::core::policy::{self, FieldWriter, Forwarding, GeneratedId, Nominated};
 use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished};
 use crate::state::{InFlight, ProxyState};
 use crate::streams::Registration;
@@ -28,6 +25,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tether_config::Limits;
+use tether_http::checks;
+use tether_http::framing;
+use tether_http::policy::{self, FieldWriter, Forwarding, GeneratedId, Nominated};
 use tether_routing::RequestView;
 
 /// Per-request state.

@@ -1,16 +1,16 @@
 //! A parsed HTTP/1 request head: the facts the engine needs from it (one pass over the
 //! fields), its body framing (RFC 9112 6), and the head the backend gets.
 
-use crate::core::checks::{self, Refusal};
-use crate::core::chunked::ChunkedEnd;
-use crate::core::framing::content_length;
-use crate::core::policy::{self, is, Forwarding, Nominated};
+use crate::checks::{self, Refusal};
+use crate::chunked::ChunkedEnd;
+use crate::framing::content_length;
+use crate::policy::{self, is, Forwarding, Nominated};
 use smallvec::SmallVec;
 use tether_config::Limits;
 
 /// How a request body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReqBody {
+pub enum ReqBody {
     /// No body (no framing field, or `Content-Length: 0`).
     None,
     /// `Content-Length`.
@@ -43,7 +43,7 @@ impl ReqBody {
 }
 
 /// What the engine needs of one request head, borrowed from it.
-pub(crate) struct Request<'h, 'b> {
+pub struct Request<'h, 'b> {
     /// The whole head, as received.
     pub raw: &'b [u8],
     /// The fields, as parsed.
@@ -172,7 +172,7 @@ impl<'h, 'b> Request<'h, 'b> {
 }
 
 /// What the upstream request head is made of besides the client's head.
-pub(crate) struct Upstream<'a> {
+pub struct Upstream<'a> {
     /// The target Tether routed on (normalised path, and the query as received).
     pub path: &'a str,
     pub query: Option<&'a str>,
@@ -185,7 +185,7 @@ pub(crate) struct Upstream<'a> {
 /// Writes the request head as the backend gets it into `head`: the request line (HTTP/1.0
 /// stays 1.0, so the backend answers in a form the client reads), the client's fields the
 /// policy keeps (runs of them copied as sent), then Tether's own.
-pub(crate) fn upstream_head(
+pub fn upstream_head(
     req: &Request<'_, '_>,
     up: &Upstream<'_>,
     head: &mut Vec<u8>,
@@ -220,7 +220,7 @@ pub(crate) fn upstream_head(
 /// keeps to `out`. Runs of consecutive kept lines are copied as the peer sent them, one copy
 /// per run (writing each line anew was 5 % of the path's instructions); a head with a bare-LF
 /// line end has every kept line written anew as `Name: value` CRLF instead.
-pub(crate) fn copy_field_lines(
+pub fn copy_field_lines(
     raw: &[u8],
     fields: &[httparse::Header<'_>],
     out: &mut Vec<u8>,

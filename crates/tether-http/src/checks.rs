@@ -5,7 +5,7 @@
 //! WebSocket handshake (400, 426). A request that fails is
 //! answered by the engine and never reaches a backend.
 
-use crate::core::policy::is;
+use crate::policy::is;
 use tether_config::Limits;
 
 /// Why a request is refused.
@@ -188,7 +188,7 @@ impl<'a> Seen<'a> {
             17 if is(name, "transfer-encoding") => self.body = true,
             17 if is(name, "sec-websocket-key") => {
                 self.keys += 1;
-                self.key_ok = crate::core::websocket::valid_key(value);
+                self.key_ok = crate::websocket::valid_key(value);
             }
             21 if is(name, "sec-websocket-version") => self.version = Some(value),
             _ => {}
@@ -309,7 +309,7 @@ static TARGET_BYTES: [bool; 256] = {
     table
 };
 
-/// The origin-form target's bytes ([`TARGET_BYTES`], the fragment already cut off); the
+/// The origin-form target's bytes (`TARGET_BYTES`, the fragment already cut off); the
 /// path's percent-escapes well formed and decoding to UTF-8: an overlong `%C0%AE` is a
 /// classic way to smuggle a `.` past a proxy. (The query's escapes are the application's
 /// business.)

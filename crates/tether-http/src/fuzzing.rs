@@ -1,11 +1,11 @@
-//! Entry points for the fuzz targets in `crates/tether-proxy/fuzz`: every function of the
-//! data path that reads bytes from the network, driven with arbitrary input, with the
-//! invariants each must keep. Not part of the crate's API.
+//! Entry points for the fuzz targets in `crates/tether-http/fuzz`: every function here that
+//! reads bytes from the network, driven with arbitrary input, with the invariants each must
+//! keep. Not part of the crate's API.
 
-use crate::core::chunked::ChunkedEnd;
-use crate::core::policy::{self, Forwarding};
-use crate::core::websocket::FrameCursor;
-use crate::h1::request::{self, Request};
+use crate::chunked::ChunkedEnd;
+use crate::policy::{self, Forwarding};
+use crate::request::{self, Request};
+use crate::websocket::FrameCursor;
 use std::mem::MaybeUninit;
 
 /// A request head as the HTTP/1 engine reads it: parsed, its framing read, checked, and the
@@ -101,7 +101,18 @@ pub fn request_body(data: &[u8], max_body: u64) {
 pub fn response_head(data: &[u8]) {
     for http11_client in [true, false] {
         let mut out = Vec::new();
-        if crate::h1::response::head_for_fuzzing(data, http11_client, &mut out) && !out.is_empty() {
+        let asked = crate::response::For {
+            head_request: false,
+            close: false,
+            http11_client,
+            request_id: b"fuzz",
+            websocket_key: Some(b"dGhlIHNhbXBsZSBub25jZQ=="),
+        };
+        if matches!(
+            crate::response::edit_head(data, &asked, &mut out),
+            Ok(Some(_))
+        ) && !out.is_empty()
+        {
             let mut fields = [httparse::EMPTY_HEADER; 160];
             let mut response = httparse::Response::new(&mut fields);
             assert!(
@@ -115,7 +126,7 @@ pub fn response_head(data: &[u8]) {
 
 /// The response framing decision over arbitrary fields: never a panic.
 pub fn response_framing(status: u16, fields: &[(String, Vec<u8>)]) {
-    let _ = crate::core::framing::response(
+    let _ = crate::framing::response(
         status,
         true,
         false,

@@ -2,7 +2,7 @@
 //! the response is usable at all. Both engines call it (the HTTP/1 engine on raw fields, the
 //! HTTP/2 adapter on Pingora's parsed header), so a response one would pass the other does too.
 
-use crate::core::policy::is;
+use crate::policy::is;
 
 /// How a response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
