@@ -5,13 +5,12 @@
 //! Why its own: Pingora's per-request machinery costs about three times HAProxy's CPU per
 //! proxied request (callgrind, `BENCHMARKS.md`). Here a head is parsed in place (`httparse`),
 //! routed on its raw fields, checked and edited by the shared core (`tether_http`,
-//! `crate::core`), written
-//! to the backend in one buffer, and the response relayed as it arrives. Backend connections
-//! are reused from the upstream pool (`crate::pool`).
+//! `crate::core`), written to the backend in one buffer, and the response relayed as it
+//! arrives. Backend connections are reused from the upstream pool (`crate::pool`).
 //!
-//! One exchange: read the head (`tether_http::request`) → checks → route → kind → connect or reuse →
-//! send the head and the body (streamed, `max_body`, `body_timeout`, `Expect: 100-continue`)
-//! → relay the response (`response`) → record. A WebSocket whose backend switched
+//! One exchange: read the head (`tether_http::request`) → checks → route → kind → connect or
+//! reuse → send the head and the body (streamed, `max_body`, `body_timeout`, `Expect:
+//! 100-continue`) → relay the response (`response`) → record. A WebSocket whose backend switched
 //! protocols becomes a [`tunnel`]. Requests sent before the previous response (pipelining)
 //! are not served: the connection closes after the first, and nothing behind it is
 //! forwarded (the client retries them, RFC 9112 9.3.2).
@@ -198,7 +197,7 @@ pub(crate) async fn serve(
             }
             match parsed {
                 Ok(httparse::Status::Complete(len)) if len == head_len => {
-                    exchange(&mut conn, &buf, head_len, &req, &mut guard).await
+                    exchange(&mut conn, &buf, head_len, &req).await
                 }
                 Err(httparse::Error::TooManyHeaders) => {
                     let refusal = Refusal::new(431, "header_too_large", "too many header fields");
@@ -399,7 +398,6 @@ async fn exchange<'b>(
     buf: &'b [u8],
     head_len: usize,
     req: &httparse::Request<'_, 'b>,
-    guard: &mut Option<ConnectionGuard>,
 ) -> Next {
     let installed = conn.state.current();
     let limits = &installed.config.server.limits;
@@ -571,7 +569,6 @@ async fn exchange<'b>(
                 request_id: request_id.to_vec(),
                 started: ticket.started,
             });
-            let _ = guard;
             return Next::Tunnel(Box::new(tunnel));
         }
         Err(failure) => {
