@@ -59,6 +59,8 @@ pub struct Request<'h, 'b> {
     pub body: ReqBody,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
+    /// The first `X-Request-Id` value.
+    pub request_id: Option<&'b [u8]>,
     /// Names the `Connection` fields nominate.
     pub nominated: Nominated<'b>,
     /// The `X-Forwarded-For` values (used only from a trusted peer).
@@ -85,6 +87,7 @@ impl<'h, 'b> Request<'h, 'b> {
             close: !http11,
             body: ReqBody::None,
             expect_continue: false,
+            request_id: None,
             nominated: Nominated::new(),
             chain: SmallVec::new(),
             forwarded_proto: None,
@@ -117,6 +120,9 @@ impl<'h, 'b> Request<'h, 'b> {
                         return Err(framing("conflicting Content-Length"));
                     }
                     length = Some(n);
+                }
+                12 if is(name, "x-request-id") && facts.request_id.is_none() => {
+                    facts.request_id = Some(value);
                 }
                 15 if is(name, "x-forwarded-for") => facts.chain.push(value),
                 16 if is(name, "x-forwarded-host") => facts.forwarded_host = Some(value),

@@ -407,15 +407,19 @@ async fn exchange<'b>(
     };
     conn.served += 1;
     let raw = &buf[..head_len];
-    // The client's id when usable, else a new one; kept as bytes.
+    let read = Request::read(raw, req);
+    // The client's id when usable, else a new one; kept as bytes. From the facts' pass over
+    // the fields when the head's framing was readable, else by a search of its own.
+    let client_id = match &read {
+        Ok(facts) => facts.request_id,
+        Err(_) => req
+            .headers
+            .iter()
+            .find(|f| policy::is(f.name, "x-request-id"))
+            .map(|f| f.value),
+    };
     let generated;
-    let request_id = match req
-        .headers
-        .iter()
-        .find(|f| policy::is(f.name, "x-request-id"))
-        .map(|f| f.value)
-        .filter(|v| policy::usable_request_id(v))
-    {
+    let request_id = match client_id.filter(|v| policy::usable_request_id(v)) {
         Some(id) => id,
         None => {
             generated = GeneratedId::new();
@@ -423,13 +427,12 @@ async fn exchange<'b>(
         }
     };
     let refused = |refusal| (refusal, req.method.unwrap_or(""));
-    let checked =
-        Request::read(raw, req)
-            .map_err(refused)
-            .and_then(|facts| match facts.check(limits) {
-                Ok(checked) => Ok((facts, checked)),
-                Err(refusal) => Err(refused(refusal)),
-            });
+    let checked = read
+        .map_err(refused)
+        .and_then(|facts| match facts.check(limits) {
+            Ok(checked) => Ok((facts, checked)),
+            Err(refusal) => Err(refused(refusal)),
+        });
     let (facts, checked) = match checked {
         Ok(both) => both,
         Err((refusal, method)) => {
