@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
-#   bench/run.sh [verify|http|ws|wsrate|idle|all]      (default: all)
+#   bench/run.sh [verify|http|post|tls|ws|wsrate|idle|all|real]      (default: all)
+#
+#   all  = verify http ws wsrate idle       real = verify post tls   (traffic closer to real use:
+#   POST bodies on the keep-alive connections, and the same over TLS 1.3)
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -32,13 +35,17 @@
 #   SEED=<random>    seed of the per-round target order (printed, in env.txt, order.txt, META);
 #                    the same SEED and TARGETS give the same orders
 #   REPEATS=3 (headlines: REPEATS>=10) HTTP_SECS=10 HTTP_CONNS=64 WARMUP_SECS=2 DOC_IDS=1000
+#                    (http, post and tls alike)
+#   POST_EVERY=10 POST_BYTES=1024   post, tls: every POST_EVERY-th request of each wrk thread is a
+#                    POST with a POST_BYTES body (lua/post_mix.lua); tls runs it over TLS 1.3
+#                    (self-signed P-256 certificate made with openssl into RUN; no `direct`)
 #   WS_REPEATS=$REPEATS WS_CONNS=1000 WS_SECS=8 WS_SIZE=64 WS_FIXED_RATE=20000
 #   IDLE_CONNS=(what fits in the fd limit; 9000 at 20000) IDLE_HOLD=6
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
-#   TARGET_HTTP= TARGET_WS= TARGET_WSRATE=   e.g. 0.85: summary.md says whether the upper bound of
-#                    the 95 % interval of Tether/peer CPU is below it
+#   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_WS= TARGET_WSRATE=   e.g. 0.85: summary.md says
+#                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
 
 set -uo pipefail
@@ -54,6 +61,8 @@ HTTP_SECS=${HTTP_SECS:-10}
 HTTP_CONNS=${HTTP_CONNS:-64}
 WARMUP_SECS=${WARMUP_SECS:-2}
 DOC_IDS=${DOC_IDS:-1000}
+POST_EVERY=${POST_EVERY:-10}
+POST_BYTES=${POST_BYTES:-1024}
 WS_REPEATS=${WS_REPEATS:-$REPEATS}
 WS_CONNS=${WS_CONNS:-1000}
 WS_SECS=${WS_SECS:-8}
@@ -78,16 +87,17 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-case "$MEASURE" in verify|http|ws|wsrate|idle|all) ;; *) echo "usage: $0 [verify|http|ws|wsrate|idle|all]" >&2; exit 2;; esac
+case "$MEASURE" in verify|http|post|tls|ws|wsrate|idle|all|real) ;;
+  *) echo "usage: $0 [verify|http|post|tls|ws|wsrate|idle|all|real]" >&2; exit 2;; esac
 
 # ------------------------------------------------------------------ prerequisites
 missing=()
-for tool in wrk curl taskset python3 cargo; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in wrk curl taskset python3 cargo openssl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 for tool in haproxy nginx; do   # only the peers this run measures
   case " $TARGETS " in *" $tool "*) command -v "$tool" >/dev/null || missing+=("$tool") ;; esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing: ${missing[*]}. Run bench/setup.sh (apt-get installs haproxy nginx wrk) first." >&2
+  echo "missing: ${missing[*]}. Run bench/setup.sh (apt-get installs haproxy nginx wrk openssl) first." >&2
   exit 1
 fi
 
@@ -143,7 +153,9 @@ BACKEND_PORTS=(18101 18102 18103)
 B1=127.0.0.1:18101 B2=127.0.0.1:18102 B3=127.0.0.1:18103
 
 # ------------------------------------------------------------------ proxy registry
-# "name port admin_port command". Tether gets its own admin port (metrics on).
+# "name port admin_port command". Tether gets its own admin port (metrics on). Every proxy also
+# has a TLS listener on port + TLS_OFFSET (the `tls` scenario; nginx 18401, haproxy 18402, ...).
+TLS_OFFSET=400
 PROXIES=(
   "nginx 18001 - nginx -p $RUN -c $RUN/nginx.conf -e $RUN/nginx-error.log"
   "haproxy 18002 - haproxy -db -f $RUN/haproxy.cfg"
@@ -158,9 +170,9 @@ for v in $TETHER_VARIANTS; do
   TARGETS="$TARGETS ${v%%=*}"; vport=$((vport + 1))
 done
 
-declare -A PORT_OF CMD_OF ADMIN_OF PID_OF
+declare -A PORT_OF TLS_PORT_OF CMD_OF ADMIN_OF PID_OF
 for entry in "${PROXIES[@]}"; do
-  read -r n p a c <<<"$entry"; PORT_OF[$n]=$p; ADMIN_OF[$n]=$a; CMD_OF[$n]=$c
+  read -r n p a c <<<"$entry"; PORT_OF[$n]=$p; TLS_PORT_OF[$n]=$((p + TLS_OFFSET)); ADMIN_OF[$n]=$a; CMD_OF[$n]=$c
 done
 PORT_OF[direct]=${BACKEND_PORTS[0]}
 
@@ -245,23 +257,33 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() { # wait_port PORT PID
+wait_port() { # wait_port PORT PID [SCHEME]   (https: any certificate)
   local i
   for i in $(seq 150); do
     kill -0 "$2" 2>/dev/null || return 1
-    curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$1/" && return 0
+    curl -sk -o /dev/null --max-time 1 "${3:-http}://127.0.0.1:$1/" && return 0
     sleep 0.1
   done; return 1
 }
 
-render() { # render TEMPLATE OUT PORT [ADMIN_PORT]
+render() { # render TEMPLATE OUT PORT [ADMIN_PORT]   (@TLS_PORT@ = PORT + TLS_OFFSET)
   sed -e "s|@RUN@|$RUN|g; s|@WORKERS@|$WORKERS|g; s|@NOFILE@|$NOFILE|g; s|@MAXCONN@|$MAXCONN|g" \
-      -e "s|@B1@|$B1|g; s|@B2@|$B2|g; s|@B3@|$B3|g; s|@PORT@|$3|g; s|@ADMIN_PORT@|${4:-}|g" "$1" >"$2"
+      -e "s|@B1@|$B1|g; s|@B2@|$B2|g; s|@B3@|$B3|g; s|@PORT@|$3|g; s|@TLS_PORT@|$(($3 + TLS_OFFSET))|g" \
+      -e "s|@ADMIN_PORT@|${4:-}|g" "$1" >"$2"
+}
+
+make_cert() { # one self-signed P-256 certificate for every TLS listener, fresh for each run
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$RUN/tls-key.pem" -out "$RUN/tls-cert.pem" >"$RUN/openssl.log" 2>&1 \
+    || { log "openssl req failed; see $RUN/openssl.log"; exit 1; }
+  cat "$RUN/tls-cert.pem" "$RUN/tls-key.pem" >"$RUN/tls.pem"   # HAProxy: cert + key in one file
+  chmod 600 "$RUN/tls-key.pem" "$RUN/tls.pem"
 }
 
 render_configs() {
   local n
   mkdir -p "$RUN/nginx-tmp"
+  make_cert
   render peers/nginx.conf.tmpl "$RUN/nginx.conf" "${PORT_OF[nginx]}"
   render peers/haproxy.cfg.tmpl "$RUN/haproxy.cfg" "${PORT_OF[haproxy]}"
   for n in "${!ADMIN_OF[@]}"; do
@@ -280,7 +302,8 @@ start_all() {
     [ "$name" = direct ] && continue
     [ -n "${CMD_OF[$name]:-}" ] || { log "unknown target $name"; exit 1; }
     start_bg "$name" "$PROXY_CPUS" bash -c "ulimit -n $NOFILE; exec ${CMD_OF[$name]}"
-    wait_port "${PORT_OF[$name]}" "${PID_OF[$name]}" || { log "$name failed to start; see $RUN/$name.log"; tail -5 "$RUN/$name.log" >&2; exit 1; }
+    { wait_port "${PORT_OF[$name]}" "${PID_OF[$name]}" && wait_port "${TLS_PORT_OF[$name]}" "${PID_OF[$name]}" https; } \
+      || { log "$name failed to start; see $RUN/$name.log"; tail -5 "$RUN/$name.log" >&2; exit 1; }
   done
   log "started: $(for n in b1 b2 b3 $TARGETS; do [ $n = direct ] || printf '%s=%s ' "$n" "${PID_OF[$n]}"; done)"
 }
@@ -292,8 +315,23 @@ meta() { # meta FILE key=value...  -> appends a META json line
 }
 
 # ------------------------------------------------------------------ measurements
+post_probe() { # post_probe URL DOC_ID: "<status> <x-backend> <x-body-bytes>" of one POST with
+  # the POST_BYTES body (as wrk sends it: Content-Length, no Expect), HTTP/1.1, TLS 1.3 for https
+  curl -sk --http1.1 --tlsv1.3 -o /dev/null -D - --max-time 2 -H 'Expect:' -H "X-Doc-Id: $2" \
+       --data-binary @"$RUN/post-body.bin" "$1" | tr -d '\r' \
+    | awk -F': ' 'NR==1{split($0, a, " "); st=a[2]} tolower($1)=="x-backend"{b=$2}
+                  tolower($1)=="x-body-bytes"{n=$2} END{print (st ? st : "-"), (b ? b : "-"), (n ? n : "-")}'
+}
+
+tls_probe() { # tls_probe PORT [OPTION]: "<protocol> <cipher suite>" of a handshake ("- -": none);
+  # SNI 127.0.0.1, as wrk sends it
+  timeout 5 openssl s_client -connect "127.0.0.1:$1" -servername 127.0.0.1 -brief ${2:-} </dev/null 2>&1 \
+    | awk -F': ' '$1=="Protocol version"{p=$2} $1=="Ciphersuite"{c=$2} END{print (p ? p : "-"), (c ? c : "-")}'
+}
+
 do_verify() {
   local fail=0 name port id b k ids seen
+  head -c "$POST_BYTES" /dev/zero | tr '\0' x >"$RUN/post-body.bin"
   for name in $TARGETS; do
     [ "$name" = direct ] && continue
     port=${PORT_OF[$name]}; declare -A where=(); seen=""
@@ -321,6 +359,29 @@ do_verify() {
       [ "$wsb" = "${where[doc-$id]}" ] || mism=$((mism + 1))
     done
     if [ $mism = 0 ]; then log "ok   $name: WS upgrade for 10 ids routed like HTTP"; else log "FAIL $name: $mism/10 WS upgrades routed differently from HTTP"; fail=1; fi
+    # post and tls: a POST with a POST_BYTES body answers 200, its whole body reaches the backend
+    # (x-body-bytes) and it is routed like the GETs of its key; then the same on the TLS port.
+    local scheme p st got bad
+    for scheme in http https; do
+      if [ $scheme = http ]; then p=$port; else p=${TLS_PORT_OF[$name]}; fi
+      bad=""
+      for id in 1 2 3 4 5 6 7 8 9 10; do
+        read -r st b got < <(post_probe "$scheme://127.0.0.1:$p/docs/doc-$id/content" "doc-$id")
+        [ "$st" = 200 ] && [ "$got" = "$POST_BYTES" ] && [ "$b" = "${where[doc-$id]}" ] \
+          || bad+="doc-$id:status=$st,backend=$b(GET:${where[doc-$id]}),body=$got "
+      done
+      if [ -z "$bad" ]; then log "ok   $name: $scheme POST x10 with a $POST_BYTES-byte body: 200, body delivered, routed like GET"
+      else log "FAIL $name: $scheme POST: $bad"; fail=1; fi
+    done
+    local proto suite
+    read -r proto suite < <(tls_probe "${TLS_PORT_OF[$name]}")
+    if [ "$proto" = TLSv1.3 ]; then log "ok   $name: TLS port ${TLS_PORT_OF[$name]} negotiates $proto $suite"
+    else log "FAIL $name: TLS port ${TLS_PORT_OF[$name]} negotiated '$proto' (TLSv1.3 expected)"; fail=1; fi
+    read -r proto suite < <(tls_probe "${TLS_PORT_OF[$name]}" -tls1_2)
+    if [ "$proto" = - ]; then log "ok   $name: TLS 1.2 refused"
+    elif [ "${ADMIN_OF[$name]:--}" != - ]; then   # Tether: no setting restricts its TLS versions
+      log "note $name: TLS 1.2 accepted ($suite): Tether has no TLS version setting; wrk negotiates 1.3"
+    else log "FAIL $name: TLS 1.2 accepted ($suite), the peer's config should refuse it"; fail=1; fi
     local r; r=$(timeout 30 "$WSLOAD_BIN" --url "ws://127.0.0.1:$port/ws/verify" --conns 20 --msgs 5 --duration 5 --max-secs 15 --label "$name" 2>/dev/null | grep '^RESULT')
     if grep -q '"connected":20,"conn_err":0,"msg_err":0,"msgs":100' <<<"$r"; then log "ok   $name: WS echo 20 conns x 5 msgs"; else log "FAIL $name: WS echo: $r"; fail=1; fi
     local n; n=$(curl -s -N --max-time 1 -H 'X-Doc-Id: doc-1' "http://127.0.0.1:$port/sse/x" | grep -c '^event: tick')
@@ -361,35 +422,53 @@ measured() {
     steal_pct="$STEAL_PCT" max_foreign="$MAX_FOREIGN" max_steal="$MAX_STEAL" retries="$try" layout="$LAYOUT" "${RUN_TAGS[@]}"
 }
 
-# round_order SCENARIO ROUND: $TARGETS shuffled by a generator seeded with "SEED/SCENARIO/ROUND"
-# (deterministic for a given SEED: str seeds are hashed alike since Python 3.2), logged and
-# appended to $OUT/order.txt so the order actually used is on record.
+# round_order SCENARIO ROUND [TARGET...]: the targets ($TARGETS if none given) shuffled by a
+# generator seeded with "SEED/SCENARIO/ROUND" (deterministic for a given SEED: str seeds are
+# hashed alike since Python 3.2), logged and appended to $OUT/order.txt so the order actually
+# used is on record.
 round_order() {
-  local order
+  local order s=$1 r=$2; shift 2
+  [ $# -gt 0 ] || set -- $TARGETS
   order=$(python3 -c 'import random, sys; t = sys.argv[2:]; random.Random(sys.argv[1]).shuffle(t); print(" ".join(t))' \
-          "$SEED/$1/$2" $TARGETS) || { log "round_order failed"; exit 1; }
-  echo "$1 $2 $order" >>"$OUT/order.txt"
-  log "$1 round $2 order (seed $SEED): $order"
+          "$SEED/$s/$r" "$@") || { log "round_order failed"; exit 1; }
+  echo "$s $r $order" >>"$OUT/order.txt"
+  log "$s round $r order (seed $SEED): $order"
   echo "$order"
 }
 
-http_one() { # http_one TARGET SECS OUTFILE
-  measured "$1" "$3" env DOC_IDS="$DOC_IDS" timeout $(($2 + 30)) "${LOADPIN[@]}" wrk -t"$LOAD_THREADS" \
-    -c"$HTTP_CONNS" -d"$2s" --latency -s lua/docids.lua "http://127.0.0.1:${PORT_OF[$1]}/"
+# The wrk scenarios: the same 64 keep-alive connections and X-Doc-Id keys, the same rounds.
+#   http  GETs only (lua/docids.lua), plain HTTP/1.1
+#   post  every POST_EVERY-th request a POST with a POST_BYTES body (lua/post_mix.lua)
+#   tls   the post mix over TLS 1.3 (each proxy's TLS port); not `direct` (no TLS on the backends)
+wrk_targets() { # wrk_targets SCENARIO
+  local t; for t in $TARGETS; do [ "$1" = tls ] && [ "$t" = direct ] && continue; printf '%s ' "$t"; done
 }
 
-do_http() {
-  local t r i order
+wrk_one() { # wrk_one SCENARIO TARGET SECS OUTFILE
+  local script=lua/post_mix.lua url="http://127.0.0.1:${PORT_OF[$2]}/"
+  [ "$1" = http ] && script=lua/docids.lua
+  [ "$1" = tls ] && url="https://127.0.0.1:${TLS_PORT_OF[$2]}/"
+  measured "$2" "$4" env DOC_IDS="$DOC_IDS" POST_EVERY="$POST_EVERY" POST_BYTES="$POST_BYTES" \
+    timeout $(($3 + 30)) "${LOADPIN[@]}" wrk -t"$LOAD_THREADS" -c"$HTTP_CONNS" -d"$3s" --latency -s "$script" "$url"
+}
+
+wrk_errors() { # wrk_errors FILE: socket errors + non-2xx/3xx responses of one wrk run
+  awk '/Socket errors/{gsub(/,/, ""); e += $4 + $6 + $8 + $10} /Non-2xx or 3xx/{e += $NF} END{print e + 0}' "$1"
+}
+
+do_wrk() { # do_wrk SCENARIO: http, post or tls
+  local s=$1 t r i order targets
+  targets=$(wrk_targets "$s")
   RUN_TAGS=(round=0 seed="$SEED")
-  for t in $TARGETS; do http_one "$t" "$WARMUP_SECS" "$OUT/warmup-http-$t.txt"; done
+  for t in $targets; do wrk_one "$s" "$t" "$WARMUP_SECS" "$OUT/warmup-$s-$t.txt"; done
   for r in $(seq 1 "$REPEATS"); do
     # Every round visits every target, in a fresh random order: drift and any position
     # effect (the run after a warm-up, the one after a busy peer) hit all targets alike.
-    order=$(round_order http "$r") || exit 1; i=0
+    order=$(round_order "$s" "$r" $targets) || exit 1; i=0
     for t in $order; do
       i=$((i + 1)); RUN_TAGS=(round="$r" pos="$i" seed="$SEED")
-      http_one "$t" "$HTTP_SECS" "$OUT/http-$t-$r.txt"
-      log "http $t rep $r: $(awk '/Requests\/sec/{print $2}' "$OUT/http-$t-$r.txt") req/s"
+      wrk_one "$s" "$t" "$HTTP_SECS" "$OUT/$s-$t-$r.txt"
+      log "$s $t rep $r: $(awk '/Requests\/sec/{print $2}' "$OUT/$s-$t-$r.txt") req/s, $(wrk_errors "$OUT/$s-$t-$r.txt") errors"
     done
   done
 }
@@ -436,6 +515,7 @@ log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${L
   echo "tether=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty') build=$TETHER_BUILD bin=$TETHER_BIN variants='$TETHER_VARIANTS'"
   echo "nginx=$(nginx -v 2>&1)"; echo "haproxy=$(haproxy -v | head -1)"
   echo "wrk=$(wrk -v 2>&1 | head -1)"; echo "kernel=$(uname -r) cpus=$(nproc) cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
+  echo "post/tls: post_every=$POST_EVERY post_bytes=$POST_BYTES (conns, secs, repeats as http); tls: TLS 1.3, self-signed P-256 certificate, $(openssl version)"
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
   echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
@@ -444,12 +524,13 @@ start_all
 rc=0
 case "$MEASURE" in
   verify) do_verify || rc=1 ;;
-  http)   do_http ;;
+  http|post|tls) do_wrk "$MEASURE" ;;
   ws)     do_ws ws 0 ;;
   wsrate) do_ws wsrate "$WS_FIXED_RATE" ;;
   idle)   do_idle ;;
-  all)    do_verify || rc=1; do_http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
+  all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
+  real)   do_verify || rc=1; do_wrk post; do_wrk tls ;;
 esac
 cleanup
 python3 tools/summarize.py "$OUT" | tee "$OUT/summary.md"

@@ -6,8 +6,8 @@ build T (target "tether", and "plain" or TETHER_VARIANTS measured in the same ro
 every peer P (haproxy, nginx; other builds also against "tether"):
 
     cpu(X, r)  = CPU µs per unit of target X in round r: utime+stime of its process tree over
-                 the run (META cpu_ticks / clk_tck) divided by the requests (http, wrk) or
-                 messages (ws, wsrate; wsload RESULT) completed in that run
+                 the run (META cpu_ticks / clk_tck) divided by the requests (http, post, tls:
+                 wrk) or messages (ws, wsrate; wsload RESULT) completed in that run
     ratio_r    = cpu(T, r) / cpu(P, r)            (T and P measured in the same round)
     headline   = the median over rounds of ratio_r
     95 % CI    = bootstrap of the per-round log-ratio: resample the rounds with replacement,
@@ -21,11 +21,12 @@ line predates these keys; a run without steal_pct cannot be flagged for steal). 
 shows rounds total and disturbed, which runs disturbed them, and the statistic twice: over
 all rounds and over the undisturbed rounds only.
 
-Verdict: a target t (e.g. 0.85, from TARGET_HTTP / TARGET_WS / TARGET_WSRATE in the
-environment) is met only when the CI's upper bound is below t. A headline figure needs at
-least 10 rounds (REPEATS>=10); fewer are marked as not a headline.
+Verdict: a target t (e.g. 0.85, from TARGET_HTTP / TARGET_POST / TARGET_TLS / TARGET_WS /
+TARGET_WSRATE in the environment) is met only when the CI's upper bound is below t. A headline
+figure needs at least 10 rounds (REPEATS>=10); fewer are marked as not a headline.
 
-Inputs: http-<target>-<round>.txt (wrk output + META line), ws-<target>-<round>.txt and
+Inputs: http-, post- and tls-<target>-<round>.txt (wrk output + META line; the three wrk
+scenarios share one code path: parse_wrk, per request), ws-<target>-<round>.txt and
 wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt. The
 descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
@@ -255,8 +256,8 @@ def table(data, unit, latency_cols):
 
 STATISTIC = (
     "**Statistic.** For each scenario: the median over rounds of the per-round ratio of Tether's "
-    "CPU µs per request (http) or per message (ws, wsrate) to the peer's, both measured in the "
-    "same round (every round visits every target in a freshly randomised order), with a "
+    "CPU µs per request (http, post, tls) or per message (ws, wsrate) to the peer's, both "
+    "measured in the same round (every round visits every target in a freshly randomised order), with a "
     "bootstrap 95 % confidence interval of the per-round log-ratio ({:,} resamples of the "
     "rounds, median of each, 2.5th/97.5th percentiles, exponentiated; fixed generator seed {}). "
     "A round is *disturbed* when any of its runs saw foreign CPU above MAX_FOREIGN or steal time "
@@ -267,15 +268,35 @@ STATISTIC = (
 ).format(BOOT_N, BOOT_SEED, HEADLINE_ROUNDS)
 
 
+def wrk_scenario(name, title):
+    """A wrk scenario (http, post, tls): wrk text, per request, p50/p99 latency."""
+    return (name, parse_wrk, "req", ["p50", "p99"], title)
+
+
+def post_mix(env_text):
+    """'1 request in 10 a POST with a 1,024-byte body', from env.txt (run.sh's defaults when it
+    does not say)."""
+    m = re.search(r"post_every=(\d+) post_bytes=(\d+)", env_text)
+    every, size = (int(m.group(1)), int(m.group(2))) if m else (10, 1024)
+    return "1 request in {} a POST with a {:,}-byte body".format(every, size)
+
+
 def main(d):
     out = []
     env = os.path.join(d, "env.txt")
-    if os.path.exists(env):
-        out.append("```\n" + open(env).read().strip() + "\n```\n")
+    env_text = open(env).read() if os.path.exists(env) else ""
+    if env_text:
+        out.append("```\n" + env_text.strip() + "\n```\n")
+    mix = post_mix(env_text)
     scenarios = [
-        ("http", parse_wrk, "req", ["p50", "p99"],
-         "**HTTP keep-alive** (wrk, 64 connections, 1,000 document keys; CPU = proxy "
-         "process tree, or backend b1 for direct)"),
+        wrk_scenario("http", "**HTTP keep-alive** (wrk, 64 connections, 1,000 document keys; CPU = "
+                     "proxy process tree, or backend b1 for direct)"),
+        wrk_scenario("post", "**HTTP keep-alive with POSTs** (wrk, the same 64 connections and "
+                     "1,000 document keys as http, " + mix + " (Content-Length) on the same "
+                     "connections; CPU = proxy process tree, or backend b1 for direct)"),
+        wrk_scenario("tls", "**The POST mix over TLS 1.3** (wrk over HTTPS, HTTP/1.1, the post "
+                     "scenario's 64 keep-alive connections and mix: the cost of TLS records, not of "
+                     "handshakes; no direct, the backends speak plain HTTP)"),
         ("ws", parse_ws, "msg", ["p50", "p99"],
          "**WebSocket echo, closed loop** (1,000 connections, 64-byte messages, one in "
          "flight per connection)"),

@@ -5,7 +5,8 @@
 //! * `GET /ws/...` with `Upgrade: websocket` -> WebSocket echo server.
 //! * `GET /sse/...` -> text/event-stream: a few events, then the stream stays
 //!   open (a comment line every 15 s) until the client goes away.
-//! * anything else -> small 200 response.
+//! * anything else -> small 200 response, sent after the request body (if any) has been read
+//!   to its end and discarded; a request that had a body gets `x-body-bytes: <length read>`.
 //!
 //! Every HTTP response carries `x-backend: <name>` and echoes `x-doc-id`.
 //! Listens on 127.0.0.1 only.
@@ -152,7 +153,17 @@ async fn handle(
         return Ok(r);
     }
 
-    // Default: small, constant 200 response.
+    // Default: read the request body to its end (a POST's), discarding it, then a small,
+    // constant 200 response: a backend that consumes what it is sent, so every proxy has
+    // streamed the whole body before the response starts.
+    let mut body_bytes = 0usize;
+    let body = req.body_mut();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_bytes += f.data_ref().map_or(0, |d| d.len()),
+            Err(_) => break, // the client went away; hyper ends the connection
+        }
+    }
     let mut r = Response::new(full(ctx.body.clone()));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -160,6 +171,9 @@ async fn handle(
     h.insert("x-backend", ctx.name.clone());
     if let Some(d) = doc_id {
         h.insert("x-doc-id", d);
+    }
+    if body_bytes > 0 {
+        h.insert("x-body-bytes", HeaderValue::from(body_bytes));
     }
     Ok(r)
 }
