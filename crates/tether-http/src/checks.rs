@@ -44,7 +44,7 @@ pub struct Head<'a, F> {
     /// The method.
     pub method: &'a str,
     /// The request target as received (origin form, or absolute form on HTTP/1).
-    pub target: &'a [u8],
+    pub target: &'a str,
     /// HTTP/1.1 (a `Host` is required, a WebSocket upgrade possible).
     pub http11: bool,
     /// HTTP/2's `:authority`, which stands in for `Host`.
@@ -98,18 +98,17 @@ where
         ));
     }
     let (authority, origin) = split_target(head.target)?;
+    let authority = authority.map(str::as_bytes);
     // A fragment is never part of a request target; HTTP/2's parser drops it before Tether
     // sees the path, so HTTP/1 drops it too: the router and the backend see the same path
     // whichever protocol carried it, and the fragment is never forwarded.
-    let origin = match memchr::memchr(b'#', origin) {
+    let origin = match memchr::memchr(b'#', origin.as_bytes()) {
         Some(at) => &origin[..at],
         None => origin,
     };
-    check_target(origin)?;
-    let origin =
-        std::str::from_utf8(origin).map_err(|_| bad_target("request target is not ASCII"))?;
-    let (path, query) = match origin.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
+    check_target(origin.as_bytes())?;
+    let (path, query) = match memchr::memchr(b'?', origin.as_bytes()) {
+        Some(at) => (&origin[..at], Some(&origin[at + 1..])),
         None => (origin, None),
     };
     if seen.hosts > 1 {
@@ -262,31 +261,32 @@ pub fn check_sizes(
 
 /// Splits an absolute-form target (`http://host/path`) into its authority and origin form;
 /// an origin-form target has no authority. Any other form is refused.
-fn split_target(raw: &[u8]) -> Result<(Option<&[u8]>, &[u8]), Refusal> {
-    if raw.first() == Some(&b'/') {
+fn split_target(raw: &str) -> Result<(Option<&str>, &str), Refusal> {
+    if raw.as_bytes().first() == Some(&b'/') {
         return Ok((None, raw));
     }
-    let rest = strip_prefix_ignore_case(raw, b"http://")
-        .or_else(|| strip_prefix_ignore_case(raw, b"https://"))
+    let rest = strip_prefix_ignore_case(raw, "http://")
+        .or_else(|| strip_prefix_ignore_case(raw, "https://"))
         .ok_or(bad_target("request target must be a path"))?;
     let end = rest
-        .iter()
-        .position(|&b| matches!(b, b'/' | b'?'))
+        .bytes()
+        .position(|b| matches!(b, b'/' | b'?'))
         .unwrap_or(rest.len());
     let (authority, origin) = rest.split_at(end);
-    if authority.is_empty() || authority.contains(&b'@') {
+    if authority.is_empty() || authority.contains('@') {
         return Err(bad_target("bad authority in request target"));
     }
-    match origin.first() {
+    match origin.as_bytes().first() {
         Some(b'/') => Ok((Some(authority), origin)),
         // `http://h` and `http://h?q` mean the root.
         _ => Err(bad_target("absolute-form target without a path")),
     }
 }
 
-fn strip_prefix_ignore_case<'a>(raw: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
-    (raw.len() >= prefix.len() && raw[..prefix.len()].eq_ignore_ascii_case(prefix))
-        .then(|| &raw[prefix.len()..])
+fn strip_prefix_ignore_case<'a>(raw: &'a str, prefix: &str) -> Option<&'a str> {
+    raw.get(..prefix.len())
+        .filter(|start| start.eq_ignore_ascii_case(prefix))
+        .map(|_| &raw[prefix.len()..])
 }
 
 /// The bytes a request target may hold: RFC 3986's URI characters (unreserved, reserved but
@@ -429,7 +429,7 @@ mod tests {
             Box::leak(fields.to_vec().into_boxed_slice());
         let head = Head {
             method,
-            target: target.as_bytes(),
+            target,
             http11: true,
             authority: None,
             fields: fields.iter().map(|(n, v)| (*n, v.as_bytes())),

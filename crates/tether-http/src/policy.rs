@@ -107,12 +107,21 @@ pub fn keeps_request_field(name: &str, trusted: bool, nominated: &Nominated<'_>)
     nominated.is_empty() || is(name, "host") || is_framing(name) || !named(nominated, name)
 }
 
-/// Whether a response field is passed to the client (before Tether adds its own).
+/// Whether a response field is passed to the client (before Tether adds its own). Runs for
+/// every field of every response: names are told apart by length first.
 pub fn keeps_response_field(name: &str, nominated: &Nominated<'_>) -> bool {
-    if is_hop_by_hop(name) || is(name, "x-request-id") {
-        return false;
-    }
-    is_framing(name) || !named(nominated, name)
+    let hop_or_ours = match name.len() {
+        2 => is(name, "te"),
+        7 => is(name, "upgrade") || is(name, "trailer"),
+        10 => is(name, "connection") || is(name, "keep-alive"),
+        12 => is(name, "x-request-id"),
+        14 => is(name, "http2-settings"),
+        16 => is(name, "proxy-connection"),
+        18 => is(name, "proxy-authenticate"),
+        19 => is(name, "proxy-authorization"),
+        _ => false,
+    };
+    !hop_or_ours && (nominated.is_empty() || is_framing(name) || !named(nominated, name))
 }
 
 /// Where the fields Tether writes go: a raw HTTP/1 head, or a header map.
@@ -329,6 +338,11 @@ mod tests {
                 "{name}"
             );
         }
+        for name in HOP_BY_HOP.iter().chain(&["x-request-id"]) {
+            assert!(!keeps_response_field(name, &none), "{name}");
+            assert!(!keeps_response_field(&name.to_uppercase(), &none), "{name}");
+        }
+        assert!(keeps_response_field("Content-Length", &none));
     }
 
     #[test]

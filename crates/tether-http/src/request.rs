@@ -167,7 +167,7 @@ impl<'h, 'b> Request<'h, 'b> {
         checks::check(
             &checks::Head {
                 method: self.method,
-                target: self.target.as_bytes(),
+                target: self.target,
                 http11: self.http11,
                 authority: None,
                 fields: self.pairs(),

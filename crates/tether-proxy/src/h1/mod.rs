@@ -323,12 +323,13 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     // Built once: `memmem::find` would build a searcher on every call.
     static CRLF_CRLF: LazyLock<memchr::memmem::Finder<'static>> =
         LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
-    let crlf = CRLF_CRLF.find(buf).map(|at| at + 4);
-    // Bare LF line ends are legal for a recipient to accept (RFC 9112 2.2); httparse does.
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|at| at + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    static LF_LF: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
+    // Bare LF line ends are legal for a recipient to accept (RFC 9112 2.2); httparse does. A
+    // head with one may end at a bare empty line before any CRLF CRLF.
+    match CRLF_CRLF.find(buf) {
+        Some(at) => Some(LF_LF.find(&buf[..at + 2]).map_or(at + 4, |lf| lf + 2)),
+        None => LF_LF.find(buf).map(|at| at + 2),
     }
 }
 
@@ -591,7 +592,8 @@ async fn exchange<'b>(
     };
     let finished = Instant::now();
     conn.idle_since = finished;
-    finish(
+    finish_at(
+        finished.into_std(),
         &installed,
         Some(decision),
         attempt.backend_index(),
@@ -621,6 +623,34 @@ fn finish(
     bytes: usize,
     ticket: &Ticket,
 ) {
+    finish_at(
+        std::time::Instant::now(),
+        installed,
+        decision,
+        backend,
+        request_id,
+        method,
+        kind,
+        status,
+        bytes,
+        ticket,
+    );
+}
+
+/// Records an exchange that ended at `end` (a clock reading the caller already has).
+#[allow(clippy::too_many_arguments)]
+fn finish_at(
+    end: std::time::Instant,
+    installed: &Installed,
+    decision: Option<&tether_routing::Decision>,
+    backend: Option<usize>,
+    request_id: &[u8],
+    method: &str,
+    kind: ExchangeKind,
+    status: u16,
+    bytes: usize,
+    ticket: &Ticket,
+) {
     record_exchange(
         installed,
         &Finished {
@@ -631,7 +661,7 @@ fn finish(
             kind,
             status,
             bytes,
-            elapsed: ticket.started.elapsed(),
+            elapsed: end.saturating_duration_since(ticket.started),
         },
     );
 }

@@ -82,13 +82,15 @@ async fn unless_closed<F: Future>(
     control: Option<&StreamControl>,
     work: F,
 ) -> Result<F::Output, CloseReason> {
+    let Some(control) = control else {
+        // Not a stream: nothing can end it from outside.
+        return Ok(work.await);
+    };
     let mut work = pin!(work);
     poll_fn(|cx| {
-        if let Some(control) = control {
-            control.attach_relay(cx.waker());
-            if let Some(reason) = control.reason() {
-                return Poll::Ready(Err(reason));
-            }
+        control.attach_relay(cx.waker());
+        if let Some(reason) = control.reason() {
+            return Poll::Ready(Err(reason));
         }
         work.as_mut().poll(cx).map(Ok)
     })

@@ -192,9 +192,14 @@ impl ProxyHttp for H2Proxy {
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_bytes()))
             .collect();
+        let Ok(target) = std::str::from_utf8(req.raw_path()) else {
+            let refusal = checks::Refusal::new(400, "bad_target", "request target is not ASCII");
+            crate::metrics::refused(refusal.label, refusal.status);
+            return answer(session, ctx, refusal.status, refusal.why).await;
+        };
         let head = checks::Head {
             method: req.method.as_str(),
-            target: req.raw_path(),
+            target,
             http11: false,
             authority,
             fields: fields.iter().copied(),
