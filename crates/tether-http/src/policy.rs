@@ -138,6 +138,8 @@ impl FieldWriter for Vec<u8> {
 
 /// Writes one field line.
 pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    // One capacity check for the four pieces.
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
