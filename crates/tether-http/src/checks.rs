@@ -102,12 +102,9 @@ where
     // A fragment is never part of a request target; HTTP/2's parser drops it before Tether
     // sees the path, so HTTP/1 drops it too: the router and the backend see the same path
     // whichever protocol carried it, and the fragment is never forwarded.
-    let origin = match memchr::memchr(b'#', origin.as_bytes()) {
-        Some(at) => &origin[..at],
-        None => origin,
-    };
-    check_target(origin.as_bytes())?;
-    let (path, query) = match memchr::memchr(b'?', origin.as_bytes()) {
+    let scan = scan_target(origin.as_bytes())?;
+    let origin = &origin[..scan.end];
+    let (path, query) = match scan.query {
         Some(at) => (&origin[..at], Some(&origin[at + 1..])),
         None => (origin, None),
     };
@@ -290,7 +287,7 @@ fn strip_prefix_ignore_case<'a>(raw: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// The bytes a request target may hold: RFC 3986's URI characters (unreserved, reserved but
-/// `#`, which is cut off before, and `%`). Everything else (`<`, `>`, `"`, `\`, `^`, `` ` ``, `{`, `|`, `}`, controls, spaces,
+/// `#`, which starts the fragment that is cut off, and `%`). Everything else (`<`, `>`, `"`, `\`, `^`, `` ` ``, `{`, `|`, `}`, controls, spaces,
 /// non-ASCII) is refused on every protocol alike, so a backend never sees a target that one
 /// path would have forwarded and another refused.
 static TARGET_BYTES: [bool; 256] = {
@@ -314,17 +311,42 @@ static TARGET_BYTES: [bool; 256] = {
 /// classic way to smuggle a `.` past a proxy. (The query's escapes are the application's
 /// business.)
 pub fn check_target(raw: &[u8]) -> Result<(), Refusal> {
-    if !raw.iter().all(|&b| TARGET_BYTES[usize::from(b)]) {
-        return Err(bad_target("request target has a byte URIs do not allow"));
+    scan_target(raw).map(|_| ())
+}
+
+/// Where an origin-form target's parts are, from [`scan_target`].
+struct Scanned {
+    /// Where the target ends: its length, or the `#` that starts a fragment.
+    end: usize,
+    /// Where the `?` that starts the query is.
+    query: Option<usize>,
+}
+
+/// One pass over the target (this runs on every request): every byte before a fragment is
+/// one `TARGET_BYTES` allows, and the path's escapes are checked when it has any.
+fn scan_target(raw: &[u8]) -> Result<Scanned, Refusal> {
+    let mut query = None;
+    let mut escapes = false;
+    let mut end = raw.len();
+    for (at, &b) in raw.iter().enumerate() {
+        match b {
+            b'#' => {
+                end = at;
+                break;
+            }
+            b'?' if query.is_none() => query = Some(at),
+            b'%' if query.is_none() => escapes = true,
+            _ if !TARGET_BYTES[usize::from(b)] => {
+                return Err(bad_target("request target has a byte URIs do not allow"))
+            }
+            _ => {}
+        }
     }
-    // Most targets have neither: one pass decides.
-    if memchr::memchr2(b'?', b'%', raw).is_none() {
-        return Ok(());
+    let scanned = Scanned { end, query };
+    if !escapes {
+        return Ok(scanned);
     }
-    let raw = raw.split(|&b| b == b'?').next().unwrap_or(raw);
-    if !raw.contains(&b'%') {
-        return Ok(());
-    }
+    let raw = &raw[..query.unwrap_or(end)];
     let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
@@ -346,7 +368,7 @@ pub fn check_target(raw: &[u8]) -> Result<(), Refusal> {
         i += 1;
     }
     match std::str::from_utf8(&decoded) {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(scanned),
         Err(_) => Err(bad_target("request target is not UTF-8 once decoded")),
     }
 }
@@ -476,7 +498,6 @@ mod tests {
             "/%zz",
             "/%4",
             "/%FF",
-            "#",
             "/<script>",
             "/a`b",
             "/a\"b",

@@ -144,7 +144,11 @@ pub(crate) async fn relay(
             buf.reserve(READ_SIZE);
         }
         let read = timer.within(exchange.read_timeout, socket.read_buf(buf));
-        match unless_closed(exchange.control, read).await {
+        let read = match exchange.control {
+            None => Ok(read.await),
+            Some(_) => unless_closed(exchange.control, read).await,
+        };
+        match read {
             Err(_) => return Err(Relay::Closing),
             Ok(Ok(Ok(0))) | Ok(Ok(Err(_))) => {
                 return Err(Relay::Upstream(UpstreamError::Io {
@@ -261,7 +265,11 @@ pub(crate) async fn relay(
             buf.reserve(READ_SIZE);
         }
         let read = timer.within(exchange.read_timeout, socket.read_buf(buf));
-        match unless_closed(exchange.control, read).await {
+        let read = match exchange.control {
+            None => Ok(read.await),
+            Some(_) => unless_closed(exchange.control, read).await,
+        };
+        match read {
             Ok(Ok(Ok(0))) if head.body == Body::UntilClose => return Ok(Relayed::Response(done)),
             Ok(Ok(Ok(n))) if n > 0 => {}
             // Truncated, broken, too slow or ended by convergence after the head went out:
