@@ -21,3 +21,9 @@ run() {
 run tether-config parse
 run tether-routing normalize
 run tether-routing decide
+run tether-http request_head
+run tether-http request_body
+run tether-http response_head
+run tether-http response_framing
+run tether-http chunked
+run tether-http frame_cursor

@@ -31,9 +31,6 @@ use pingora::services::listening::Service;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tether_config::Config;
-/// The fuzz entry points, where the proxy's fuzz crate looks for them.
-#[doc(hidden)]
-pub use tether_http::fuzzing;
 
 pub use state::ProxyState;
 
