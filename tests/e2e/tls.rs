@@ -60,10 +60,9 @@ async fn owners(stack: &Stack, ca: &Ca, alpn: Alpn, keys: &[String]) -> HashMap<
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn http1_http2_and_websocket_over_tls_are_sticky_and_certificates_reload() {
-    let ca = Ca::new();
-    let (cert, key, first_der) = ca.leaf();
+/// Tether on a TLS listener with a leaf certificate of `ca`; the leaf's DER.
+async fn start(ca: &Ca) -> (Stack, Vec<u8>) {
+    let (cert, key, der) = ca.leaf();
     let files: &[(&str, &[u8])] = &[("cert.pem", cert.as_bytes()), ("key.pem", key.as_bytes())];
     let stack = Stack::start_with(
         CONFIG,
@@ -73,6 +72,13 @@ async fn http1_http2_and_websocket_over_tls_are_sticky_and_certificates_reload()
         },
     )
     .await;
+    (stack, der)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_http2_and_websocket_over_tls_are_sticky_and_certificates_reload() {
+    let ca = Ca::new();
+    let (stack, first_der) = start(&ca).await;
 
     let keys: Vec<String> = (0..30).map(|i| format!("doc-{i}")).collect();
     let over_h1 = owners(&stack, &ca, Alpn::Http1, &keys).await;
@@ -142,16 +148,7 @@ async fn http1_http2_and_websocket_over_tls_are_sticky_and_certificates_reload()
 async fn draining_ends_the_moved_websockets_and_sse_streams_over_tls_only() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = Ca::new();
-    let (cert, key, _) = ca.leaf();
-    let files: &[(&str, &[u8])] = &[("cert.pem", cert.as_bytes()), ("key.pem", key.as_bytes())];
-    let stack = Stack::start_with(
-        CONFIG,
-        LaunchOptions {
-            files,
-            ..LaunchOptions::default()
-        },
-    )
-    .await;
+    let (stack, _) = start(&ca).await;
     let keys: Vec<String> = (0..12).map(|i| format!("tls-doc-{i}")).collect();
     let owner = owners(&stack, &ca, Alpn::Http1, &keys).await;
     let drained = owner[&keys[0]].clone();

@@ -36,9 +36,30 @@ pub fn is(a: &str, lower: &str) -> bool {
     a.len() == lower.len() && a.eq_ignore_ascii_case(lower)
 }
 
-/// Whether `name` is one of [`HOP_BY_HOP`].
+/// Whether `name` is one of [`HOP_BY_HOP`]. Runs for every field of every message: names
+/// are told apart by length first (a unit test checks it against the list).
 pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|hop| is(name, hop))
+    match name.len() {
+        2 => is(name, "te"),
+        7 => is(name, "upgrade") || is(name, "trailer"),
+        10 => is(name, "connection") || is(name, "keep-alive"),
+        14 => is(name, "http2-settings"),
+        16 => is(name, "proxy-connection"),
+        18 => is(name, "proxy-authenticate"),
+        19 => is(name, "proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// Fields Tether sets on every request it forwards (whatever the client sent is replaced).
+fn is_set_by_tether(name: &str) -> bool {
+    match name.len() {
+        12 => is(name, "x-request-id"),
+        15 => is(name, "x-forwarded-for"),
+        16 => is(name, "x-forwarded-host"),
+        17 => is(name, "x-forwarded-proto"),
+        _ => false,
+    }
 }
 
 /// Whether `name` is a framing field.
@@ -84,45 +105,25 @@ fn named(nominated: &Nominated<'_>, name: &str) -> bool {
         .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
 }
 
-/// Whether a request field is passed to the backend (before Tether adds its own). Runs for
-/// every field of every request: names are told apart by length first.
+/// Whether a request field is passed to the backend (before Tether adds its own).
 pub fn keeps_request_field(name: &str, trusted: bool, nominated: &Nominated<'_>) -> bool {
-    let hop_or_ours = match name.len() {
-        2 => is(name, "te"),
-        7 => is(name, "upgrade") || is(name, "trailer"),
-        10 => is(name, "connection") || is(name, "keep-alive"),
-        12 => is(name, "x-request-id"),
-        14 => is(name, "http2-settings"),
-        15 => is(name, "x-forwarded-for"),
-        16 => is(name, "proxy-connection") || is(name, "x-forwarded-host"),
-        17 => is(name, "x-forwarded-proto"),
-        18 => is(name, "proxy-authenticate"),
-        19 => is(name, "proxy-authorization"),
-        _ => false,
-    };
     // A byte loop: names are short, and `contains` calls memchr.
-    if hop_or_ours || name.bytes().any(|b| b == b'_') || (!trusted && is_client_identity(name)) {
+    if is_hop_by_hop(name)
+        || is_set_by_tether(name)
+        || name.bytes().any(|b| b == b'_')
+        || (!trusted && is_client_identity(name))
+    {
         return false;
     }
     // A client cannot nominate `Host` or the framing away.
     nominated.is_empty() || is(name, "host") || is_framing(name) || !named(nominated, name)
 }
 
-/// Whether a response field is passed to the client (before Tether adds its own). Runs for
-/// every field of every response: names are told apart by length first.
+/// Whether a response field is passed to the client (before Tether adds its own).
 pub fn keeps_response_field(name: &str, nominated: &Nominated<'_>) -> bool {
-    let hop_or_ours = match name.len() {
-        2 => is(name, "te"),
-        7 => is(name, "upgrade") || is(name, "trailer"),
-        10 => is(name, "connection") || is(name, "keep-alive"),
-        12 => is(name, "x-request-id"),
-        14 => is(name, "http2-settings"),
-        16 => is(name, "proxy-connection"),
-        18 => is(name, "proxy-authenticate"),
-        19 => is(name, "proxy-authorization"),
-        _ => false,
-    };
-    !hop_or_ours && (nominated.is_empty() || is_framing(name) || !named(nominated, name))
+    !is_hop_by_hop(name)
+        && !is(name, "x-request-id")
+        && (nominated.is_empty() || is_framing(name) || !named(nominated, name))
 }
 
 /// Where the fields Tether writes go: a raw HTTP/1 head, or a header map.
@@ -330,6 +331,13 @@ mod tests {
     #[test]
     fn the_length_switch_drops_exactly_the_hop_by_hop_list_and_tethers_fields() {
         let none = Nominated::new();
+        for name in HOP_BY_HOP {
+            assert!(
+                is_hop_by_hop(name) && is_hop_by_hop(&name.to_uppercase()),
+                "{name}"
+            );
+        }
+        assert!(!is_hop_by_hop("host") && !is_hop_by_hop("tE-x"));
         for name in HOP_BY_HOP.iter().chain(&[
             "x-request-id",
             "x-forwarded-for",

@@ -347,21 +347,50 @@ async fn refuse(
 ) {
     crate::metrics::refused(refusal.label, refusal.status);
     let installed = conn.state.current();
+    let local = Local {
+        decision: None,
+        kind: ExchangeKind::Plain,
+        method,
+        request_id,
+        started,
+    };
+    answer_locally(conn, &installed, &local, refusal.status, refusal.why).await;
+}
+
+/// A request Tether answers itself, as its record needs it.
+struct Local<'a> {
+    decision: Option<&'a tether_routing::Decision>,
+    kind: ExchangeKind,
+    method: &'a str,
+    request_id: &'a [u8],
+    started: std::time::Instant,
+}
+
+/// Writes Tether's own answer (see [`write_local`]) and records the exchange; the connection
+/// closes after it.
+async fn answer_locally(
+    conn: &mut Conn<'_>,
+    installed: &Installed,
+    local: &Local<'_>,
+    status: u16,
+    why: &str,
+) -> Next {
     let send_timeout = installed.config.server.limits.send_timeout;
-    let _ = write_local(&mut conn.client, refusal.status, refusal.why, send_timeout).await;
+    let _ = write_local(&mut conn.client, status, why, send_timeout).await;
     record_exchange(
-        &installed,
+        installed,
         &Finished {
-            decision: None,
+            decision: local.decision,
             backend: None,
-            request_id: (!request_id.is_empty()).then_some(request_id),
-            method,
-            kind: ExchangeKind::Plain,
-            status: refusal.status,
+            request_id: (!local.request_id.is_empty()).then_some(local.request_id),
+            method: local.method,
+            kind: local.kind,
+            status,
             bytes: 0,
-            elapsed: started.elapsed(),
+            elapsed: local.started.elapsed(),
         },
     );
+    Next::Close
 }
 
 /// Tether's own answer: a short text body, advice headers where the status has them, and
@@ -459,20 +488,14 @@ async fn exchange<'b>(
         Ok(decision) => decision,
         Err(reject) => {
             let status = admission::routing_refusal(&reject);
-            let why = reject.to_string();
-            let _ = write_local(&mut conn.client, status, &why, limits.send_timeout).await;
-            finish(
-                &installed,
-                None,
-                None,
+            let local = Local {
+                decision: None,
+                kind: ExchangeKind::Plain,
+                method: facts.method,
                 request_id,
-                facts.method,
-                ExchangeKind::Plain,
-                status,
-                0,
-                &ticket,
-            );
-            return Next::Close;
+                started: ticket.started,
+            };
+            return answer_locally(conn, &installed, &local, status, &reject.to_string()).await;
         }
     };
     installed
@@ -491,25 +514,14 @@ async fn exchange<'b>(
     };
     if let Err(refusal) = admission::admit(&installed, &decision, declared, conn.client_ip) {
         crate::metrics::refused(refusal.label, refusal.status);
-        let _ = write_local(
-            &mut conn.client,
-            refusal.status,
-            refusal.why,
-            limits.send_timeout,
-        )
-        .await;
-        finish(
-            &installed,
-            Some(&decision),
-            None,
-            request_id,
-            facts.method,
+        let local = Local {
+            decision: Some(&decision),
             kind,
-            refusal.status,
-            0,
-            &ticket,
-        );
-        return Next::Close;
+            method: facts.method,
+            request_id,
+            started: ticket.started,
+        };
+        return answer_locally(conn, &installed, &local, refusal.status, refusal.why).await;
     }
 
     let close = facts.close
@@ -541,6 +553,7 @@ async fn exchange<'b>(
     let mut attempt = Attempt::new(installed.clone(), decision);
     let outcome = proxy(
         conn,
+        &installed,
         &facts,
         &buf[head_len..],
         kind,
@@ -562,6 +575,7 @@ async fn exchange<'b>(
         ),
         Ok(Proxied::Switched {
             to_client,
+            head_len: switched_head,
             backend,
             registration,
         }) => {
@@ -569,6 +583,7 @@ async fn exchange<'b>(
             let tunnel = tunnel::Tunnel::new(tunnel::Opened {
                 backend,
                 to_client,
+                head_len: switched_head,
                 early,
                 registration,
                 active: attempt.take_active(),
@@ -598,78 +613,26 @@ async fn exchange<'b>(
     };
     let finished = Instant::now();
     conn.idle_since = finished;
-    finish_at(
-        finished.into_std(),
+    record_exchange(
         &installed,
-        Some(decision),
-        attempt.backend_index(),
-        request_id,
-        facts.method,
-        kind,
-        status,
-        body_bytes,
-        &ticket,
+        &Finished {
+            decision: Some(decision),
+            backend: attempt.backend_index(),
+            request_id: Some(request_id),
+            method: facts.method,
+            kind,
+            status,
+            bytes: body_bytes,
+            elapsed: finished
+                .into_std()
+                .saturating_duration_since(ticket.started),
+        },
     );
     if close {
         Next::Close
     } else {
         Next::KeepAlive
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    installed: &Installed,
-    decision: Option<&tether_routing::Decision>,
-    backend: Option<usize>,
-    request_id: &[u8],
-    method: &str,
-    kind: ExchangeKind,
-    status: u16,
-    bytes: usize,
-    ticket: &Ticket,
-) {
-    finish_at(
-        std::time::Instant::now(),
-        installed,
-        decision,
-        backend,
-        request_id,
-        method,
-        kind,
-        status,
-        bytes,
-        ticket,
-    );
-}
-
-/// Records an exchange that ended at `end` (a clock reading the caller already has).
-#[allow(clippy::too_many_arguments)]
-fn finish_at(
-    end: std::time::Instant,
-    installed: &Installed,
-    decision: Option<&tether_routing::Decision>,
-    backend: Option<usize>,
-    request_id: &[u8],
-    method: &str,
-    kind: ExchangeKind,
-    status: u16,
-    bytes: usize,
-    ticket: &Ticket,
-) {
-    record_exchange(
-        installed,
-        &Finished {
-            decision,
-            backend,
-            request_id: (!request_id.is_empty()).then_some(request_id),
-            method,
-            kind,
-            status,
-            bytes,
-            elapsed: end.saturating_duration_since(ticket.started),
-        },
-    );
 }
 
 /// How a proxied exchange went.
@@ -683,6 +646,8 @@ enum Proxied {
     /// The backend switched to the WebSocket protocol.
     Switched {
         to_client: Vec<u8>,
+        /// The length of the `101` head at the start of `to_client`.
+        head_len: usize,
         backend: TcpStream,
         registration: Registration,
     },
@@ -721,6 +686,7 @@ impl Failure {
 #[allow(clippy::too_many_arguments)]
 async fn proxy(
     conn: &mut Conn<'_>,
+    installed: &Installed,
     facts: &Request<'_, '_>,
     after_head: &[u8],
     kind: ExchangeKind,
@@ -730,7 +696,7 @@ async fn proxy(
     started: std::time::Instant,
     scratch: &mut Scratch,
 ) -> Result<Proxied, Failure> {
-    let installed = attempt.installed.clone();
+    // The attempt's routing state, borrowed from the caller (no reference count per request).
     let limits = &installed.config.server.limits;
     let route = &installed.router.routes()[attempt.decision.route];
     let read_timeout = match kind {
@@ -880,13 +846,17 @@ async fn proxy(
                     pipelined: pipelined || body_pipelined,
                 });
             }
-            Ok(Relayed::Switched(to_client)) => {
+            Ok(Relayed::Switched {
+                to_client,
+                head_len,
+            }) => {
                 attempt.answered();
                 let (Some(registration), Some(socket)) = (registration, upstream) else {
                     return Err(Failure::Gateway);
                 };
                 return Ok(Proxied::Switched {
                     to_client,
+                    head_len,
                     backend: socket,
                     registration,
                 });

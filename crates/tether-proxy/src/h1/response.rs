@@ -4,7 +4,7 @@
 //! checked against the handshake, and a stream that convergence closes ended at once.
 
 use super::client::ClientStream;
-use super::deadline::LazyDeadline;
+use super::deadline::{LazyDeadline, TimedOut};
 use crate::streams::{CloseReason, StreamControl};
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -48,9 +48,9 @@ pub(crate) struct Done {
 pub(crate) enum Relayed {
     /// A response went to the client (and its backend connection to `keep`, if reusable).
     Response(Done),
-    /// The backend switched to the WebSocket protocol: the client's `101` head and the bytes
-    /// the backend sent after it, for the tunnel to send first.
-    Switched(Vec<u8>),
+    /// The backend switched to the WebSocket protocol: the client's `101` head (`head_len`
+    /// bytes) and the bytes the backend sent after it, for the tunnel to send first.
+    Switched { to_client: Vec<u8>, head_len: usize },
 }
 
 /// A transport or protocol failure of the backend.
@@ -79,13 +79,9 @@ pub(crate) enum Relay {
 
 /// Waits for `work` unless the stream is ended first.
 async fn unless_closed<F: Future>(
-    control: Option<&StreamControl>,
+    control: &StreamControl,
     work: F,
 ) -> Result<F::Output, CloseReason> {
-    let Some(control) = control else {
-        // Not a stream: nothing can end it from outside.
-        return Ok(work.await);
-    };
     let mut work = pin!(work);
     poll_fn(|cx| {
         control.attach_relay(cx.waker());
@@ -95,6 +91,21 @@ async fn unless_closed<F: Future>(
         work.as_mut().poll(cx).map(Ok)
     })
     .await
+}
+
+/// One read of the backend's response into `buf` within the read timeout; a stream's read
+/// also ends (`Err`) when convergence closes it. Plain responses skip the closing wrapper.
+async fn read_more(
+    socket: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    timer: &mut LazyDeadline,
+    exchange: &Exchange<'_>,
+) -> Result<Result<std::io::Result<usize>, TimedOut>, CloseReason> {
+    let read = timer.within(exchange.read_timeout, socket.read_buf(buf));
+    match exchange.control {
+        None => Ok(read.await),
+        Some(control) => unless_closed(control, read).await,
+    }
 }
 
 /// Reads the backend's response and relays it to the client.
@@ -117,8 +128,12 @@ pub(crate) async fn relay(
                 Ok(Some(Head::Final(head))) => break head,
                 Ok(Some(Head::Switched(len))) => {
                     let mut to_client = std::mem::take(out);
+                    let head_len = to_client.len();
                     to_client.extend_from_slice(&buf[len..]);
-                    return Ok(Relayed::Switched(to_client));
+                    return Ok(Relayed::Switched {
+                        to_client,
+                        head_len,
+                    });
                 }
                 Ok(Some(Head::Interim(len))) => {
                     // 100 or 103: pass it on (to HTTP/1.1 clients), then look for the final one.
@@ -143,12 +158,7 @@ pub(crate) async fn relay(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_SIZE);
         }
-        let read = timer.within(exchange.read_timeout, socket.read_buf(buf));
-        let read = match exchange.control {
-            None => Ok(read.await),
-            Some(_) => unless_closed(exchange.control, read).await,
-        };
-        match read {
+        match read_more(socket, buf, timer, exchange).await {
             Err(_) => return Err(Relay::Closing),
             Ok(Ok(Ok(0))) | Ok(Ok(Err(_))) => {
                 return Err(Relay::Upstream(UpstreamError::Io {
@@ -249,10 +259,10 @@ pub(crate) async fn relay(
         let Some(socket) = upstream.as_mut() else {
             return Err(Relay::AfterHead(done));
         };
-        if exchange.control.is_some() {
+        if let Some(control) = exchange.control {
             drop(held.take());
             let ready = timer.within(exchange.read_timeout, socket.readable());
-            if !matches!(unless_closed(exchange.control, ready).await, Ok(Ok(Ok(())))) {
+            if !matches!(unless_closed(control, ready).await, Ok(Ok(Ok(())))) {
                 done.close = true;
                 return Err(Relay::AfterHead(done));
             }
@@ -264,12 +274,7 @@ pub(crate) async fn relay(
         if buf.capacity() < 1024 {
             buf.reserve(READ_SIZE);
         }
-        let read = timer.within(exchange.read_timeout, socket.read_buf(buf));
-        let read = match exchange.control {
-            None => Ok(read.await),
-            Some(_) => unless_closed(exchange.control, read).await,
-        };
-        match read {
+        match read_more(socket, buf, timer, exchange).await {
             Ok(Ok(Ok(0))) if head.body == Body::UntilClose => return Ok(Relayed::Response(done)),
             Ok(Ok(Ok(n))) if n > 0 => {}
             // Truncated, broken, too slow or ended by convergence after the head went out:

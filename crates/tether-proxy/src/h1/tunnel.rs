@@ -60,6 +60,8 @@ pub(crate) struct Opened {
     pub backend: TcpStream,
     /// The client's 101 head, then the backend's first bytes.
     pub to_client: Vec<u8>,
+    /// The length of that head.
+    pub head_len: usize,
     pub early: Vec<u8>,
     pub registration: Registration,
     pub active: Option<Active>,
@@ -74,16 +76,11 @@ pub(crate) struct Opened {
 impl Tunnel {
     /// A tunnel for a switched connection.
     pub(crate) fn new(opened: Opened) -> Tunnel {
-        let head_len = opened
-            .to_client
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(opened.to_client.len(), |at| at + 4);
         Tunnel {
             backend: Some(opened.backend),
             to_client: opened.to_client,
             early: opened.early,
-            head_len,
+            head_len: opened.head_len,
             registration: opened.registration,
             _active: opened.active,
             _in_flight: opened.in_flight,
