@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
-#   bench/run.sh [verify|http|post|tls|ws|wsrate|idle|all|real]      (default: all)
+#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|all|real]   (default: all)
 #
-#   all  = verify http ws wsrate idle       real = verify post tls   (traffic closer to real use:
-#   POST bodies on the keep-alive connections, and the same over TLS 1.3)
+#   all  = verify http ws wsrate idle       real = verify post tls churn churntls   (traffic closer
+#   to real use: POST bodies on the keep-alive connections, the same over TLS 1.3, and a new
+#   connection per request, plain and TLS with a full handshake each)
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -44,7 +45,8 @@
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
-#   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_WS= TARGET_WSRATE=   e.g. 0.85: summary.md says
+#   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_CHURN= TARGET_CHURNTLS= TARGET_WS= TARGET_WSRATE=
+#                    e.g. 0.85: summary.md says
 #                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
 
@@ -87,8 +89,8 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-case "$MEASURE" in verify|http|post|tls|ws|wsrate|idle|all|real) ;;
-  *) echo "usage: $0 [verify|http|post|tls|ws|wsrate|idle|all|real]" >&2; exit 2;; esac
+case "$MEASURE" in verify|http|post|tls|churn|churntls|ws|wsrate|idle|all|real) ;;
+  *) echo "usage: $0 [verify|http|post|tls|churn|churntls|ws|wsrate|idle|all|real]" >&2; exit 2;; esac
 
 # ------------------------------------------------------------------ prerequisites
 missing=()
@@ -315,12 +317,13 @@ meta() { # meta FILE key=value...  -> appends a META json line
 }
 
 # ------------------------------------------------------------------ measurements
-post_probe() { # post_probe URL DOC_ID: "<status> <x-backend> <x-body-bytes>" of one POST with
+post_probe() { # post_probe URL DOC_ID: "<status> <x-backend> <x-body-bytes> <x-forwarding-seen>" of one POST with
   # the POST_BYTES body (as wrk sends it: Content-Length, no Expect), HTTP/1.1, TLS 1.3 for https
   curl -sk --http1.1 --tlsv1.3 -o /dev/null -D - --max-time 2 -H 'Expect:' -H "X-Doc-Id: $2" \
        --data-binary @"$RUN/post-body.bin" "$1" | tr -d '\r' \
     | awk -F': ' 'NR==1{split($0, a, " "); st=a[2]} tolower($1)=="x-backend"{b=$2}
-                  tolower($1)=="x-body-bytes"{n=$2} END{print (st ? st : "-"), (b ? b : "-"), (n ? n : "-")}'
+                  tolower($1)=="x-body-bytes"{n=$2} tolower($1)=="x-forwarding-seen"{f=$2}
+                  END{print (st ? st : "-"), (b ? b : "-"), (n ? n : "-"), (f ? f : "-")}'
 }
 
 tls_probe() { # tls_probe PORT [OPTION]: "<protocol> <cipher suite>" of a handshake ("- -": none);
@@ -361,16 +364,18 @@ do_verify() {
     if [ $mism = 0 ]; then log "ok   $name: WS upgrade for 10 ids routed like HTTP"; else log "FAIL $name: $mism/10 WS upgrades routed differently from HTTP"; fail=1; fi
     # post and tls: a POST with a POST_BYTES body answers 200, its whole body reaches the backend
     # (x-body-bytes) and it is routed like the GETs of its key; then the same on the TLS port.
-    local scheme p st got bad
+    # The backend also saw the same header work from every proxy: X-Forwarded-For, -Proto, -Host
+    # and X-Request-Id (x-forwarding-seen).
+    local scheme p st got fwd bad
     for scheme in http https; do
       if [ $scheme = http ]; then p=$port; else p=${TLS_PORT_OF[$name]}; fi
       bad=""
       for id in 1 2 3 4 5 6 7 8 9 10; do
-        read -r st b got < <(post_probe "$scheme://127.0.0.1:$p/docs/doc-$id/content" "doc-$id")
-        [ "$st" = 200 ] && [ "$got" = "$POST_BYTES" ] && [ "$b" = "${where[doc-$id]}" ] \
-          || bad+="doc-$id:status=$st,backend=$b(GET:${where[doc-$id]}),body=$got "
+        read -r st b got fwd < <(post_probe "$scheme://127.0.0.1:$p/docs/doc-$id/content" "doc-$id")
+        [ "$st" = 200 ] && [ "$got" = "$POST_BYTES" ] && [ "$b" = "${where[doc-$id]}" ] && [ "$fwd" = for,proto,host,id ] \
+          || bad+="doc-$id:status=$st,backend=$b(GET:${where[doc-$id]}),body=$got,forwarding=$fwd "
       done
-      if [ -z "$bad" ]; then log "ok   $name: $scheme POST x10 with a $POST_BYTES-byte body: 200, body delivered, routed like GET"
+      if [ -z "$bad" ]; then log "ok   $name: $scheme POST x10 with a $POST_BYTES-byte body: 200, body delivered, routed like GET, forwarding headers for,proto,host,id"
       else log "FAIL $name: $scheme POST: $bad"; fail=1; fi
     done
     local proto suite
@@ -440,15 +445,22 @@ round_order() {
 #   http  GETs only (lua/docids.lua), plain HTTP/1.1
 #   post  every POST_EVERY-th request a POST with a POST_BYTES body (lua/post_mix.lua)
 #   tls   the post mix over TLS 1.3 (each proxy's TLS port); not `direct` (no TLS on the backends)
+#   churn     GETs with `Connection: close`: a new client connection per request (the proxies
+#             keep their backend connections)
+#   churntls  the same over TLS 1.3: a full handshake per request (wrk resumes no session)
 wrk_targets() { # wrk_targets SCENARIO
-  local t; for t in $TARGETS; do [ "$1" = tls ] && [ "$t" = direct ] && continue; printf '%s ' "$t"; done
+  local t; for t in $TARGETS; do
+    case $1 in tls|churntls) [ "$t" = direct ] && continue ;; esac
+    printf '%s ' "$t"
+  done
 }
 
 wrk_one() { # wrk_one SCENARIO TARGET SECS OUTFILE
-  local script=lua/post_mix.lua url="http://127.0.0.1:${PORT_OF[$2]}/"
-  [ "$1" = http ] && script=lua/docids.lua
-  [ "$1" = tls ] && url="https://127.0.0.1:${TLS_PORT_OF[$2]}/"
-  measured "$2" "$4" env DOC_IDS="$DOC_IDS" POST_EVERY="$POST_EVERY" POST_BYTES="$POST_BYTES" \
+  local script=lua/post_mix.lua url="http://127.0.0.1:${PORT_OF[$2]}/" churn=0
+  case $1 in http|churn|churntls) script=lua/docids.lua ;; esac
+  case $1 in churn|churntls) churn=1 ;; esac
+  case $1 in tls|churntls) url="https://127.0.0.1:${TLS_PORT_OF[$2]}/" ;; esac
+  measured "$2" "$4" env DOC_IDS="$DOC_IDS" POST_EVERY="$POST_EVERY" POST_BYTES="$POST_BYTES" CHURN="$churn" \
     timeout $(($3 + 30)) "${LOADPIN[@]}" wrk -t"$LOAD_THREADS" -c"$HTTP_CONNS" -d"$3s" --latency -s "$script" "$url"
 }
 
@@ -456,7 +468,7 @@ wrk_errors() { # wrk_errors FILE: socket errors + non-2xx/3xx responses of one w
   awk '/Socket errors/{gsub(/,/, ""); e += $4 + $6 + $8 + $10} /Non-2xx or 3xx/{e += $NF} END{print e + 0}' "$1"
 }
 
-do_wrk() { # do_wrk SCENARIO: http, post or tls
+do_wrk() { # do_wrk SCENARIO: http, post, tls, churn or churntls
   local s=$1 t r i order targets
   targets=$(wrk_targets "$s")
   RUN_TAGS=(round=0 seed="$SEED")
@@ -524,13 +536,13 @@ start_all
 rc=0
 case "$MEASURE" in
   verify) do_verify || rc=1 ;;
-  http|post|tls) do_wrk "$MEASURE" ;;
+  http|post|tls|churn|churntls) do_wrk "$MEASURE" ;;
   ws)     do_ws ws 0 ;;
   wsrate) do_ws wsrate "$WS_FIXED_RATE" ;;
   idle)   do_idle ;;
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
-  real)   do_verify || rc=1; do_wrk post; do_wrk tls ;;
+  real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls ;;
 esac
 cleanup
 python3 tools/summarize.py "$OUT" | tee "$OUT/summary.md"

@@ -8,7 +8,10 @@
 //! * anything else -> small 200 response, sent after the request body (if any) has been read
 //!   to its end and discarded; a request that had a body gets `x-body-bytes: <length read>`.
 //!
-//! Every HTTP response carries `x-backend: <name>` and echoes `x-doc-id`.
+//! Every HTTP response carries `x-backend: <name>`, echoes `x-doc-id`, and says in
+//! `x-forwarding-seen` which of X-Forwarded-For, -Proto, -Host and X-Request-Id the request
+//! carried (`for,proto,host,id` when all four): bench/run.sh's `verify` checks that every proxy
+//! does the same header work.
 //! Listens on 127.0.0.1 only.
 
 use std::convert::Infallible;
@@ -62,9 +65,47 @@ fn is_ws_upgrade(req: &Request<Incoming>) -> bool {
         .headers()
         .get(CONNECTION)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        .map(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
         .unwrap_or(false);
     upgrade && conn
+}
+
+/// Which forwarding headers a request carried, as a static list (no allocation per request).
+fn forwarding_seen(req: &Request<Incoming>) -> &'static str {
+    const NAMES: [&str; 4] = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ];
+    const LISTS: [&str; 16] = [
+        "",
+        "for",
+        "proto",
+        "for,proto",
+        "host",
+        "for,host",
+        "proto,host",
+        "for,proto,host",
+        "id",
+        "for,id",
+        "proto,id",
+        "for,proto,id",
+        "host,id",
+        "for,host,id",
+        "proto,host,id",
+        "for,proto,host,id",
+    ];
+    let mut bits = 0;
+    for (i, n) in NAMES.iter().enumerate() {
+        if req.headers().contains_key(*n) {
+            bits |= 1 << i;
+        }
+    }
+    LISTS[bits]
 }
 
 async fn handle(
@@ -73,6 +114,7 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let doc_id = req.headers().get("x-doc-id").cloned();
+    let seen = forwarding_seen(&req);
 
     if path.starts_with("/ws/") && is_ws_upgrade(&req) {
         let key = match req.headers().get("sec-websocket-key") {
@@ -125,7 +167,8 @@ async fn handle(
         let name = ctx.name.to_str().unwrap_or("?").to_owned();
         tokio::spawn(async move {
             for i in 0..SSE_EVENTS {
-                let ev = format!("id: {i}\nevent: tick\ndata: {{\"backend\":\"{name}\",\"n\":{i}}}\n\n");
+                let ev =
+                    format!("id: {i}\nevent: tick\ndata: {{\"backend\":\"{name}\",\"n\":{i}}}\n\n");
                 if tx.send(Frame::data(Bytes::from(ev))).await.is_err() {
                     return;
                 }
@@ -134,7 +177,11 @@ async fn handle(
             // Stay open; a heartbeat comment lets us notice a departed client.
             loop {
                 tokio::time::sleep(Duration::from_secs(15)).await;
-                if tx.send(Frame::data(Bytes::from_static(b": hb\n\n"))).await.is_err() {
+                if tx
+                    .send(Frame::data(Bytes::from_static(b": hb\n\n")))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -175,6 +222,7 @@ async fn handle(
     if body_bytes > 0 {
         h.insert("x-body-bytes", HeaderValue::from(body_bytes));
     }
+    h.insert("x-forwarding-seen", HeaderValue::from_static(seen));
     Ok(r)
 }
 
@@ -186,7 +234,10 @@ fn main() {
     }
     let port: u16 = args[1].parse().expect("port");
     let name = args[2].clone();
-    let threads: usize = args.get(3).map(|s| s.parse().expect("threads")).unwrap_or(1);
+    let threads: usize = args
+        .get(3)
+        .map(|s| s.parse().expect("threads"))
+        .unwrap_or(1);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
