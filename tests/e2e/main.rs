@@ -26,6 +26,8 @@ mod nginx_compat;
 mod prometheus;
 mod proxy_http;
 mod proxy_streams;
+mod schema;
+mod shell;
 mod slow_clients;
 mod tls;
 mod websocket_conformance;
