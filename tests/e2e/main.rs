@@ -21,6 +21,7 @@ mod hardening;
 mod health;
 mod http1_path;
 mod http2;
+mod image;
 mod lifecycle;
 mod nginx_compat;
 mod prometheus;
