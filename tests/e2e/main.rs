@@ -12,10 +12,10 @@ mod support;
 
 mod admin;
 mod browser_demo;
-mod catalogue;
 mod cli;
 mod convergence;
 mod differential;
+mod edge_cases;
 mod fleet;
 mod hardening;
 mod health;
