@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs kosoku (the Autobahn WebSocket test cases as a Rust/PyO3 client, from PyPI) into
-# .venv-ws/ for tests/e2e/websocket_conformance.rs. Safe to run repeatedly.
+# .venv-ws/ for tests/e2e/websocket_conformance.rs (scripts/setup-tests.sh runs it). Safe to run
+# repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv-ws/bin/kosoku ]; then

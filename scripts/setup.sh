@@ -1,29 +1,14 @@
 #!/usr/bin/env bash
-# Installs what building and testing Tether needs beyond Rust and gcc, on Debian:
-# cmake (Pingora's zlib-ng build), nginx-light (the ketama compatibility test), slowhttptest
-# (the slow-client test), etcd-server and dnsmasq-base (the fleet test's etcd and DNS
-# discovery, tests/e2e/fleet.rs), then the
-# browser test's Chromium and playwright-core (scripts/setup-browser.sh), and Prometheus for
-# the dashboard and alert test (scripts/setup-prometheus.sh), and kosoku for the WebSocket
-# conformance test (scripts/setup-ws-conformance.sh).
-# Safe to run repeatedly: it installs only what is missing.
+# Installs what building Tether needs beyond Rust and gcc, on Debian: cmake, for the zlib-ng
+# that Pingora's compression support builds from source. Nothing else: README's demo command
+# runs this; the tests' tools are installed by scripts/setup-tests.sh, which scripts/test.sh
+# runs itself. Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
 
-need=()
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v slowhttptest >/dev/null 2>&1 || need+=(slowhttptest)
-command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
-
-if [ ${#need[@]} -gt 0 ]; then
+if ! command -v cmake >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "setup: installing ${need[*]}" >&2
+  echo "setup: installing cmake" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq cmake >/dev/null
 fi
-
-"$(dirname "$0")/setup-ws-conformance.sh"
-"$(dirname "$0")/setup-browser.sh"
-"$(dirname "$0")/setup-prometheus.sh"

@@ -3,7 +3,7 @@
 mod demo;
 
 use anyhow::{bail, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +39,39 @@ enum Command {
     /// Register an app server in etcd for `discovery.etcd` upstreams, keep its lease alive,
     /// and revoke it on SIGTERM or Ctrl-C so it leaves every proxy's ring at once.
     Announce(AnnounceArgs),
+    /// Print the JSON Schema (draft 2020-12) of the config file, for editors and validators.
+    Schema,
+    /// Print a shell completion script: `tether completions bash > /etc/bash_completion.d/tether`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `tether man > tether.1 && man ./tether.1`; with `--out-dir`,
+    /// write it and one page per subcommand (`tether-run.1`, ...) there.
+    Man(ManArgs),
+    /// Probe an admin endpoint: exit 0 when `GET URL` answers 200, else 1 (for container
+    /// health checks, which have no curl).
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    /// The shell.
+    shell: clap_complete::Shell,
+}
+
+#[derive(Args)]
+struct ManArgs {
+    /// Write `tether.1` and a page per subcommand into this directory instead of printing.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// `http://ip:port/path` (plain HTTP).
+    #[arg(default_value = "http://127.0.0.1:9901/healthz")]
+    url: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -215,6 +248,49 @@ fn announce(args: AnnounceArgs) -> Result<()> {
     Ok(())
 }
 
+fn man(args: &ManArgs) -> Result<()> {
+    let command = Cli::command();
+    match &args.out_dir {
+        Some(dir) => clap_mangen::generate_to(command, dir).map_err(Into::into),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &page).map_err(Into::into)
+        }
+    }
+}
+
+/// One `GET` over plain HTTP/1.1 with a deadline; Ok when the status is 200.
+fn probe(args: &ProbeArgs) -> Result<()> {
+    use std::io::{Read, Write};
+    let rest = args
+        .url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("{}: only http:// URLs", args.url))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let address: SocketAddr = authority
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{}: expected http://ip:port/path", args.url))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&address, args.timeout)?;
+    stream.set_read_timeout(Some(args.timeout))?;
+    stream.set_write_timeout(Some(args.timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    stream.take(1024).read_to_end(&mut head)?;
+    let status_line = String::from_utf8_lossy(&head);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    match status_line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        _ => bail!("{}: {status_line:?}", args.url),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -238,6 +314,17 @@ fn main() -> ExitCode {
         Command::Route(args) => route(args),
         Command::Demo(args) => demo::run(args),
         Command::Announce(args) => announce(args),
+        Command::Schema => {
+            print!("{}", tether_config::schema::to_json());
+            Ok(())
+        }
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "tether", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
+        }
+        Command::Man(args) => man(&args),
+        Command::Probe(args) => probe(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 //! the test rewrites), agree on every key's owner, follow `tether announce`, converge their
 //! streams on every membership change, and keep serving through an etcd outage.
 //!
-//! `scripts/setup.sh` installs `etcd-server` and `dnsmasq-base`.
+//! `scripts/setup-tests.sh` installs `etcd-server` and `dnsmasq-base`.
 
 use crate::support::{series_value, tether_binary};
 use futures_util::{stream, StreamExt};
@@ -35,7 +35,9 @@ fn program(name: &str) -> PathBuf {
             return candidate;
         }
     }
-    panic!("`{name}` is not installed; scripts/setup.sh installs it (etcd-server, dnsmasq-base)");
+    panic!(
+        "`{name}` is not installed; scripts/setup-tests.sh installs it (etcd-server, dnsmasq-base)"
+    );
 }
 
 /// A single-member etcd on free loopback ports with its data in a temp dir; killed on drop.

@@ -1,4 +1,4 @@
-//! End-to-end, catalogue section M: HTTP/2 on a TLS listener, driven by the `h2` crate's client
+//! End-to-end, HTTP/2 on a TLS listener, driven by the `h2` crate's client
 //! (which sends what hyper would refuse to): the advertised stream limit, a header-list bomb, a
 //! rapid-reset flood and a Content-Length that disagrees with the DATA. The proxy stays up,
 //! keeps serving, and nothing malformed reaches a backend.
@@ -111,7 +111,7 @@ async fn the_stream_limit_is_advertised_and_more_requests_queue_behind_it() {
         }
     };
     assert_eq!(first, Some(200));
-    // M4: SETTINGS_MAX_CONCURRENT_STREAMS is server.limits.max_concurrent_streams.
+    // SETTINGS_MAX_CONCURRENT_STREAMS is server.limits.max_concurrent_streams.
     assert_eq!(connection.max_concurrent_send_streams(), 10);
     let _task = tokio::spawn(async move {
         let _ = connection.await;
@@ -134,7 +134,7 @@ async fn a_header_list_bomb_never_reaches_a_backend() {
     let ca = Ca::new();
     let stack = start(&ca).await;
     let (mut send, _task) = h2_client(&stack, &ca).await;
-    // M1: 40 headers of 1 KiB: 40 KiB of header list against an 8 KiB limit.
+    // 40 headers of 1 KiB: 40 KiB of header list against an 8 KiB limit.
     let mut request = get("/docs/a/__bomb");
     for i in 0..40 {
         request.headers_mut().insert(
@@ -159,7 +159,7 @@ async fn a_rapid_reset_flood_is_cut_off_and_the_proxy_keeps_serving() {
     let ca = Ca::new();
     let stack = start(&ca).await;
     let (send, task) = h2_client(&stack, &ca).await;
-    // M2 (CVE-2023-44487): open streams and cancel them at once, as fast as possible.
+    // (CVE-2023-44487) open streams and cancel them at once, as fast as possible.
     let mut sent = 0;
     let mut send = Some(send);
     while sent < 2_000 {
@@ -203,7 +203,7 @@ async fn a_content_length_that_disagrees_with_the_data_is_a_stream_error() {
         let got = tokio::time::timeout(Duration::from_secs(10), response)
             .await
             .expect("no answer within 10 s");
-        // M5: a stream error, never a normal answer with the body cut or padded.
+        // A stream error, never a normal answer with the body cut or padded.
         assert!(
             got.as_ref().map_or(true, |r| r.status().as_u16() >= 400),
             "content-length {declared} with {sent} bytes got {:?}",

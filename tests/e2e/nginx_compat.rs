@@ -1,7 +1,7 @@
 //! Tether's `ketama` against the real nginx: for the same three backends and weights, a key goes
 //! to the same backend through `tether` as through nginx's `hash $http_x_doc_id consistent`.
 //!
-//! Needs nginx at `/usr/sbin/nginx` (or on `PATH`); `scripts/setup.sh` installs `nginx-light`.
+//! Needs nginx at `/usr/sbin/nginx` (or on `PATH`); `scripts/setup-tests.sh` installs `nginx-light`.
 //! Without it these tests fail rather than pass silently.
 
 use std::collections::BTreeMap;
@@ -248,7 +248,7 @@ fn nginx_binary() -> PathBuf {
         Some(p) => p,
         None => panic!(
             "nginx is not installed (looked for /usr/sbin/nginx and nginx on PATH); \
-             the ketama compatibility test needs it: run scripts/setup.sh (installs nginx-light)"
+             the ketama compatibility test needs it: run scripts/setup-tests.sh (installs nginx-light)"
         ),
     }
 }

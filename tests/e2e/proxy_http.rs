@@ -172,7 +172,7 @@ async fn an_upstream_with_no_healthy_backend_gives_503() {
         got_503,
         "the health check never marked the dead backend down"
     );
-    // H10: a fast 503 that tells the client when to come back.
+    // A fast 503 that tells the client when to come back.
     let r = http_get(&url, &[]).await.expect("GET");
     assert_eq!(r.status, 503);
     assert_eq!(r.header("retry-after"), Some("1"));

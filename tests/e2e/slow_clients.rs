@@ -1,9 +1,9 @@
-//! End-to-end, catalogue section G: slow and silent clients are closed at the request-header
+//! End-to-end, slow and silent clients are closed at the request-header
 //! deadline, connections over the cap are refused while the others keep working, keep-alive
 //! connections end after their idle time and request count, and slowhttptest's slowloris run
 //! is cut off while normal requests succeed.
 //!
-//! Needs `slowhttptest` on `PATH`; `scripts/setup.sh` installs it.
+//! Needs `slowhttptest` on `PATH`; `scripts/setup-tests.sh` installs it.
 
 use crate::support::{metric, Stack};
 use std::time::{Duration, Instant};
@@ -251,7 +251,7 @@ async fn slowhttptest_slowloris_is_cut_off_at_the_header_deadline() {
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("slowhttptest is not installed: run scripts/setup.sh");
+        .expect("slowhttptest is not installed: run scripts/setup-tests.sh");
     let mut served = 0;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(4) {
@@ -311,7 +311,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
 }
 
-/// G6: out of file descriptors, the proxy neither crashes nor spins, and recovers once the
+/// Out of file descriptors, the proxy neither crashes nor spins, and recovers once the
 /// clients leave.
 #[tokio::test(flavor = "multi_thread")]
 async fn running_out_of_file_descriptors_neither_crashes_nor_spins() {
@@ -353,7 +353,7 @@ async fn running_out_of_file_descriptors_neither_crashes_nor_spins() {
     );
 }
 
-/// G3: a request body that stalls is cut with 408; a slow *response* is not a stalled body.
+/// A request body that stalls is cut with 408; a slow *response* is not a stalled body.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_request_body_gets_408_and_a_slow_response_does_not() {
     let config = CONFIG.replace("header_timeout: 2s", "header_timeout: 2s, body_timeout: 1s");

@@ -1,9 +1,9 @@
-//! End-to-end, catalogue E9: the Autobahn WebSocket cases (run by kosoku) give the same result
+//! End-to-end, WebSocket conformance: the Autobahn WebSocket cases (run by kosoku) give the same result
 //! through Tether as directly against the backend. A proxy must be transparent: a case that is
 //! OK or NON-STRICT directly and FAILED through Tether is a Tether defect. Performance (9.*) and
 //! permessage-deflate (12.*, 13.*) cases are left out.
 //!
-//! Needs `.venv-ws/bin/kosoku`; `scripts/setup.sh` installs it (scripts/setup-ws-conformance.sh).
+//! Needs `.venv-ws/bin/kosoku`; `scripts/setup-tests.sh` installs it (scripts/setup-ws-conformance.sh).
 
 use crate::support::Stack;
 use std::collections::BTreeMap;
@@ -37,7 +37,7 @@ async fn run_cases(url: &str, out: &Path) -> BTreeMap<String, (String, String)> 
     let output = tokio::time::timeout(std::time::Duration::from_secs(120), output)
         .await
         .expect("kosoku ran over 2 minutes")
-        .expect("kosoku is not installed: run scripts/setup.sh");
+        .expect("kosoku is not installed: run scripts/setup-tests.sh");
     let index = std::fs::read_to_string(out.join("index.json")).unwrap_or_else(|e| {
         panic!(
             "no kosoku report ({e}): {}",

@@ -4,9 +4,10 @@
 //! (routes name existing upstreams, names and addresses are unique, values are in range), and a
 //! file that is wrong in any way is refused with **every** problem listed as
 //! `FILE:LINE:COLUMN: field.path: what is wrong`. Parsing is strict: unknown fields are errors
-//! (with a "did you mean" for likely typos), and keys of features not built yet (`tls`) are
-//! refused rather than ignored. This crate opens no sockets and resolves no names: backend
-//! addresses are `ip:port` (an upstream with `discovery` gets its backends at run time).
+//! (with a "did you mean" for likely typos). This crate opens no sockets and resolves no names:
+//! backend addresses are `ip:port` (an upstream with `discovery` gets its backends at run time);
+//! TLS certificate files are named here and read by the proxy. [`schema`] describes the file
+//! as a JSON Schema for editors (`tether schema`).
 //!
 //! ```
 //! let yaml = "
@@ -48,6 +49,7 @@ mod model;
 mod names;
 mod read;
 mod render;
+pub mod schema;
 mod validate;
 mod yaml;
 

@@ -355,18 +355,10 @@ mod tests {
 
     #[test]
     fn suggestions_catch_typos_but_not_unrelated_words() {
-        let known = [
-            "name",
-            "match",
-            "sticky",
-            "upstream",
-            "timeouts",
-            "retries",
-            "long_poll",
-        ];
-        assert_eq!(suggest("upstrem", &known), Some("upstream"));
-        assert_eq!(suggest("Upstream", &known), Some("upstream"));
-        assert_eq!(suggest("timeout", &known), Some("timeouts"));
+        let known = crate::names::fields::ROUTE;
+        assert_eq!(suggest("upstrem", known), Some("upstream"));
+        assert_eq!(suggest("Upstream", known), Some("upstream"));
+        assert_eq!(suggest("timeout", known), Some("timeouts"));
         assert_eq!(
             suggest("hedaer", &["header", "cookie", "query", "path"]),
             Some("header")
@@ -375,7 +367,7 @@ mod tests {
             suggest("grace", &["threads", "grace_period"]),
             Some("grace_period")
         );
-        assert_eq!(suggest("backend", &known), None);
-        assert_eq!(suggest("x", &known), None);
+        assert_eq!(suggest("backend", known), None);
+        assert_eq!(suggest("x", known), None);
     }
 }

@@ -21,9 +21,9 @@ fn parse_ok(text: &str) -> Config {
     }
 }
 
-/// The original design brief's example config, minus the keys of features not built yet (token_file,
-/// discovery, passive, rebalance).
-const DESIGN_EXAMPLE: &str = "\
+/// An annotated config that sets most fields the way a user would write them (the first
+/// example of the format; discovery, passive ejection and rebalancing are tested below).
+const ANNOTATED_EXAMPLE: &str = "\
 server:
   threads: 2                    # worker threads; default: number of CPUs
   grace_period: 30s             # SIGTERM / upgrade drain time
@@ -69,8 +69,8 @@ routes:                         # required; first match wins, in file order
 ";
 
 #[test]
-fn the_design_example_parses_into_the_documented_model() {
-    let config = parse_ok(DESIGN_EXAMPLE);
+fn the_annotated_example_parses_into_the_documented_model() {
+    let config = parse_ok(ANNOTATED_EXAMPLE);
     assert_eq!(
         config.server,
         Server {
@@ -222,7 +222,7 @@ fn hosts_methods_and_header_names_are_normalised() {
 
 #[test]
 fn a_full_config_survives_the_round_trip_through_to_yaml() {
-    let mut config = parse_ok(DESIGN_EXAMPLE);
+    let mut config = parse_ok(ANNOTATED_EXAMPLE);
     // Exercise every variant the renderer must handle, including ones the example lacks.
     config.server.grace_period = Duration::from_millis(1500);
     config.listeners.push(Listener {

@@ -7,6 +7,7 @@ mod route;
 mod upstream;
 
 use crate::model::*;
+use crate::names::{fields, ACCESS_LOG_FORMATS};
 use crate::read::{field, item, Cx};
 use crate::yaml::{Mark, Node};
 use route::route;
@@ -29,8 +30,6 @@ pub(crate) struct Spots {
     pub upstreams_readable: bool,
 }
 
-const TOP: [&str; 5] = ["server", "listeners", "admin", "upstreams", "routes"];
-
 /// Converts the document root. The result is only meaningful when `cx` holds no errors.
 pub(crate) fn config(cx: &mut Cx, root: &Node) -> (Config, Spots) {
     let mut spots = Spots::default();
@@ -41,7 +40,7 @@ pub(crate) fn config(cx: &mut Cx, root: &Node) -> (Config, Spots) {
         upstreams: Vec::new(),
         routes: Vec::new(),
     };
-    let Some(top) = cx.map(root, "", &TOP, &[]) else {
+    let Some(top) = cx.map(root, "", fields::TOP, &[]) else {
         return (config, spots);
     };
     if let Some(node) = top.get("server") {
@@ -70,14 +69,7 @@ pub(crate) fn config(cx: &mut Cx, root: &Node) -> (Config, Spots) {
 
 fn server(cx: &mut Cx, node: &Node) -> Server {
     let mut server = Server::default();
-    let keys = [
-        "threads",
-        "grace_period",
-        "access_log",
-        "limits",
-        "trusted_proxies",
-    ];
-    let Some(f) = cx.map(node, "server", &keys, &[]) else {
+    let Some(f) = cx.map(node, "server", fields::SERVER, &[]) else {
         return server;
     };
     if let Some(n) = f.get("trusted_proxies") {
@@ -118,20 +110,7 @@ fn server(cx: &mut Cx, node: &Node) -> Server {
 
 fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
     let path = "server.limits";
-    let keys = [
-        "max_uri",
-        "max_header_bytes",
-        "max_header_line",
-        "max_headers",
-        "header_timeout",
-        "body_timeout",
-        "send_timeout",
-        "keepalive_timeout",
-        "max_connections",
-        "max_requests_per_connection",
-        "max_concurrent_streams",
-    ];
-    let f = cx.map(node, path, &keys, &[])?;
+    let f = cx.map(node, path, fields::LIMITS, &[])?;
     let mut limits = Limits::default();
     for (key, slot, max) in [
         ("max_uri", &mut limits.max_uri, 1 << 20),
@@ -174,16 +153,11 @@ fn limits(cx: &mut Cx, node: &Node) -> Option<Limits> {
 
 fn access_log(cx: &mut Cx, node: &Node) -> Option<AccessLog> {
     let path = "server.access_log";
-    let f = cx.map(node, path, &["format", "sample", "log_keys"], &[])?;
+    let f = cx.map(node, path, fields::ACCESS_LOG, &[])?;
     let mut log = AccessLog::default();
     if let Some(n) = f.get("format") {
-        let formats = [
-            ("off", AccessLogFormat::Off),
-            ("json", AccessLogFormat::Json),
-            ("logfmt", AccessLogFormat::Logfmt),
-        ];
         log.format = cx
-            .choice(n, &field(path, "format"), &formats)
+            .choice(n, &field(path, "format"), &ACCESS_LOG_FORMATS)
             .unwrap_or(log.format);
     }
     if let Some(n) = f.get("sample") {
@@ -213,7 +187,7 @@ fn listeners(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Listener> {
         .enumerate()
     {
         let path = item("listeners", i);
-        let Some(f) = cx.map(node, &path, &["address", "tls"], &[]) else {
+        let Some(f) = cx.map(node, &path, fields::LISTENER, &[]) else {
             continue;
         };
         let tls = f
@@ -233,7 +207,7 @@ fn listeners(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Listener> {
 /// `tls: { cert, key }`. The files are read by the proxy (at start and on reload), which
 /// reports a missing or unreadable file with the same field path.
 fn listener_tls(cx: &mut Cx, node: &Node, path: &str) -> Option<ListenerTls> {
-    let f = cx.map(node, path, &["cert", "key"], &[])?;
+    let f = cx.map(node, path, fields::TLS, &[])?;
     let file = |cx: &mut Cx, key: &str| {
         let n = cx.required(f, path, key)?;
         match cx.string(n, &field(path, key)) {
@@ -255,7 +229,7 @@ fn listener_tls(cx: &mut Cx, node: &Node, path: &str) -> Option<ListenerTls> {
 
 fn admin(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Admin {
     let mut admin = Admin::default();
-    let Some(f) = cx.map(node, "admin", &["address", "token_file", "public"], &[]) else {
+    let Some(f) = cx.map(node, "admin", fields::ADMIN, &[]) else {
         return admin;
     };
     if let Some(n) = f.get("token_file") {

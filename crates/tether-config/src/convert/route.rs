@@ -3,21 +3,9 @@
 use super::{absolute_path, check_name, check_token, token, Spots};
 use crate::defaults;
 use crate::model::*;
-use crate::names::{KEY_SOURCES, ON_MISSING};
+use crate::names::{fields, KEY_SOURCES, ON_MISSING, RATE_LIMIT_BY};
 use crate::read::{field, item, Cx};
 use crate::yaml::Node;
-
-const ROUTE: [&str; 9] = [
-    "name",
-    "match",
-    "sticky",
-    "upstream",
-    "timeouts",
-    "retries",
-    "long_poll",
-    "max_body",
-    "rate_limit",
-];
 
 pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> Route {
     let mut route = Route {
@@ -32,7 +20,7 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
         rate_limit: None,
     };
     let (mut name_mark, mut upstream_mark) = (None, None);
-    if let Some(f) = cx.map(node, path, &ROUTE, &[]) {
+    if let Some(f) = cx.map(node, path, fields::ROUTE, &[]) {
         if let Some(n) = cx.required(f, path, "name") {
             if let Some(name) = cx.string(n, &field(path, "name")) {
                 if check_name(cx, n.mark, &field(path, "name"), &name) {
@@ -79,11 +67,9 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
     route
 }
 
-const MATCH: [&str; 5] = ["host", "path_prefix", "path", "methods", "headers"];
-
 fn route_match(cx: &mut Cx, node: &Node, path: &str) -> RouteMatch {
     let mut m = RouteMatch::default();
-    let Some(f) = cx.map(node, path, &MATCH, &[]) else {
+    let Some(f) = cx.map(node, path, fields::MATCH, &[]) else {
         return m;
     };
     if let Some(n) = f.get("host") {
@@ -132,7 +118,7 @@ fn route_match(cx: &mut Cx, node: &Node, path: &str) -> RouteMatch {
 }
 
 fn sticky(cx: &mut Cx, node: &Node, path: &str) -> Option<Sticky> {
-    let f = cx.map(node, path, &["keys", "on_missing"], &[])?;
+    let f = cx.map(node, path, fields::STICKY, &[])?;
     let mut on_missing = defaults::ON_MISSING;
     if let Some(n) = f.get("on_missing") {
         on_missing = cx
@@ -154,7 +140,7 @@ fn sticky(cx: &mut Cx, node: &Node, path: &str) -> Option<Sticky> {
 }
 
 fn key_source(cx: &mut Cx, node: &Node, path: &str) -> Option<KeySource> {
-    let f = cx.map(node, path, &KEY_SOURCES, &[])?;
+    let f = cx.map(node, path, fields::KEY_SOURCE, &[])?;
     let mut present = f
         .entries
         .iter()
@@ -218,7 +204,7 @@ fn path_pattern(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
 
 fn timeouts(cx: &mut Cx, node: &Node, path: &str) -> Timeouts {
     let mut t = Timeouts::default();
-    let Some(f) = cx.map(node, path, &["read", "idle"], &[]) else {
+    let Some(f) = cx.map(node, path, fields::TIMEOUTS, &[]) else {
         return t;
     };
     if let Some(n) = f.get("read") {
@@ -262,16 +248,9 @@ fn host(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
 }
 
 fn rate_limit(cx: &mut Cx, node: &Node, path: &str) -> Option<RateLimit> {
-    let f = cx.map(node, path, &["by", "per_second", "burst"], &[])?;
+    let f = cx.map(node, path, fields::RATE_LIMIT, &[])?;
     let by = match f.get("by") {
-        Some(n) => cx.choice(
-            n,
-            &field(path, "by"),
-            &[
-                ("client_ip", RateLimitBy::ClientIp),
-                ("key", RateLimitBy::Key),
-            ],
-        )?,
+        Some(n) => cx.choice(n, &field(path, "by"), &RATE_LIMIT_BY)?,
         None => RateLimitBy::ClientIp,
     };
     let per_second = cx.required(f, path, "per_second")?;

@@ -3,7 +3,7 @@
 use super::{absolute_path, check_name, Spots};
 use crate::defaults;
 use crate::model::*;
-use crate::names::BALANCES;
+use crate::names::{fields, BALANCES};
 use crate::read::{field, item, Cx};
 use crate::yaml::{Mark, Node};
 
@@ -26,16 +26,6 @@ pub(super) fn upstreams(cx: &mut Cx, node: &Node, spots: &mut Spots) -> Vec<Upst
     out
 }
 
-const UPSTREAM: [&str; 7] = [
-    "backends",
-    "discovery",
-    "balance",
-    "connect_timeout",
-    "health_check",
-    "passive",
-    "rebalance",
-];
-
 fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<(usize, Mark)>) {
     let mut up = Upstream {
         name: name.to_string(),
@@ -48,7 +38,7 @@ fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<
         rebalance: Rebalance::default(),
     };
     let mut spots = Vec::new();
-    let Some(f) = cx.map(node, path, &UPSTREAM, &[]) else {
+    let Some(f) = cx.map(node, path, fields::UPSTREAM, &[]) else {
         return (up, spots);
     };
     if let Some(n) = f.get("discovery") {
@@ -98,7 +88,7 @@ fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<
 }
 
 fn backend(cx: &mut Cx, node: &Node, path: &str) -> Option<(Backend, Mark)> {
-    let f = cx.map(node, path, &["address", "weight"], &[])?;
+    let f = cx.map(node, path, fields::BACKEND, &[])?;
     // Both fields are read before giving up, so both can be reported.
     let weight = match f.get("weight") {
         Some(n) => cx.integer(n, &field(path, "weight"), 1, defaults::MAX_WEIGHT.into()),
@@ -119,7 +109,7 @@ fn backend(cx: &mut Cx, node: &Node, path: &str) -> Option<(Backend, Mark)> {
 }
 
 fn discovery(cx: &mut Cx, node: &Node, path: &str) -> Option<Discovery> {
-    let f = cx.map(node, path, &["etcd", "dns"], &[])?;
+    let f = cx.map(node, path, fields::DISCOVERY, &[])?;
     match (f.entry("etcd"), f.entry("dns")) {
         (Some(etcd), None) => etcd_discovery(cx, &etcd.value, &field(path, "etcd")),
         (None, Some(dns)) => dns_discovery(cx, &dns.value, &field(path, "dns")),
@@ -144,7 +134,7 @@ fn discovery(cx: &mut Cx, node: &Node, path: &str) -> Option<Discovery> {
 }
 
 fn etcd_discovery(cx: &mut Cx, node: &Node, path: &str) -> Option<Discovery> {
-    let f = cx.map(node, path, &["endpoints", "prefix"], &[])?;
+    let f = cx.map(node, path, fields::ETCD, &[])?;
     let mut endpoints = Vec::new();
     if let Some(n) = cx.required(f, path, "endpoints") {
         let list_path = field(path, "endpoints");
@@ -224,7 +214,7 @@ fn etcd_endpoint(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
 }
 
 fn dns_discovery(cx: &mut Cx, node: &Node, path: &str) -> Option<Discovery> {
-    let f = cx.map(node, path, &["name", "port", "interval", "resolver"], &[])?;
+    let f = cx.map(node, path, fields::DNS, &[])?;
     let name = match cx.required(f, path, "name") {
         Some(n) => {
             let name = cx.string(n, &field(path, "name"));
@@ -278,21 +268,12 @@ fn is_dns_name(name: &str) -> bool {
         })
 }
 
-const HEALTH: [&str; 6] = [
-    "http",
-    "tcp",
-    "interval",
-    "timeout",
-    "healthy_after",
-    "unhealthy_after",
-];
-
 fn health_check(cx: &mut Cx, node: &Node, path: &str) -> Option<HealthCheck> {
-    let f = cx.map(node, path, &HEALTH, &[])?;
+    let f = cx.map(node, path, fields::HEALTH_CHECK, &[])?;
     let kind = match (f.entry("http"), f.entry("tcp")) {
         (Some(http), None) => http_probe(cx, &http.value, &field(path, "http")),
         (None, Some(tcp)) => cx
-            .map(&tcp.value, &field(path, "tcp"), &[], &[])
+            .map(&tcp.value, &field(path, "tcp"), fields::TCP_PROBE, &[])
             .map(|_| HealthCheckKind::Tcp),
         (Some(a), Some(b)) => {
             let second = if a.key_mark > b.key_mark { a } else { b };
@@ -337,7 +318,7 @@ fn health_check(cx: &mut Cx, node: &Node, path: &str) -> Option<HealthCheck> {
 }
 
 fn http_probe(cx: &mut Cx, node: &Node, path: &str) -> Option<HealthCheckKind> {
-    let f = cx.map(node, path, &["path", "expect_status"], &[])?;
+    let f = cx.map(node, path, fields::HTTP_PROBE, &[])?;
     let probe_path = match f.get("path") {
         Some(n) => absolute_path(cx, n, &field(path, "path")),
         None => Some(defaults::HEALTH_PATH.to_string()),
@@ -353,7 +334,7 @@ fn http_probe(cx: &mut Cx, node: &Node, path: &str) -> Option<HealthCheckKind> {
 }
 
 fn passive(cx: &mut Cx, node: &Node, path: &str) -> Option<Passive> {
-    let f = cx.map(node, path, &["failures", "eject_for", "timeouts"], &[])?;
+    let f = cx.map(node, path, fields::PASSIVE, &[])?;
     let mut passive = Passive::default();
     if let Some(n) = f.get("failures") {
         passive.failures = cx
@@ -374,8 +355,7 @@ fn passive(cx: &mut Cx, node: &Node, path: &str) -> Option<Passive> {
 }
 
 fn rebalance(cx: &mut Cx, node: &Node, path: &str) -> Option<Rebalance> {
-    let keys = ["enabled", "max_per_second", "websocket_close_code"];
-    let f = cx.map(node, path, &keys, &[])?;
+    let f = cx.map(node, path, fields::REBALANCE, &[])?;
     let mut rebalance = Rebalance::default();
     if let Some(n) = f.get("enabled") {
         rebalance.enabled = cx

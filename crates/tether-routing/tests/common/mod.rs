@@ -64,7 +64,7 @@ pub fn sticky(keys: Vec<KeySource>, on_missing: OnMissing) -> Sticky {
     Sticky { keys, on_missing }
 }
 
-/// The design's chain: header `x-doc-id`, cookie `doc_id`, query `doc`.
+/// A chain of three sources: header `x-doc-id`, cookie `doc_id`, query `doc`.
 pub fn doc_chain(on_missing: OnMissing) -> Sticky {
     sticky(
         vec![
