@@ -167,6 +167,56 @@ async fn a_websocket_idle_past_the_routes_idle_timeout_is_closed() {
     );
 }
 
+/// A client that leaves a silent SSE stream is noticed at once, not at the backend's next
+/// event: its stream leaves the counts and its backend connection is closed (the backend's
+/// stream ends), with nothing sent by the backend in between.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_a_silent_sse_stream_ends_it_at_once() {
+    let stack = Stack::start(STANDARD).await;
+    let mut events = sse_events(&stack.url("/docs/quiet/sse?count=1&hold=1"))
+        .await
+        .expect("SSE through proxy");
+    assert_eq!(events.status, 200);
+    let first = tokio::time::timeout(Duration::from_secs(5), events.next_event())
+        .await
+        .expect("first event within 5 s");
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    let backend_streams = || {
+        stack
+            .backends
+            .iter()
+            .map(|b| b.open_event_streams())
+            .sum::<usize>()
+    };
+    let streams_open = || async {
+        crate::support::metrics_text(&stack)
+            .await
+            .lines()
+            .filter(|l| l.starts_with("tether_streams_open{"))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    assert_eq!(backend_streams(), 1, "the backend holds the silent stream");
+    assert_eq!(streams_open().await, 1.0, "Tether counts the stream");
+    drop(events);
+    let ended = tether_testkit::wait_until_async(Duration::from_secs(5), || async {
+        backend_streams() == 0 && streams_open().await == 0.0
+    })
+    .await;
+    assert!(
+        ended,
+        "5 s after the client left: {} backend streams, {} counted by Tether",
+        backend_streams(),
+        streams_open().await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_first_sse_event_reaches_the_client_within_100ms_of_being_sent() {
     let stack = Stack::start(STANDARD).await;

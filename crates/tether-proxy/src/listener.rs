@@ -91,7 +91,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         } else {
             ClientStream::Tls(stream)
         };
-        crate::h1::serve(&self.state, client, client_ip, shutdown, Box::new(admitted)).await;
+        // A task of its own, sized by the engine's future alone: the task Pingora spawned for
+        // the accept also holds its TLS handshake's state (8.8 KB), which a connection that
+        // lives for hours (an SSE stream, an idle keep-alive) should not keep.
+        self.state.closing.follow(shutdown);
+        tokio::spawn(crate::h1::serve(
+            self.state.clone(),
+            client,
+            client_ip,
+            Box::new(admitted),
+        ));
         None
     }
 

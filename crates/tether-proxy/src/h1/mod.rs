@@ -29,7 +29,6 @@ use crate::state::{InFlight, Installed, ProxyState};
 use crate::streams::Registration;
 use client::ClientStream;
 use deadline::LazyDeadline;
-use pingora::server::ShutdownWatch;
 use response::{Relay, Relayed, UpstreamError};
 use std::future::Future;
 use std::mem::MaybeUninit;
@@ -118,14 +117,14 @@ impl Scratch {
 }
 
 /// Serves `client` until it closes, idles out, or becomes a WebSocket tunnel (which then
-/// owns `guard`).
+/// owns `guard`). The caller has made `state.closing` follow the server's shutdown.
 pub(crate) async fn serve(
-    state: &Arc<ProxyState>,
+    state: Arc<ProxyState>,
     client: ClientStream,
     client_ip: Option<IpAddr>,
-    shutdown: &ShutdownWatch,
     guard: ConnectionGuard,
 ) {
+    let state = &state;
     let (header_timeout, keepalive_timeout, max_head) = {
         let installed = state.current();
         let limits = &installed.config.server.limits;
@@ -135,7 +134,6 @@ pub(crate) async fn serve(
             limits.max_uri + limits.max_header_bytes + 1024,
         )
     };
-    state.closing.follow(shutdown);
     let accepted = Instant::now();
     let client_ip_text = client_ip.map(|ip| {
         let mut text = Vec::new();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tether_http::chunked::ChunkedEnd;
 use tether_http::framing::Body;
 use tether_http::response::{edit_head, For, Head};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Largest backend response head.
@@ -89,6 +89,35 @@ async fn unless_closed<F: Future>(
             return Poll::Ready(Err(reason));
         }
         work.as_mut().poll(cx).map(Ok)
+    })
+    .await
+}
+
+/// Waits for `work` while watching the client: `None` when it closes its connection (or it
+/// breaks) first. A stream's client sends nothing while it listens, so it would otherwise be
+/// noticed gone only at the next event, which may be minutes away, holding the stream's
+/// memory, its backend connection and its place in the stream counts until then. Bytes it
+/// does send are a pipelined request, which the engine never serves: they are dropped and
+/// `pipelined` set, so the connection closes after the stream.
+async fn unless_client_gone<F: Future>(
+    client: &mut ClientStream,
+    pipelined: &mut bool,
+    work: F,
+) -> Option<F::Output> {
+    let mut work = pin!(work);
+    let mut scratch = [0u8; 64];
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        loop {
+            let mut read = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut *client).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => *pipelined = true,
+                Poll::Ready(_) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     })
     .await
 }
@@ -262,7 +291,8 @@ pub(crate) async fn relay(
         if let Some(control) = exchange.control {
             drop(held.take());
             let ready = timer.within(exchange.read_timeout, socket.readable());
-            if !matches!(unless_closed(control, ready).await, Ok(Ok(Ok(())))) {
+            let ready = unless_client_gone(client, &mut done.close, unless_closed(control, ready));
+            if !matches!(ready.await, Some(Ok(Ok(Ok(()))))) {
                 done.close = true;
                 return Err(Relay::AfterHead(done));
             }
