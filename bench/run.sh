@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
-#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|all|real]   (default: all)
+#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|all|real]   (default: all)
 #
-#   all  = verify http ws wsrate idle       real = verify post tls churn churntls   (traffic closer
-#   to real use: POST bodies on the keep-alive connections, the same over TLS 1.3, and a new
-#   connection per request, plain and TLS with a full handshake each)
+#   all  = verify http ws wsrate idle       real = verify post tls churn churntls sse   (traffic
+#   closer to real use: POST bodies on the keep-alive connections, the same over TLS 1.3, a new
+#   connection per request, plain and TLS with a full handshake each, and SSE streams held)
+#   sse    = SSE_CONNS event streams opened, held SSE_HOLD s and closed, in rounds (CPU per
+#            stream, first-event latency, RSS per stream), after one run per target on freshly
+#            started processes (sse-rss-<target>.txt: RSS per stream without allocator reuse)
+#   fanout = FANOUT_CONNS streams of one document, FANOUT_MSGS events published through the
+#            proxy 100 ms apart, in rounds (delivery latency, CPU per delivered event); not in
+#            `all` or `real`
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -42,10 +48,13 @@
 #                    (self-signed P-256 certificate made with openssl into RUN; no `direct`)
 #   WS_REPEATS=$REPEATS WS_CONNS=1000 WS_SECS=8 WS_SIZE=64 WS_FIXED_RATE=20000
 #   IDLE_CONNS=(what fits in the fd limit; 9000 at 20000) IDLE_HOLD=6
+#   SSE_REPEATS=$REPEATS SSE_CONNS=2000 SSE_HOLD=5 (a proxy holds 2 fds per stream)
+#   FANOUT_REPEATS=$REPEATS FANOUT_CONNS=1000 FANOUT_MSGS=20
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
 #   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_CHURN= TARGET_CHURNTLS= TARGET_WS= TARGET_WSRATE=
+#   TARGET_SSE= TARGET_FANOUT=
 #                    e.g. 0.85: summary.md says
 #                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
@@ -71,6 +80,12 @@ WS_SECS=${WS_SECS:-8}
 WS_SIZE=${WS_SIZE:-64}
 WS_FIXED_RATE=${WS_FIXED_RATE:-20000}
 IDLE_HOLD=${IDLE_HOLD:-6}
+SSE_REPEATS=${SSE_REPEATS:-$REPEATS}
+SSE_CONNS=${SSE_CONNS:-2000}
+SSE_HOLD=${SSE_HOLD:-5}
+FANOUT_REPEATS=${FANOUT_REPEATS:-$REPEATS}
+FANOUT_CONNS=${FANOUT_CONNS:-1000}
+FANOUT_MSGS=${FANOUT_MSGS:-20}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
 TETHER_BUILD=${TETHER_BUILD:-plain}
@@ -89,8 +104,8 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-case "$MEASURE" in verify|http|post|tls|churn|churntls|ws|wsrate|idle|all|real) ;;
-  *) echo "usage: $0 [verify|http|post|tls|churn|churntls|ws|wsrate|idle|all|real]" >&2; exit 2;; esac
+case "$MEASURE" in verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|all|real) ;;
+  *) echo "usage: $0 [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|all|real]" >&2; exit 2;; esac
 
 # ------------------------------------------------------------------ prerequisites
 missing=()
@@ -293,8 +308,22 @@ render_configs() {
   done
 }
 
+port_busy() { # port_busy PORT: true when something accepts connections on 127.0.0.1:PORT
+  timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
 start_all() {
-  local i name
+  local i name p busy=""
+  # Another bench run (or anything else) on our ports would answer wait_port's probes for
+  # processes of ours that failed to bind: refuse to start instead of measuring someone else's.
+  for p in "${BACKEND_PORTS[@]}"; do port_busy "$p" && busy+="$p "; done
+  for name in $TARGETS; do
+    [ "$name" = direct ] && continue
+    for p in "${PORT_OF[$name]}" "${TLS_PORT_OF[$name]}" "${ADMIN_OF[$name]}"; do
+      [ "$p" = - ] || ! port_busy "$p" || busy+="$p "
+    done
+  done
+  [ -z "$busy" ] || { log "ports already in use: $busy(another bench run?); not starting"; exit 1; }
   for i in 0 1 2; do
     start_bg "b$((i+1))" "$LOAD_CPUS" "$BACKEND_BIN" "${BACKEND_PORTS[i]}" "b$((i+1))" "$BACKEND_THREADS"
   done
@@ -516,6 +545,67 @@ do_idle() {
   done
 }
 
+# sse_one TARGET FILE: one `wsload --mode sse` run against TARGET (SSE_CONNS streams, SSE_HOLD s),
+# RSS of the target's process tree sampled by wsload before connecting and while holding.
+sse_one() {
+  timeout $((SSE_HOLD + 90)) "${LOADPIN[@]}" "$WSLOAD_BIN" --url "http://127.0.0.1:${PORT_OF[$1]}/sse/bench" \
+    --mode sse --conns "$SSE_CONNS" --ids "$DOC_IDS" --hold "$SSE_HOLD" --threads "$LOAD_THREADS" \
+    --rss-pid "${PID_OF[$1]}" --connect-concurrency 128 --timeout-ms 10000 --max-secs $((SSE_HOLD + 60)) --label "$1"
+}
+
+sse_log() { # sse_log FILE: the figures of one sse run for driver.log
+  grep -o '"connected":[0-9]*\|"errors":[0-9]*\|"first_event_p99_ms":[0-9.a-z]*\|"kb_per_stream":[0-9.a-z-]*' "$1" | tr '\n' ' '
+}
+
+# sse memory on freshly started processes: the increase of RSS while SSE_CONNS streams are
+# held, before the allocator has memory of earlier runs to reuse (the per-round runs of
+# do_sse report the same figure on long-lived processes). One run per target, seeded order.
+do_sse_rss() {
+  local t f order
+  order=$(round_order sse-rss 1) || exit 1
+  for t in $order; do
+    f=$OUT/sse-rss-$t.txt; quiet
+    sse_one "$t" >"$f" 2>&1
+    meta "$f" target="$t" busy_before="$BUSY" layout="$LAYOUT" seed="$SEED"
+    log "sse-rss $t: $(sse_log "$f")"
+    sleep 3   # let the closed sockets drain before the next target
+  done
+}
+
+# in_rounds SCENARIO REPEATS FUNC: REPEATS rounds, every target once per round in a fresh
+# random order, each run `FUNC TARGET FILE ROUND` (FILE = $OUT/SCENARIO-TARGET-ROUND.txt), 3 s
+# apart for the closed sockets to drain.
+in_rounds() {
+  local s=$1 n=$2 fn=$3 t r i order
+  for r in $(seq 1 "$n"); do
+    order=$(round_order "$s" "$r") || exit 1; i=0
+    for t in $order; do
+      i=$((i + 1)); RUN_TAGS=(round="$r" pos="$i" seed="$SEED")
+      "$fn" "$t" "$OUT/$s-$t-$r.txt" "$r"
+      sleep 3
+    done
+  done
+}
+
+# sse: rounds of SSE_CONNS streams opened (first event awaited), held SSE_HOLD s and closed;
+# CPU per stream = the target's CPU over the whole run / streams connected.
+sse_run() {
+  measured "$1" "$2" sse_one "$1"
+  log "sse $1 rep $3: $(sse_log "$2")"
+}
+do_sse() { in_rounds sse "$SSE_REPEATS" sse_run; }
+
+# fanout: FANOUT_CONNS streams of one document (one backend), then FANOUT_MSGS events
+# published through the proxy 100 ms apart; wsload times every delivery and counts the CPU
+# the target spent from the first publish until the deliveries were in (schedstat).
+fanout_run() {
+  measured "$1" "$2" timeout 120 "${LOADPIN[@]}" "$WSLOAD_BIN" --url "http://127.0.0.1:${PORT_OF[$1]}/sse/fanout" \
+    --mode fanout --conns "$FANOUT_CONNS" --msgs "$FANOUT_MSGS" --interval-ms 100 --threads "$LOAD_THREADS" \
+    --rss-pid "${PID_OF[$1]}" --connect-concurrency 128 --timeout-ms 10000 --max-secs 80 --label "$1"
+  log "fanout $1 rep $3: $(grep -o '"connected":[0-9]*\|"errors":[0-9]*\|"missed":[0-9]*\|"delivery_p99_ms":[0-9.a-z]*' "$2" | tr '\n' ' ')"
+}
+do_fanout() { in_rounds fanout "$FANOUT_REPEATS" fanout_run; }
+
 # ------------------------------------------------------------------------ main
 export DOC_IDS
 [ "$PLAIN" = 1 ] && [ "$TETHER_BUILD" = plain ] && [ -z "${TETHER_BIN_GIVEN:-}" ] \
@@ -529,6 +619,7 @@ log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${L
   echo "wrk=$(wrk -v 2>&1 | head -1)"; echo "kernel=$(uname -r) cpus=$(nproc) cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
   echo "post/tls: post_every=$POST_EVERY post_bytes=$POST_BYTES (conns, secs, repeats as http); tls: TLS 1.3, self-signed P-256 certificate, $(openssl version)"
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
+  echo "sse: conns=$SSE_CONNS hold=$SSE_HOLD repeats=$SSE_REPEATS; fanout: conns=$FANOUT_CONNS msgs=$FANOUT_MSGS interval_ms=100 repeats=$FANOUT_REPEATS"
   echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
 render_configs
@@ -540,9 +631,12 @@ case "$MEASURE" in
   ws)     do_ws ws 0 ;;
   wsrate) do_ws wsrate "$WS_FIXED_RATE" ;;
   idle)   do_idle ;;
+  sse)    do_sse_rss; do_sse ;;   # processes just started: the first run per target is fresh
+  fanout) do_fanout ;;
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
-  real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls ;;
+  real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls
+          cleanup; start_all; do_sse_rss; do_sse ;;   # sse memory on freshly started processes
 esac
 cleanup
 python3 tools/summarize.py "$OUT" | tee "$OUT/summary.md"

@@ -7,7 +7,10 @@ every peer P (haproxy, nginx; other builds also against "tether"):
 
     cpu(X, r)  = CPU µs per unit of target X in round r: utime+stime of its process tree over
                  the run (META cpu_ticks / clk_tck) divided by the requests (http, post, tls,
-                 churn, churntls: wrk) or messages (ws, wsrate; wsload RESULT) completed in that run
+                 churn, churntls: wrk) or messages (ws, wsrate; wsload RESULT) completed in that run;
+                 sse: per stream connected (the whole run: open, first event, hold, close);
+                 fanout: per event delivered to a subscriber, from the CPU ns (schedstat) wsload
+                 counted from the first publish until the deliveries were in
     ratio_r    = cpu(T, r) / cpu(P, r)            (T and P measured in the same round)
     headline   = the median over rounds of ratio_r
     95 % CI    = bootstrap of the per-round log-ratio: resample the rounds with replacement,
@@ -22,14 +25,17 @@ shows rounds total and disturbed, which runs disturbed them, and the statistic t
 all rounds and over the undisturbed rounds only.
 
 Verdict: a target t (e.g. 0.85, from TARGET_<SCENARIO> in the environment: TARGET_HTTP,
-TARGET_POST, TARGET_TLS, TARGET_CHURN, TARGET_CHURNTLS, TARGET_WS, TARGET_WSRATE) is met only
+TARGET_POST, TARGET_TLS, TARGET_CHURN, TARGET_CHURNTLS, TARGET_WS, TARGET_WSRATE, TARGET_SSE,
+TARGET_FANOUT) is met only
 when the CI's upper bound is below t. A headline figure needs at least 10 rounds
 (REPEATS>=10); fewer are marked as not a headline.
 
 Inputs: http-, post-, tls-, churn- and churntls-<target>-<round>.txt (wrk output + META line;
 the wrk scenarios share one code path: parse_wrk, per request), ws-<target>-<round>.txt and
-wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt. The
-descriptive per-target tables under each headline table show median (min–max) over rounds.
+wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt,
+sse-<target>-<round>.txt and sse-rss-<target>.txt (the run on freshly started processes),
+fanout-<target>-<round>.txt. The descriptive per-target tables under each headline table show
+median (min–max) over rounds.
 """
 import glob
 import json
@@ -94,6 +100,32 @@ def parse_ws(text):
         # A missing RESULT line (the tool died or timed out) counts as an error.
         "errors": (res.get("conn_err", 0) or 0) + (res.get("msg_err", 0) or 0) if res else 1,
     }
+
+
+def parse_sse(text):
+    res = line_json(text, "RESULT ") or {}
+    return {
+        "units": res.get("connected", 0) or 0, "conns": res.get("conns"),
+        "p50": res.get("first_event_p50_ms"), "p99": res.get("first_event_p99_ms"),
+        "max": res.get("first_event_max_ms"), "kb": res.get("kb_per_stream"),
+        "closed_early": res.get("closed_early", 0) or 0,
+        "errors": (res.get("errors", 0) or 0) if res else 1,
+    }
+
+
+def parse_fanout(text):
+    res = line_json(text, "RESULT ") or {}
+    r = {
+        "units": res.get("received", 0) or 0, "conns": res.get("conns"),
+        "connected": res.get("connected", 0) or 0, "published": res.get("published", 0) or 0,
+        "missed": res.get("missed"), "closed_early": res.get("closed_early", 0) or 0,
+        "p50": res.get("delivery_p50_ms"), "p99": res.get("delivery_p99_ms"),
+        "max": res.get("delivery_max_ms"), "pub_cpu_ns": res.get("pub_cpu_ns"),
+        "errors": (res.get("errors", 0) or 0) if res else 1,
+    }
+    if res and r["missed"] is None:
+        r["missed"] = 0
+    return r
 
 
 def num(meta, key, default=None):
@@ -257,7 +289,8 @@ def table(data, unit, latency_cols):
 
 STATISTIC = (
     "**Statistic.** For each scenario: the median over rounds of the per-round ratio of Tether's "
-    "CPU µs per request (http, post, tls, churn, churntls) or per message (ws, wsrate) to the peer's, both "
+    "CPU µs per request (http, post, tls, churn, churntls), per message (ws, wsrate), per stream (sse) "
+    "or per delivered event (fanout) to the peer's, both "
     "measured in the same round (every round visits every target in a freshly randomised order), with a "
     "bootstrap 95 % confidence interval of the per-round log-ratio ({:,} resamples of the "
     "rounds, median of each, 2.5th/97.5th percentiles, exponentiated; fixed generator seed {}). "
@@ -280,6 +313,113 @@ def post_mix(env_text):
     m = re.search(r"post_every=(\d+) post_bytes=(\d+)", env_text)
     every, size = (int(m.group(1)), int(m.group(2))) if m else (10, 1024)
     return "1 request in {} a POST with a {:,}-byte body".format(every, size)
+
+
+def sse_section(d, data):
+    """SSE streams held: the statistic on CPU per stream, then a descriptive table with the
+    memory per stream (fresh processes and rounds), first-event latency, errors."""
+    fresh = {}
+    for f in glob.glob(os.path.join(d, "sse-rss-*.txt")):
+        text = open(f).read()
+        meta = line_json(text, "META ") or {}
+        t = meta.get("target") or os.path.basename(f)[len("sse-rss-"):-len(".txt")]
+        fresh[t] = parse_sse(text)
+    if not data and not fresh:
+        return []
+    conns = sorted({r["conns"] for rs in list(data.values()) + [fresh] for r in rs.values()
+                    if r.get("conns")})
+    out = ["**SSE streams held** ({} event streams per run over 1,000 document keys, "
+           "HTTP/1.1, each awaited to its first event, held, closed; CPU = the target's process "
+           "tree over the whole run / streams connected; memory = VmRSS of the process tree while "
+           "holding minus before connecting, per stream)".format(
+               "/".join("{:,}".format(c) for c in conns) or "?"), ""]
+    if data:
+        out += headline(data, "sse", "stream")
+    head = ["target", "connected/requested", "errors (closed early)", "first event p50 ms",
+            "p99 ms", "max ms", "KB/stream fresh", "KB/stream rounds", "CPU µs/stream",
+            "foreign CPU % max", "steal % max", "disturbed runs", "retries", "rounds"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for t in sorted(set(data) | set(fresh), key=order_key):
+        rs = data.get(t, {})
+        allr = list(rs.values()) + ([fresh[t]] if t in fresh else [])
+        f = fresh.get(t)
+        row = [t,
+               "{}/{}".format(mmm([r["units"] for r in rs.values()], "{:.0f}") if rs else "–",
+                              mmm(sorted({r["conns"] for r in rs.values() if r.get("conns")}), "{:.0f}")
+                              if rs else "–"),
+               "{} ({})".format(sum(r["errors"] for r in allr), sum(r["closed_early"] for r in allr)),
+               mmm(vals(rs, "p50"), "{:.2f}"), mmm(vals(rs, "p99"), "{:.2f}"),
+               mmm(vals(rs, "max"), "{:.2f}"),
+               "{:.2f}".format(f["kb"]) if f and f.get("kb") is not None else "–",
+               mmm(vals(rs, "kb"), "{:.2f}"), mmm(vals(rs, "cpu_us"), "{:.1f}"),
+               fmax([r["foreign"] for r in rs.values()]),
+               fmax([r["steal"] for r in rs.values()], "{:.1f}"),
+               str(sum(1 for r in rs.values() if r["disturbed"])),
+               str(sum(r["retries"] for r in rs.values())), str(len(rs))]
+        out.append("| " + " | ".join(row) + " |")
+    out += ["", "Errors count streams that failed to open, did not answer 200 with "
+            "text/event-stream, sent no event within the timeout, or were ended by the other "
+            "side while held (in brackets). \"fresh\": one run per target on freshly started "
+            "processes (sse-rss-<target>.txt), before the allocator has memory of earlier runs "
+            "to reuse; \"rounds\": the per-round runs on the same long-lived processes. "
+            "First-event latency runs from writing the request to the first complete event.", ""]
+    return out
+
+
+def fanout_section(data):
+    """SSE fan-out: the statistic on CPU per delivered event (publish phase), the delivery p99
+    of every round, a descriptive table."""
+    if not data:
+        return []
+    for rs in data.values():
+        for r in rs.values():
+            # The run's whole CPU (META ticks: stream setup included) per delivered event stays
+            # in the table; the statistic uses the publish phase only.
+            r["run_cpu_us"] = r["cpu_us"]
+            r["cpu_us"] = (r["pub_cpu_ns"] / 1000.0 / r["units"]
+                           if r.get("pub_cpu_ns") is not None and r["units"] else None)
+    subs = sorted({r["conns"] for rs in data.values() for r in rs.values() if r.get("conns")})
+    out = ["**SSE fan-out** ({} streams of one document, so on one backend; events published "
+           "through the proxy 100 ms apart (POST /publish/x, the same X-Doc-Id) and delivered to "
+           "every stream; CPU = the target's process tree from the first publish until the "
+           "deliveries were in (schedstat ns, counted by wsload) / events delivered; latency = "
+           "publish sent → event read by the subscriber, including the load tool's own "
+           "scheduling of its subscribers)".format("/".join("{:,}".format(c) for c in subs) or "?"), ""]
+    out += headline(data, "fanout", "event")
+    rounds = sorted({r for rs in data.values() for r in rs})
+    head = ["delivery p99 ms"] + ["round {}".format(r) for r in rounds] + ["median"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for t in sorted(data, key=order_key):
+        rs = data[t]
+        row = [t] + ["{:.2f}".format(rs[r]["p99"]) if r in rs and rs[r].get("p99") is not None
+                     else "–" for r in rounds]
+        row.append(mmm(vals(rs, "p99"), "{:.2f}").split(" ")[0])
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    head = ["target", "subscribers", "events delivered/expected", "missed", "errors",
+            "delivery p50 ms", "p99 ms", "max ms", "CPU µs/event (publish phase)",
+            "CPU µs/event (whole run)", "foreign CPU % max", "steal % max", "disturbed runs",
+            "rounds"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for t in sorted(data, key=order_key):
+        rs = data[t]
+        row = [t, mmm([r["connected"] for r in rs.values()], "{:.0f}"),
+               "{}/{}".format(sum(r["units"] for r in rs.values()),
+                              sum(r["units"] + (r["missed"] or 0) for r in rs.values())),
+               str(sum(r["missed"] or 0 for r in rs.values())),
+               str(sum(r["errors"] for r in rs.values())),
+               mmm(vals(rs, "p50"), "{:.2f}"), mmm(vals(rs, "p99"), "{:.2f}"),
+               mmm(vals(rs, "max"), "{:.2f}"), mmm(vals(rs, "cpu_us"), "{:.2f}"),
+               mmm(vals(rs, "run_cpu_us"), "{:.1f}"),
+               fmax([r["foreign"] for r in rs.values()]),
+               fmax([r["steal"] for r in rs.values()], "{:.1f}"),
+               str(sum(1 for r in rs.values() if r["disturbed"])), str(len(rs))]
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    return out
 
 
 def main(d):
@@ -336,6 +476,12 @@ def main(d):
                 t, r["still_open"], r["conns"], r["rss_before_kb"] / 1024,
                 r["rss_after_kb"] / 1024, r["kb_per_conn"]))
         out.append("")
+    sse = load(d, "sse", parse_sse)
+    fan = load(d, "fanout", parse_fanout)
+    if (sse or fan) and not any(data for _, data in loaded):
+        out.append(STATISTIC)
+    out += sse_section(d, sse)
+    out += fanout_section(fan)
     print("\n".join(out))
 
 

@@ -4,7 +4,12 @@
 //!
 //! * `GET /ws/...` with `Upgrade: websocket` -> WebSocket echo server.
 //! * `GET /sse/...` -> text/event-stream: a few events, then the stream stays
-//!   open (a comment line every 15 s) until the client goes away.
+//!   open (a comment line every 15 s) until the client goes away. Each stream is registered
+//!   under its `x-doc-id` (the empty id when none) for `/publish/`.
+//! * `POST /publish/...` with `x-doc-id: D` -> the request body, read to its end, is sent as one
+//!   SSE event (`data: <body>\n\n`, one `data:` line per body line) to every open `/sse/` stream
+//!   of document D on this backend; answers 200 with `x-delivered: <streams it was queued to>`
+//!   (a stream whose queue is full is skipped, not counted; closed streams are pruned).
 //! * anything else -> small 200 response, sent after the request body (if any) has been read
 //!   to its end and discarded; a request that had a body gets `x-body-bytes: <length read>`.
 //!
@@ -14,8 +19,10 @@
 //! does the same header work.
 //! Listens on 127.0.0.1 only.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,6 +48,52 @@ struct Ctx {
 }
 
 const SSE_EVENTS: usize = 3;
+/// Events queued per SSE stream before a publish skips it (a client that does not read).
+const SSE_QUEUE: usize = 64;
+
+type Subscribers = HashMap<Bytes, Vec<tokio::sync::mpsc::Sender<Frame<Bytes>>>>;
+
+/// Open `/sse/` streams by document id, for `/publish/`.
+static HUB: Mutex<Option<Subscribers>> = Mutex::new(None);
+
+fn subscribe(doc: Bytes, tx: tokio::sync::mpsc::Sender<Frame<Bytes>>) {
+    let mut hub = HUB.lock().unwrap();
+    let subs = hub.get_or_insert_with(HashMap::new).entry(doc).or_default();
+    // Prune here too, so that a document nobody publishes to does not collect dead senders.
+    if subs.len() >= 64 && subs.len().is_power_of_two() {
+        subs.retain(|s| !s.is_closed());
+    }
+    subs.push(tx);
+}
+
+/// Queue `event` to every open stream of `doc`; the number it was queued to.
+fn publish(doc: &[u8], event: Bytes) -> usize {
+    let mut hub = HUB.lock().unwrap();
+    let Some(subs) = hub.as_mut().and_then(|h| h.get_mut(doc)) else {
+        return 0;
+    };
+    let mut delivered = 0;
+    subs.retain(|s| match s.try_send(Frame::data(event.clone())) {
+        Ok(()) => {
+            delivered += 1;
+            true
+        }
+        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => true,
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+    });
+    delivered
+}
+
+fn sse_event(body: &[u8]) -> Bytes {
+    let mut ev = Vec::with_capacity(body.len() + 16);
+    for line in body.split(|b| *b == b'\n') {
+        ev.extend_from_slice(b"data: ");
+        ev.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        ev.push(b'\n');
+    }
+    ev.push(b'\n');
+    Bytes::from(ev)
+}
 
 fn ws_config() -> WebSocketConfig {
     // Small eager read buffer: keeps per-connection memory low so that the
@@ -163,7 +216,9 @@ async fn handle(
     }
 
     if path.starts_with("/sse/") {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(4);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(SSE_QUEUE);
+        let key = doc_id.as_ref().map_or(Bytes::new(), |d| Bytes::copy_from_slice(d.as_bytes()));
+        subscribe(key, tx.clone());
         let name = ctx.name.to_str().unwrap_or("?").to_owned();
         tokio::spawn(async move {
             for i in 0..SSE_EVENTS {
@@ -194,6 +249,29 @@ async fn handle(
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert("cache-control", HeaderValue::from_static("no-cache"));
         h.insert("x-backend", ctx.name.clone());
+        if let Some(d) = doc_id {
+            h.insert("x-doc-id", d);
+        }
+        return Ok(r);
+    }
+
+    if path.starts_with("/publish/") && req.method() == hyper::Method::POST {
+        let mut body = Vec::new();
+        let b = req.body_mut();
+        while let Some(frame) = b.frame().await {
+            match frame {
+                Ok(f) => body.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
+                Err(_) => break,
+            }
+        }
+        let doc = doc_id.as_ref().map_or(&[][..], |d| d.as_bytes());
+        let delivered = publish(doc, sse_event(&body));
+        let mut r = Response::new(full(ctx.body.clone()));
+        let h = r.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from(ctx.body.len()));
+        h.insert("x-backend", ctx.name.clone());
+        h.insert("x-delivered", HeaderValue::from(delivered));
         if let Some(d) = doc_id {
             h.insert("x-doc-id", d);
         }

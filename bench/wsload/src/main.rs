@@ -10,9 +10,22 @@
 //!         With --rss-pid PID it samples VmRSS of PID and all its descendants
 //!         before connecting and after all connections are up, and reports the
 //!         increase per connection.
+//!   sse:  open --conns HTTP/1.1 event streams (`GET` with `Accept: text/event-stream`,
+//!         `X-Doc-Id: doc-<i % ids>`; --url http://HOST:PORT/sse/...), check 200 and
+//!         text/event-stream, time each from writing the request to its first complete
+//!         event; once all are up sample VmRSS (--rss-pid) and report the increase per
+//!         stream, hold them --hold seconds (a stream ended early is an error), close.
+//!   fanout: --conns event streams all of `X-Doc-Id: doc-fanout`; once all are up, --msgs
+//!         events published through the same URL's host (`POST /publish/x`, same doc id,
+//!         body = send time in µs), one every --interval-ms on one keep-alive connection;
+//!         every subscriber times each event's arrival. Reports delivery p50/p99/max,
+//!         missed events, and (with --rss-pid) the CPU ns the watched process tree spent
+//!         from the first publish until the deliveries were in (/proc/.../schedstat).
 //!
 //! Everything is bounded: --max-secs is a hard wall-clock limit for the whole run.
-//! Only ws:// URLs (plain TCP) are supported; intended for 127.0.0.1 targets.
+//! ws:// URLs (echo, idle) and http:// URLs (sse, fanout), plain TCP; intended for 127.0.0.1.
+
+mod sse;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +56,7 @@ struct Opts {
     connect_concurrency: usize,
     timeout_ms: u64,
     threads: usize,
+    interval_ms: u64,
     rss_pids: Vec<u32>,
     label: String,
 }
@@ -50,6 +64,7 @@ struct Opts {
 fn usage() -> ! {
     eprintln!(
         "usage: wsload --url ws://127.0.0.1:PORT/ws/x [--mode echo|idle] [--conns N] [--msgs M]\n\
+         \x20      wsload --url http://127.0.0.1:PORT/sse/x --mode sse|fanout [--interval-ms MS]\n\
          \x20      [--rate TOTAL_MSGS_PER_S (0=unpaced)] [--size BYTES] [--ids K] [--duration S]\n\
          \x20      [--hold S] [--max-secs S] [--connect-concurrency C] [--timeout-ms MS]\n\
          \x20      [--threads T] [--rss-pid PID[,PID..]] [--label NAME]"
@@ -79,6 +94,7 @@ fn parse() -> Opts {
         connect_concurrency: 256,
         timeout_ms: 5000,
         threads: 1,
+        interval_ms: 100,
         rss_pids: vec![],
         label: String::new(),
     };
@@ -104,6 +120,7 @@ fn parse() -> Opts {
             "--connect-concurrency" => o.connect_concurrency = num(k, &v),
             "--timeout-ms" => o.timeout_ms = num(k, &v),
             "--threads" => o.threads = num(k, &v),
+            "--interval-ms" => o.interval_ms = num(k, &v),
             "--rss-pid" => {
                 o.rss_pids = v
                     .split(',')
@@ -119,8 +136,9 @@ fn parse() -> Opts {
         }
         i += 2;
     }
-    if o.url.is_empty() || !o.url.starts_with("ws://") {
-        eprintln!("--url ws://HOST:PORT/PATH is required");
+    let scheme = if o.mode == "sse" || o.mode == "fanout" { "http://" } else { "ws://" };
+    if o.url.is_empty() || !o.url.starts_with(scheme) {
+        eprintln!("--url {scheme}HOST:PORT/PATH is required for --mode {}", o.mode);
         usage();
     }
     o.size = o.size.max(8);
@@ -156,11 +174,27 @@ async fn connect(o: &Opts, idx: usize) -> Result<Ws, String> {
     Ok(ws)
 }
 
+/// pid and all of its descendants.
+fn tree_pids(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        out.push(p);
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                    stack.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// VmRSS (kB) of pid plus all of its descendants.
 fn tree_rss_kb(pid: u32) -> u64 {
     let mut total = 0;
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
+    for p in tree_pids(pid) {
         if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/status")) {
             for line in s.lines() {
                 if let Some(r) = line.strip_prefix("VmRSS:") {
@@ -168,10 +202,19 @@ fn tree_rss_kb(pid: u32) -> u64 {
                 }
             }
         }
+    }
+    total
+}
+
+/// CPU time (ns on CPU, /proc/PID/task/TID/schedstat) of the threads of the given process
+/// trees: finer than the clock ticks of /proc/PID/stat, for short phases.
+fn tree_cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for p in pids.iter().flat_map(|p| tree_pids(*p)) {
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
             for t in tasks.flatten() {
-                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                    stack.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+                if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                    total += s.split_whitespace().next().and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
                 }
             }
         }
@@ -204,8 +247,13 @@ fn new_counters() -> Arc<Counters> {
 }
 
 async fn wait_attempts(c: &Counters, n: usize, deadline: Instant) -> bool {
+    wait_count(&c.attempts_done, n, deadline).await
+}
+
+/// Wait until `count` reaches n (true) or the deadline passes (false).
+async fn wait_count(count: &AtomicU64, n: usize, deadline: Instant) -> bool {
     loop {
-        if c.attempts_done.load(Ordering::Relaxed) as usize >= n {
+        if count.load(Ordering::Relaxed) as usize >= n {
             return true;
         }
         if Instant::now() >= deadline {
@@ -479,6 +527,8 @@ fn main() {
             match mode.as_str() {
                 "echo" => run_echo(o, hard_deadline).await,
                 "idle" => run_idle(o, hard_deadline).await,
+                "sse" => sse::run_sse(o, hard_deadline).await,
+                "fanout" => sse::run_fanout(o, hard_deadline).await,
                 _ => usage(),
             }
         };
