@@ -18,6 +18,7 @@
 pub(crate) mod client;
 pub(crate) mod deadline;
 pub(crate) mod response;
+pub(crate) mod stream;
 pub mod tunnel;
 
 use crate::closing::Waiter;
@@ -222,6 +223,12 @@ pub(crate) async fn serve(
                 }
                 return;
             }
+            Next::Stream(tail) => {
+                if let Some(guard) = guard.take() {
+                    stream::start(conn.client, *tail, guard);
+                }
+                return;
+            }
             Next::Close => {
                 let _ = timeout(Duration::from_secs(1), conn.client.shutdown()).await;
                 return;
@@ -247,6 +254,8 @@ enum Next {
     Close,
     /// The connection is a WebSocket tunnel from here on.
     Tunnel(Box<tunnel::Tunnel>),
+    /// The connection carries a waiting stream from here on, then closes.
+    Stream(Box<stream::Tail>),
 }
 
 enum Head {
@@ -600,6 +609,29 @@ async fn exchange<'b>(
             });
             return Next::Tunnel(Box::new(tunnel));
         }
+        Ok(Proxied::Waiting {
+            body,
+            backend,
+            registration,
+            read_timeout,
+        }) => {
+            return Next::Stream(Box::new(stream::Tail {
+                body,
+                backend,
+                registration,
+                read_timeout,
+                send_timeout: limits.send_timeout,
+                active: attempt.take_active(),
+                in_flight: ticket.in_flight,
+                installed: installed.clone(),
+                decision: attempt.decision.clone(),
+                backend_index: attempt.backend_index().unwrap_or(attempt.decision.backend),
+                request_id: request_id.to_vec(),
+                method: facts.method.into(),
+                kind,
+                started: ticket.started,
+            }));
+        }
         Err(failure) => {
             // Nothing reached the client yet: answer, then close.
             let (status, why) = failure.status();
@@ -654,6 +686,13 @@ enum Proxied {
         head_len: usize,
         backend: TcpStream,
         registration: Registration,
+    },
+    /// A stream's head went out and it waits for more (see `stream`).
+    Waiting {
+        body: response::BodyState,
+        backend: TcpStream,
+        registration: Registration,
+        read_timeout: Duration,
     },
 }
 
@@ -832,6 +871,7 @@ async fn proxy(
             send_timeout: limits.send_timeout,
             control: registration.as_ref().map(|r| &**r.control()),
             keep: (!websocket).then_some(&keep as &(dyn Fn(TcpStream) + Sync)),
+            hand_off: true,
         };
         let mut upstream = Some(socket);
         let relayed = response::relay(
@@ -863,6 +903,22 @@ async fn proxy(
                     head_len,
                     backend: socket,
                     registration,
+                });
+            }
+            Ok(Relayed::Waiting(body)) => {
+                attempt.answered();
+                let (Some(registration), Some(backend)) = (registration, upstream) else {
+                    // Not reached: only a registered stream with its connection waits.
+                    return Ok(Proxied::Done {
+                        done: body.into_done(),
+                        pipelined: true,
+                    });
+                };
+                return Ok(Proxied::Waiting {
+                    body,
+                    backend,
+                    registration,
+                    read_timeout,
                 });
             }
             Err(Relay::Upstream(UpstreamError::Io { got_bytes: false }))

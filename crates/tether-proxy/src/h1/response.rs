@@ -33,6 +33,8 @@ pub(crate) struct Exchange<'a> {
     /// soon as the response has arrived whole, before its last bytes go to the client, so the
     /// next request (perhaps from another client) finds it in the pool.
     pub keep: Option<&'a (dyn Fn(TcpStream) + Sync)>,
+    /// A stream that has to wait for its next bytes is handed back (`Relayed::Waiting`).
+    pub hand_off: bool,
 }
 
 /// How a relayed response that reached the client ended.
@@ -51,6 +53,9 @@ pub(crate) enum Relayed {
     /// The backend switched to the WebSocket protocol: the client's `101` head (`head_len`
     /// bytes) and the bytes the backend sent after it, for the tunnel to send first.
     Switched { to_client: Vec<u8>, head_len: usize },
+    /// A stream's head and first bytes went to the client, and it waits for more: the rest is
+    /// for `continue_stream` (the backend connection stays in `upstream`).
+    Waiting(BodyState),
 }
 
 /// A transport or protocol failure of the backend.
@@ -93,33 +98,39 @@ async fn unless_closed<F: Future>(
     .await
 }
 
-/// Waits for `work` while watching the client: `None` when it closes its connection (or it
-/// breaks) first. A stream's client sends nothing while it listens, so it would otherwise be
-/// noticed gone only at the next event, which may be minutes away, holding the stream's
-/// memory, its backend connection and its place in the stream counts until then. Bytes it
-/// does send are a pipelined request, which the engine never serves: they are dropped and
-/// `pipelined` set, so the connection closes after the stream.
-async fn unless_client_gone<F: Future>(
-    client: &mut ClientStream,
-    pipelined: &mut bool,
-    work: F,
-) -> Option<F::Output> {
-    let mut work = pin!(work);
-    let mut scratch = [0u8; 64];
-    poll_fn(|cx| {
-        if let Poll::Ready(out) = work.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
+/// Waits until the backend has bytes for a waiting stream: `false` when the stream is ended
+/// first (convergence, shutdown), or its client leaves. A stream's client sends nothing while
+/// it listens, so without watching it would be noticed gone only at the next event, which may
+/// be minutes away, holding the stream's sockets, memory and place in the stream counts until
+/// then. Bytes it does send are a pipelined request, which the engine never serves: they are
+/// dropped and `pipelined` set, so the connection closes after the stream.
+///
+/// All three are polled directly, with no future of their own to keep: this is what a held
+/// stream's task holds while it waits, which is most of its life.
+fn next_bytes<'a>(
+    socket: &'a TcpStream,
+    client: &'a mut ClientStream,
+    control: &'a StreamControl,
+    pipelined: &'a mut bool,
+) -> impl Future<Output = bool> + 'a {
+    poll_fn(move |cx| {
+        control.attach_relay(cx.waker());
+        if control.reason().is_some() {
+            return Poll::Ready(false);
         }
+        if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
+            return Poll::Ready(ready.is_ok());
+        }
+        let mut scratch = [0u8; 64];
         loop {
             let mut read = tokio::io::ReadBuf::new(&mut scratch);
             match std::pin::Pin::new(&mut *client).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) if !read.filled().is_empty() => *pipelined = true,
-                Poll::Ready(_) => return Poll::Ready(None),
+                Poll::Ready(_) => return Poll::Ready(false),
                 Poll::Pending => return Poll::Pending,
             }
         }
     })
-    .await
 }
 
 /// One read of the backend's response into `buf` within the read timeout; a stream's read
@@ -200,120 +211,220 @@ pub(crate) async fn relay(
     };
 
     // The body bytes that came with the head, then the rest as it arrives.
-    let mut done = Done {
-        status: head.status,
-        body_bytes: 0,
-        close: matches!(head.body, Body::UntilClose),
+    let body = BodyState {
+        done: Done {
+            status: head.status,
+            body_bytes: 0,
+            close: matches!(head.body, Body::UntilClose),
+        },
+        body: head.body,
+        reusable: head.reusable,
+        left: match head.body {
+            Body::Length(n) => n,
+            _ => 0,
+        },
+        chunks: ChunkedEnd::default(),
+        finished: head.body == Body::None || head.body == Body::Length(0),
     };
-    let mut reusable = head.reusable;
-    let mut left = match head.body {
-        Body::Length(n) => n,
-        _ => 0,
+    let arrived = Arrived {
+        buf: pooled,
+        start: head.len,
     };
-    let mut chunks = ChunkedEnd::default();
-    let mut finished = head.body == Body::None || head.body == Body::Length(0);
-    let mut start = head.len;
-    let mut first_write = true;
-    // A stream gives its buffer back while it waits for its next event (`held` is None then).
-    let mut held = Some(pooled);
-    loop {
-        let Some(ResponseBuf(buf)) = held.as_mut() else {
-            return Err(Relay::AfterHead(done));
-        };
-        let arrived = &buf[start.min(buf.len())..];
-        let take = if finished {
-            0
-        } else {
-            match head.body {
-                Body::None => 0,
-                Body::Length(_) => {
-                    let take = left.min(arrived.len() as u64) as usize;
-                    left -= take as u64;
-                    finished = left == 0;
-                    take
+    relay_body(
+        client,
+        upstream,
+        timer,
+        exchange,
+        body,
+        Some(arrived),
+        Some(out),
+    )
+    .await
+}
+
+/// Relays the rest of a stream that `relay` handed back (`Relayed::Waiting`), from a task of
+/// its own; the client connection closes after it.
+pub(crate) async fn continue_stream(
+    client: &mut ClientStream,
+    upstream: TcpStream,
+    st: BodyState,
+    control: &StreamControl,
+    read_timeout: Duration,
+    send_timeout: Duration,
+) -> Done {
+    let status = st.done.status;
+    let exchange = Exchange {
+        // Only a head's edit reads these, and the head has gone.
+        asked: For {
+            head_request: false,
+            close: true,
+            http11_client: true,
+            request_id: b"",
+            websocket_key: None,
+        },
+        read_timeout,
+        send_timeout,
+        control: Some(control),
+        keep: None,
+        hand_off: false,
+    };
+    let mut upstream = Some(upstream);
+    let mut timer = LazyDeadline::default();
+    match relay_body(client, &mut upstream, &mut timer, &exchange, st, None, None).await {
+        Ok(Relayed::Response(done)) | Err(Relay::AfterHead(done)) => done,
+        // Not reached: those need a head still to write, or `hand_off`.
+        _ => Done {
+            status,
+            body_bytes: 0,
+            close: true,
+        },
+    }
+}
+
+/// Where a response body is: how the head delimits it, and how much of it has gone.
+pub(crate) struct BodyState {
+    done: Done,
+    body: Body,
+    reusable: bool,
+    left: u64,
+    chunks: ChunkedEnd,
+    finished: bool,
+}
+
+impl BodyState {
+    /// How the response went so far, the connection to close.
+    pub(crate) fn into_done(self) -> Done {
+        Done {
+            close: true,
+            ..self.done
+        }
+    }
+
+    /// How many of `arrived` belong to the body; marks the end when they reach it.
+    fn take(&mut self, arrived: &[u8]) -> usize {
+        if self.finished {
+            return 0;
+        }
+        match self.body {
+            Body::None => 0,
+            Body::Length(_) => {
+                let take = self.left.min(arrived.len() as u64) as usize;
+                self.left -= take as u64;
+                self.finished = self.left == 0;
+                take
+            }
+            Body::Chunked => match self.chunks.feed(arrived) {
+                Ok(Some(end)) => {
+                    self.finished = true;
+                    end
                 }
-                Body::Chunked => match chunks.feed(arrived) {
-                    Ok(Some(end)) => {
-                        finished = true;
-                        end
-                    }
-                    Ok(None) => arrived.len(),
-                    Err(_) => {
-                        done.close = true;
-                        reusable = false;
-                        finished = true;
-                        arrived.len()
-                    }
-                },
-                Body::UntilClose => arrived.len(),
-            }
-        };
-        if take < arrived.len() {
-            // The backend sent more than the response: do not trust the connection again.
-            reusable = false;
+                Ok(None) => arrived.len(),
+                Err(_) => {
+                    self.done.close = true;
+                    self.reusable = false;
+                    self.finished = true;
+                    arrived.len()
+                }
+            },
+            Body::UntilClose => arrived.len(),
         }
-        done.body_bytes += take;
-        if finished && reusable && !done.close {
-            if let (Some(keep), Some(socket)) = (exchange.keep, upstream.take()) {
-                keep(socket);
+    }
+}
+
+/// Bytes read but not yet relayed: the response buffer from `start`.
+struct Arrived {
+    buf: ResponseBuf,
+    start: usize,
+}
+
+/// Relays a response body: `arrived` first (after the client's `head`, in one write), then
+/// reads as they come. A stream (`exchange.control`) that has to wait for its next bytes is
+/// handed back as `Relayed::Waiting` when `exchange.hand_off`, to wait in a task of its own
+/// (`continue_stream`).
+async fn relay_body(
+    client: &mut ClientStream,
+    upstream: &mut Option<TcpStream>,
+    timer: &mut LazyDeadline,
+    exchange: &Exchange<'_>,
+    mut st: BodyState,
+    mut arrived: Option<Arrived>,
+    mut head: Option<&mut Vec<u8>>,
+) -> Result<Relayed, Relay> {
+    loop {
+        if let Some(Arrived { buf, start }) = arrived.as_mut() {
+            let bytes = &buf.0[(*start).min(buf.0.len())..];
+            let take = st.take(bytes);
+            if take < bytes.len() {
+                // The backend sent more than the response: do not trust the connection again.
+                st.reusable = false;
             }
-        }
-        // The head goes out with the body bytes that came with it; later bytes straight from
-        // the read buffer.
-        let bytes: &[u8] = if first_write {
-            out.extend_from_slice(&arrived[..take]);
-            out
-        } else {
-            &arrived[..take]
-        };
-        if !bytes.is_empty() || first_write {
-            if write_client(client, bytes, exchange.send_timeout)
-                .await
-                .is_err()
+            st.done.body_bytes += take;
+            if st.finished && st.reusable && !st.done.close {
+                if let (Some(keep), Some(socket)) = (exchange.keep, upstream.take()) {
+                    keep(socket);
+                }
+            }
+            // The head goes out with the body bytes that came with it; later bytes straight
+            // from the read buffer.
+            let first_write = head.is_some();
+            let bytes: &[u8] = match head.take() {
+                Some(head) => {
+                    head.extend_from_slice(&bytes[..take]);
+                    head
+                }
+                None => &bytes[..take],
+            };
+            if (!bytes.is_empty() || first_write)
+                && write_client(client, bytes, exchange.send_timeout)
+                    .await
+                    .is_err()
             {
-                done.close = true;
+                st.done.close = true;
                 return if first_write {
                     Err(Relay::Client)
                 } else {
-                    Err(Relay::AfterHead(done))
+                    Err(Relay::AfterHead(st.done))
                 };
             }
-            first_write = false;
-        }
-        if finished {
-            return Ok(Relayed::Response(done));
-        }
-        buf.clear();
-        start = 0;
-        let Some(socket) = upstream.as_mut() else {
-            return Err(Relay::AfterHead(done));
-        };
-        if let Some(control) = exchange.control {
-            drop(held.take());
-            let ready = timer.within(exchange.read_timeout, socket.readable());
-            let ready = unless_client_gone(client, &mut done.close, unless_closed(control, ready));
-            if !matches!(ready.await, Some(Ok(Ok(Ok(()))))) {
-                done.close = true;
-                return Err(Relay::AfterHead(done));
+            if st.finished {
+                return Ok(Relayed::Response(st.done));
             }
-            held = Some(ResponseBuf::take());
+            buf.0.clear();
+            *start = 0;
         }
-        let Some(ResponseBuf(buf)) = held.as_mut() else {
-            return Err(Relay::AfterHead(done));
+        let Some(socket) = upstream.as_mut() else {
+            return Err(Relay::AfterHead(st.done));
         };
-        if buf.capacity() < 1024 {
-            buf.reserve(READ_SIZE);
+        let mut buf = match (exchange.control, arrived.take()) {
+            // A stream gives its buffer back while it waits for its next event, and waits in
+            // a task of its own unless it already does.
+            (Some(_), Some(_)) if exchange.hand_off => return Ok(Relayed::Waiting(st)),
+            (Some(control), held) => {
+                drop(held);
+                let ready = next_bytes(socket, client, control, &mut st.done.close);
+                if !matches!(timer.within(exchange.read_timeout, ready).await, Ok(true)) {
+                    st.done.close = true;
+                    return Err(Relay::AfterHead(st.done));
+                }
+                ResponseBuf::take()
+            }
+            (None, Some(held)) => held.buf,
+            (None, None) => ResponseBuf::take(),
+        };
+        if buf.0.capacity() < 1024 {
+            buf.0.reserve(READ_SIZE);
         }
-        match read_more(socket, buf, timer, exchange).await {
-            Ok(Ok(Ok(0))) if head.body == Body::UntilClose => return Ok(Relayed::Response(done)),
+        match read_more(socket, &mut buf.0, timer, exchange).await {
+            Ok(Ok(Ok(0))) if st.body == Body::UntilClose => return Ok(Relayed::Response(st.done)),
             Ok(Ok(Ok(n))) if n > 0 => {}
             // Truncated, broken, too slow or ended by convergence after the head went out:
             // the client can only learn by the connection closing.
             _ => {
-                done.close = true;
-                return Err(Relay::AfterHead(done));
+                st.done.close = true;
+                return Err(Relay::AfterHead(st.done));
             }
         }
+        arrived = Some(Arrived { buf, start: 0 });
     }
 }
 
