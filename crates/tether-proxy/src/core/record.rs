@@ -1,8 +1,9 @@
 //! What kind of exchange a request is (decided once, for both engines), and how a finished
 //! exchange is recorded: the route's metrics and the access log line.
 
-use crate::state::Installed;
+use crate::state::{Active, InFlight, Installed};
 use crate::streams::StreamKind;
+use std::sync::Arc;
 use std::time::Duration;
 use tether_routing::Decision;
 
@@ -123,6 +124,48 @@ pub fn record_exchange(installed: &Installed, done: &Finished<'_>) {
         duration: done.elapsed.as_secs_f64(),
     };
     crate::access_log::log(log, &entry);
+}
+
+/// An exchange that outlives the request's task (a WebSocket tunnel, a waiting stream's tail):
+/// what recording it at its end takes, and the counts it holds until then.
+pub(crate) struct Ongoing {
+    /// The backend's `active` count, taken over from the request.
+    pub active: Option<Active>,
+    pub in_flight: Option<InFlight>,
+    pub installed: Arc<Installed>,
+    pub decision: Decision,
+    pub backend_index: usize,
+    pub request_id: Vec<u8>,
+    pub started: std::time::Instant,
+}
+
+impl Ongoing {
+    /// Lets go of the counts and records the exchange.
+    pub(crate) fn finish(self, method: &str, kind: ExchangeKind, status: u16, bytes: usize) {
+        let Ongoing {
+            active,
+            in_flight,
+            installed,
+            decision,
+            backend_index,
+            request_id,
+            started,
+        } = self;
+        drop((active, in_flight));
+        record_exchange(
+            &installed,
+            &Finished {
+                decision: Some(&decision),
+                backend: Some(backend_index),
+                request_id: Some(&request_id),
+                method,
+                kind,
+                status,
+                bytes,
+                elapsed: started.elapsed(),
+            },
+        );
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ pub mod tunnel;
 use crate::closing::Waiter;
 use crate::core::admission;
 use crate::core::attempt::{Attempt, Fault};
-use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished};
+use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished, Ongoing};
 use crate::metrics::Metrics;
 use crate::state::{InFlight, Installed, ProxyState};
 use crate::streams::Registration;
@@ -599,13 +599,7 @@ async fn exchange<'b>(
                 head_len: switched_head,
                 early,
                 registration,
-                active: attempt.take_active(),
-                in_flight: ticket.in_flight,
-                installed: installed.clone(),
-                decision: attempt.decision.clone(),
-                backend_index: attempt.backend_index().unwrap_or(attempt.decision.backend),
-                request_id: request_id.to_vec(),
-                started: ticket.started,
+                ongoing: ongoing(&mut attempt, ticket, &installed, request_id),
             });
             return Next::Tunnel(Box::new(tunnel));
         }
@@ -621,15 +615,9 @@ async fn exchange<'b>(
                 registration,
                 read_timeout,
                 send_timeout: limits.send_timeout,
-                active: attempt.take_active(),
-                in_flight: ticket.in_flight,
-                installed: installed.clone(),
-                decision: attempt.decision.clone(),
-                backend_index: attempt.backend_index().unwrap_or(attempt.decision.backend),
-                request_id: request_id.to_vec(),
                 method: facts.method.into(),
                 kind,
-                started: ticket.started,
+                ongoing: ongoing(&mut attempt, ticket, &installed, request_id),
             }));
         }
         Err(failure) => {
@@ -668,6 +656,24 @@ async fn exchange<'b>(
         Next::Close
     } else {
         Next::KeepAlive
+    }
+}
+
+/// The exchange as it outlives this task (a tunnel, a stream's tail).
+fn ongoing(
+    attempt: &mut Attempt,
+    ticket: Ticket,
+    installed: &Arc<Installed>,
+    request_id: &[u8],
+) -> Ongoing {
+    Ongoing {
+        active: attempt.take_active(),
+        in_flight: ticket.in_flight,
+        installed: installed.clone(),
+        decision: attempt.decision.clone(),
+        backend_index: attempt.backend_index().unwrap_or(attempt.decision.backend),
+        request_id: request_id.to_vec(),
+        started: ticket.started,
     }
 }
 

@@ -6,12 +6,9 @@
 
 use super::client::ClientStream;
 use super::response::{self, BodyState};
-use crate::core::record::{record_exchange, ExchangeKind, Finished};
-use crate::state::{Active, InFlight, Installed};
+use crate::core::record::{ExchangeKind, Ongoing};
 use crate::streams::Registration;
-use std::sync::Arc;
 use std::time::Duration;
-use tether_routing::Decision;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -22,15 +19,9 @@ pub(crate) struct Tail {
     pub registration: Registration,
     pub read_timeout: Duration,
     pub send_timeout: Duration,
-    pub active: Option<Active>,
-    pub in_flight: Option<InFlight>,
-    pub installed: Arc<Installed>,
-    pub decision: Decision,
-    pub backend_index: usize,
-    pub request_id: Vec<u8>,
     pub method: Box<str>,
     pub kind: ExchangeKind,
-    pub started: std::time::Instant,
+    pub ongoing: Ongoing,
 }
 
 /// Relays the rest of the stream in a task of its own, then records the exchange and closes
@@ -46,15 +37,9 @@ async fn run(mut client: ClientStream, tail: Tail, guard: impl Send + 'static) {
         registration,
         read_timeout,
         send_timeout,
-        active,
-        in_flight,
-        installed,
-        decision,
-        backend_index,
-        request_id,
         method,
         kind,
-        started,
+        ongoing,
     } = tail;
     let done = response::continue_stream(
         &mut client,
@@ -67,21 +52,7 @@ async fn run(mut client: ClientStream, tail: Tail, guard: impl Send + 'static) {
     .await;
     // Deregister first, so the stream counts as closed before the exchange is logged.
     drop(registration);
-    drop(active);
-    drop(in_flight);
-    record_exchange(
-        &installed,
-        &Finished {
-            decision: Some(&decision),
-            backend: Some(backend_index),
-            request_id: Some(&request_id),
-            method: &method,
-            kind,
-            status: done.status,
-            bytes: done.body_bytes,
-            elapsed: started.elapsed(),
-        },
-    );
+    ongoing.finish(&method, kind, done.status, done.body_bytes);
     let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
     drop(guard);
 }

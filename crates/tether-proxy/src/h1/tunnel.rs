@@ -5,19 +5,16 @@
 //! frame the backend is sending and adds a close frame.
 
 use super::client::{duplicate, ClientStream};
-use crate::core::record::{record_exchange, ExchangeKind, Finished};
-use crate::state::{Active, InFlight, Installed};
+use crate::core::record::{ExchangeKind, Ongoing};
 use crate::streams::{CloseReason, Registration};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tether_http::websocket::{close_frame, FrameCursor};
-use tether_routing::Decision;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -45,14 +42,7 @@ pub struct Tunnel {
     early: Vec<u8>,
     head_len: usize,
     registration: Registration,
-    /// The backend's `active` count, taken over from the request.
-    _active: Option<Active>,
-    _in_flight: Option<InFlight>,
-    installed: Arc<Installed>,
-    decision: Decision,
-    backend_index: usize,
-    request_id: Vec<u8>,
-    started: std::time::Instant,
+    ongoing: Ongoing,
 }
 
 /// What the engine hands a tunnel.
@@ -64,13 +54,7 @@ pub(crate) struct Opened {
     pub head_len: usize,
     pub early: Vec<u8>,
     pub registration: Registration,
-    pub active: Option<Active>,
-    pub in_flight: Option<InFlight>,
-    pub installed: Arc<Installed>,
-    pub decision: Decision,
-    pub backend_index: usize,
-    pub request_id: Vec<u8>,
-    pub started: std::time::Instant,
+    pub ongoing: Ongoing,
 }
 
 impl Tunnel {
@@ -82,19 +66,13 @@ impl Tunnel {
             early: opened.early,
             head_len: opened.head_len,
             registration: opened.registration,
-            _active: opened.active,
-            _in_flight: opened.in_flight,
-            installed: opened.installed,
-            decision: opened.decision,
-            backend_index: opened.backend_index,
-            request_id: opened.request_id,
-            started: opened.started,
+            ongoing: opened.ongoing,
         }
     }
 
     /// The route's idle timeout.
     fn idle(&self) -> Duration {
-        self.installed.router.routes()[self.decision.route]
+        self.ongoing.installed.router.routes()[self.ongoing.decision.route]
             .timeouts
             .idle
     }
@@ -104,8 +82,9 @@ impl Tunnel {
         match reason {
             CloseReason::Shutdown => close_frame(1001, "proxy going away"),
             CloseReason::Rebalance => close_frame(
-                self.installed
-                    .config_upstream(self.decision.upstream)
+                self.ongoing
+                    .installed
+                    .config_upstream(self.ongoing.decision.upstream)
                     .map_or(1012, |u| u.rebalance.websocket_close_code),
                 "document moved",
             ),
@@ -234,7 +213,7 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     let control = tunnel.registration.control().clone();
     let (idle, send_timeout) = (
         tunnel.idle(),
-        tunnel.installed.config.server.limits.send_timeout,
+        tunnel.ongoing.installed.config.server.limits.send_timeout,
     );
     let Some(backend) = tunnel.backend.as_mut() else {
         return End::Failed(io::ErrorKind::NotConnected.into());
@@ -453,29 +432,14 @@ async fn run<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, mut tunnel: Tunne
     }
     let Tunnel {
         registration,
-        installed,
-        decision,
-        backend_index,
-        request_id,
-        started,
+        ongoing,
         head_len,
         ..
     } = tunnel;
     // Deregister first, so the stream counts as closed before the exchange is logged.
     drop(registration);
-    record_exchange(
-        &installed,
-        &Finished {
-            decision: Some(&decision),
-            backend: Some(backend_index),
-            request_id: Some(&request_id),
-            method: "GET",
-            kind: ExchangeKind::WebSocket,
-            status: 101,
-            bytes: usize::try_from(down.bytes)
-                .unwrap_or(usize::MAX)
-                .saturating_sub(head_len),
-            elapsed: started.elapsed(),
-        },
-    );
+    let bytes = usize::try_from(down.bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(head_len);
+    ongoing.finish("GET", ExchangeKind::WebSocket, 101, bytes);
 }
