@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether_testkit::{
-    http_get, http_request, wait_until_async, ws_connect, Message, TestBackend, WsClient,
-};
+use tether_testkit::{http_get, wait_until_async, ws_connect, Message, TestBackend, WsClient};
 use tokio::sync::mpsc;
 
 const CONFIG: &str = r#"
@@ -276,22 +274,6 @@ async fn a_killed_backend_fails_over_and_its_return_moves_back_exactly_its_keys_
     );
 }
 
-async fn set_drain(stack: &Stack, backend: &str, drain: bool) {
-    let addr = stack.backend(backend).addr();
-    let method = if drain {
-        http::Method::POST
-    } else {
-        http::Method::DELETE
-    };
-    let url = stack
-        .tether
-        .admin_url(&format!("/upstreams/docs/backends/{addr}/drain"));
-    let resp = http_request(method, &url, &[], Vec::new())
-        .await
-        .expect("drain request");
-    assert_eq!(resp.status, 200, "{}", resp.text());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn draining_a_backend_moves_all_its_streams_at_the_configured_rate_and_nothing_else() {
     let stack = Stack::start(CONFIG).await;
@@ -306,7 +288,7 @@ async fn draining_a_backend_moves_all_its_streams_at_the_configured_rate_and_not
     assert!(drained.len() >= 20);
 
     let started = Instant::now();
-    set_drain(&stack, target, true).await;
+    stack.set_drain(target, true).await;
     let all_closed = wait_until_async(Duration::from_secs(10), || {
         let done = drained.iter().all(|&i| sockets[i].closed().is_some());
         async move { done }
@@ -408,7 +390,7 @@ async fn a_backend_joining_the_ring_takes_only_the_streams_of_keys_that_moved_to
     // b2 starts drained (out of the ring), the stand-in for a fourth backend added by config:
     // undraining it is the same ring change as adding it.
     let stack = Stack::start(CONFIG).await;
-    set_drain(&stack, "b2", true).await;
+    stack.set_drain("b2", true).await;
     let mut sockets = open_all(&stack, 60).await;
     assert!(sockets.iter().all(|s| s.backend != "b2"));
     let before: BTreeMap<String, String> = sockets
@@ -417,7 +399,7 @@ async fn a_backend_joining_the_ring_takes_only_the_streams_of_keys_that_moved_to
         .collect();
 
     let joined_at = Instant::now();
-    set_drain(&stack, "b2", false).await;
+    stack.set_drain("b2", false).await;
     let (moved, untouched, converged_in) =
         assert_only_streams_moving_to(&stack, &mut sockets, &before, "b2", joined_at).await;
     eprintln!(
@@ -490,7 +472,7 @@ async fn draining_ends_the_sse_and_long_poll_responses_of_moved_keys_only() {
         .into_iter()
         .max_by_key(|b| streams.iter().filter(|s| s.1 == *b).count())
         .expect("backends");
-    set_drain(&stack, target, true).await;
+    stack.set_drain(target, true).await;
 
     let mut ended = 0;
     for (key, backend, events) in &mut streams {

@@ -1,7 +1,8 @@
 //! End-to-end, HTTP/2 on a TLS listener, driven by the `h2` crate's client
 //! (which sends what hyper would refuse to): the advertised stream limit, a header-list bomb, a
 //! rapid-reset flood and a Content-Length that disagrees with the DATA. The proxy stays up,
-//! keeps serving, and nothing malformed reaches a backend.
+//! keeps serving, and nothing malformed reaches a backend. Convergence ends HTTP/2 streams
+//! as it ends HTTP/1 ones, and a client resetting its stream ends it in the proxy at once.
 
 use crate::support::tls::Ca;
 use crate::support::Stack;
@@ -22,6 +23,11 @@ upstreams:
   docs:
     backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
 routes:
+  - name: long-poll
+    match: { path_prefix: /lp/ }
+    sticky: { keys: [ { path: "/lp/{key}" } ] }
+    upstream: docs
+    long_poll: true
   - name: docs
     match: { path_prefix: /docs/ }
     sticky: { keys: [ { path: "/docs/{key}" } ] }
@@ -211,4 +217,215 @@ async fn a_content_length_that_disagrees_with_the_data_is_a_stream_error() {
         );
     }
     still_serving(&stack, &ca).await;
+}
+
+/// Streams of one kind open in the proxy (`tether_streams_open`, all routes and backends).
+async fn open_streams(stack: &Stack, kind: &str) -> f64 {
+    crate::support::metrics_text(stack)
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("tether_streams_open{") && l.contains(&format!("kind=\"{kind}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The body of an h2 response up to the first SSE event, and the backend that sent it.
+async fn first_event(body: &mut h2::RecvStream) -> String {
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("\n\n") {
+        let data = tokio::time::timeout(Duration::from_secs(5), body.data())
+            .await
+            .expect("first event in time")
+            .expect("stream open")
+            .expect("data");
+        let _ = body.flow_control().release_capacity(data.len());
+        seen.extend_from_slice(&data);
+    }
+    let text = String::from_utf8_lossy(&seen).to_string();
+    let json = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data:"))
+        .expect("data line");
+    let event: serde_json::Value = serde_json::from_str(json.trim()).expect("event json");
+    event["backend"].as_str().expect("backend").to_string()
+}
+
+/// Convergence over HTTP/2: draining a backend ends the SSE streams of its keys (their HTTP/2
+/// streams end) and answers its waiting long-polls 503; every other stream goes on. The
+/// adapter relays these streams itself, over the engine's backend connections, so it ends
+/// them as the HTTP/1 engine does.
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_ends_the_moved_sse_streams_and_long_polls_over_http2_only() {
+    let ca = Ca::new();
+    let stack = start(&ca).await;
+    let mut streams = Vec::new();
+    for i in 0..12 {
+        let key = format!("h2-sse-{i}");
+        let (send, task) = h2_client(&stack, &ca).await;
+        let mut ready = send.ready().await.expect("ready");
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("https://localhost/docs/{key}/sse?count=1&hold=1"))
+            .header(http::header::ACCEPT, "text/event-stream")
+            .body(())
+            .expect("request");
+        let (response, _) = ready.send_request(request, true).expect("send");
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("SSE head in time")
+            .expect("SSE response");
+        assert_eq!(response.status(), 200, "{key}");
+        let mut body = response.into_body();
+        let backend = first_event(&mut body).await;
+        streams.push((key, backend, body, ready, task));
+    }
+    let mut polls = Vec::new();
+    for i in 0..6 {
+        let key = format!("h2-poll-{i}");
+        let (send, task) = h2_client(&stack, &ca).await;
+        let mut ready = send.ready().await.expect("ready");
+        let (state, _) = ready
+            .send_request(get(&format!("/lp/{key}/state")), true)
+            .expect("send");
+        let state = state.await.expect("state");
+        let owner = state.headers()["x-backend"]
+            .to_str()
+            .expect("x-backend")
+            .to_string();
+        let mut ready = ready.ready().await.expect("ready");
+        let (waiting, _) = ready
+            .send_request(get(&format!("/lp/{key}/poll?wait_ms=20000")), true)
+            .expect("send");
+        polls.push((key, owner, tokio::spawn(waiting), ready, task));
+    }
+    let all_waiting = tether_testkit::wait_until_async(Duration::from_secs(5), || async {
+        open_streams(&stack, "long_poll").await == 6.0
+    })
+    .await;
+    assert!(all_waiting, "not all long-polls are registered");
+
+    let target = ["b0", "b1", "b2"]
+        .into_iter()
+        .max_by_key(|b| {
+            streams.iter().filter(|s| s.1 == *b).count()
+                + polls.iter().filter(|p| p.1 == *b).count()
+        })
+        .expect("backends")
+        .to_string();
+    stack.set_drain(&target, true).await;
+
+    let mut ended = 0;
+    for (key, backend, body, ..) in &mut streams {
+        if *backend == target {
+            // The stream ends (an empty last DATA frame, or a reset) with nothing more sent.
+            let next = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match body.data().await {
+                        Some(Ok(data)) if data.is_empty() => continue,
+                        other => return other,
+                    }
+                }
+            })
+            .await;
+            assert!(
+                matches!(next, Ok(None) | Ok(Some(Err(_)))),
+                "{key} on the drained backend was not ended: {next:?}"
+            );
+            ended += 1;
+        }
+    }
+    let mut polls_ended = 0;
+    for (key, owner, waiting, ..) in &mut polls {
+        if *owner == target {
+            let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .expect("long-poll of the drained backend answered in time")
+                .expect("task")
+                .expect("response");
+            assert_eq!(answer.status(), 503, "{key}");
+            polls_ended += 1;
+        }
+    }
+    for (key, backend, body, ..) in &mut streams {
+        if *backend != target {
+            let next = tokio::time::timeout(Duration::from_millis(100), body.data()).await;
+            assert!(next.is_err(), "{key} on {backend} was touched: {next:?}");
+        }
+    }
+    for (key, owner, waiting, ..) in &polls {
+        if *owner != target {
+            assert!(!waiting.is_finished(), "{key} ended early");
+        }
+    }
+    assert!(ended + polls_ended >= 6, "{ended} {polls_ended}");
+    let closed = crate::support::metric(
+        &stack,
+        r#"tether_streams_closed_total{reason="rebalance",upstream="docs"}"#,
+    )
+    .await;
+    assert_eq!(closed, Some((ended + polls_ended) as f64));
+    for (_, _, waiting, ..) in polls {
+        waiting.abort();
+    }
+}
+
+/// A client that resets its SSE stream ends it in the proxy at once (its registration and
+/// backend connection go), though the backend has nothing more to send.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_resetting_its_sse_stream_ends_it_at_once() {
+    let ca = Ca::new();
+    let stack = start(&ca).await;
+    let (send, _task) = h2_client(&stack, &ca).await;
+    let mut ready = send.ready().await.expect("ready");
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri("https://localhost/docs/leaving/sse?count=1&hold=1")
+        .header(http::header::ACCEPT, "text/event-stream")
+        .body(())
+        .expect("request");
+    let (response, _) = ready.send_request(request, true).expect("send");
+    let response = response.await.expect("SSE response");
+    let mut body = response.into_body();
+    first_event(&mut body).await;
+    assert_eq!(open_streams(&stack, "sse").await, 1.0);
+    drop(body);
+    let gone = tether_testkit::wait_until_async(Duration::from_secs(5), || async {
+        open_streams(&stack, "sse").await == 0.0
+    })
+    .await;
+    assert!(gone, "the proxy still holds the stream its client reset");
+    still_serving(&stack, &ca).await;
+}
+
+/// HTTP/1 and HTTP/2 requests share one pool of backend connections: the connection an
+/// HTTP/1.1 request left kept alive serves the HTTP/2 requests that follow, one at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_and_http2_requests_share_the_backend_connections() {
+    let ca = Ca::new();
+    let stack = start(&ca).await;
+    let tls = tls_connect(stack.proxy, "localhost", ca.cert.der(), Alpn::Http1)
+        .await
+        .expect("TLS");
+    let r = https_requests(tls, "localhost", &[(Method::GET, "/docs/pooled/x", vec![])])
+        .await
+        .expect("HTTP/1.1 request");
+    assert_eq!(r[0].status, 200);
+    let owner = stack
+        .backends
+        .iter()
+        .find(|b| b.requests() == 1)
+        .expect("the backend that answered");
+    assert_eq!(owner.connections(), 1);
+    let (mut send, _task) = h2_client(&stack, &ca).await;
+    for _ in 0..5 {
+        assert_eq!(status(&mut send, get("/docs/pooled/x")).await, Some(200));
+    }
+    assert_eq!(owner.requests(), 6);
+    assert_eq!(
+        owner.connections(),
+        1,
+        "HTTP/2 requests opened backend connections of their own"
+    );
 }

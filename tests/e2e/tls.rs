@@ -190,19 +190,7 @@ async fn draining_ends_the_moved_websockets_and_sse_streams_over_tls_only() {
         streams.push((k.clone(), connection));
     }
 
-    let addr = stack
-        .backends
-        .iter()
-        .find(|b| b.name() == drained)
-        .expect("drained backend")
-        .addr();
-    let url = stack
-        .tether
-        .admin_url(&format!("/upstreams/docs/backends/{addr}/drain"));
-    let resp = tether_testkit::http_request(Method::POST, &url, &[], Vec::new())
-        .await
-        .expect("drain");
-    assert_eq!(resp.status, 200, "{}", resp.text());
+    stack.set_drain(&drained, true).await;
 
     for (k, ws) in &mut sockets {
         if owner[k.as_str()] == drained {

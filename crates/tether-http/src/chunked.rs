@@ -1,7 +1,8 @@
 //! [`ChunkedEnd`]: the one chunked decoder. It finds where a chunked body ends in bytes passed
-//! through unchanged (request bodies to a backend, responses to a client), so a message can
-//! be relayed as it arrives and its connection still kept alive after it, and it counts the
-//! body's data bytes (for `max_body`). Anything that is not exactly RFC 9112 7.1 chunked
+//! through unchanged (request bodies to a backend, responses to an HTTP/1 client), so a message
+//! can be relayed as it arrives and its connection still kept alive after it, and it counts the
+//! body's data bytes (for `max_body`); [`ChunkedEnd::decode`] also hands out the data itself,
+//! for a response going to an HTTP/2 client, which has framing of its own. Anything that is not exactly RFC 9112 7.1 chunked
 //! framing is an error: the connection cannot be trusted any more.
 
 /// Longest chunk-size line (with extensions) or trailer section accepted.
@@ -62,6 +63,19 @@ impl ChunkedEnd {
     /// Reads `bytes`, the next part of the body: `Some(n)` when the body ends after the first
     /// `n` of them (anything after belongs to the next message), `None` when it goes on.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, BadChunk> {
+        self.run(bytes, None)
+    }
+
+    /// As [`feed`](Self::feed), and appends the chunks' data among `bytes` to `data`.
+    pub fn decode(&mut self, bytes: &[u8], data: &mut Vec<u8>) -> Result<Option<usize>, BadChunk> {
+        self.run(bytes, Some(data))
+    }
+
+    fn run(
+        &mut self,
+        bytes: &[u8],
+        mut data: Option<&mut Vec<u8>>,
+    ) -> Result<Option<usize>, BadChunk> {
         if self.state == State::Done {
             return Ok(Some(0));
         }
@@ -69,6 +83,9 @@ impl ChunkedEnd {
         while i < bytes.len() {
             if let State::Data { left } = self.state {
                 let take = left.min((bytes.len() - i) as u64);
+                if let Some(data) = data.as_deref_mut() {
+                    data.extend_from_slice(&bytes[i..i + take as usize]);
+                }
                 i += take as usize;
                 self.data += take;
                 self.state = if take == left {
@@ -242,6 +259,8 @@ mod tests {
             body.extend_from_slice(b"GET / HTTP/1.1\r\n");
 
             let mut scanner = ChunkedEnd::default();
+            let mut decoder = ChunkedEnd::default();
+            let mut data = Vec::new();
             let mut at = 0;
             let mut found = None;
             for cut in cuts.iter().cycle() {
@@ -249,13 +268,18 @@ mod tests {
                     break;
                 }
                 let end = (at + cut).min(body.len());
-                if let Some(n) = scanner.feed(&body[at..end]).unwrap() {
+                let decoded = decoder.decode(&body[at..end], &mut data).unwrap();
+                let fed = scanner.feed(&body[at..end]).unwrap();
+                prop_assert_eq!(decoded, fed);
+                if let Some(n) = fed {
                     found = Some(at + n);
                     break;
                 }
                 at = end;
             }
             prop_assert_eq!(found, Some(total));
+            // Decoding hands out exactly the chunks' data, in order.
+            prop_assert_eq!(data, chunks.concat());
         }
     }
 }

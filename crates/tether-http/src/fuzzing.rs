@@ -161,6 +161,23 @@ pub fn chunked(data: &[u8], cut: usize) {
         assert!(data_bytes <= end as u64);
         assert_eq!(data_bytes, split.1);
     }
+    // Decoding finds the same end, and the same data however the reads are cut.
+    let mut decoded = Vec::new();
+    let mut end = ChunkedEnd::default();
+    let decoded_whole = end.decode(data, &mut decoded);
+    assert_eq!(decoded_whole.is_ok(), whole.0.is_ok());
+    if let (Ok(a), Ok(b)) = (&decoded_whole, &whole.0) {
+        assert_eq!(a, b, "decode and feed disagree on the end");
+        assert_eq!(decoded.len() as u64, end.data_bytes());
+    }
+    let mut pieces = Vec::new();
+    let mut end = ChunkedEnd::default();
+    if let Ok(None) = end.decode(&data[..cut], &mut pieces) {
+        let _ = end.decode(&data[cut..], &mut pieces);
+    }
+    if let Ok(Some(_)) = decoded_whole {
+        assert_eq!(pieces, decoded, "the data moved with the cut");
+    }
 }
 
 /// The WebSocket frame cursor: the boundaries it finds do not depend on how the bytes are cut.

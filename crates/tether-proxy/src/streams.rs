@@ -10,7 +10,6 @@ use atomic_waker::AtomicWaker;
 use prometheus::IntGauge;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -40,25 +39,15 @@ impl StreamKind {
 
 /// The handle convergence uses to end one stream from outside its request task.
 ///
-/// Every stream of the HTTP/1 engine (a WebSocket tunnel, an SSE or long-poll response) is
-/// relayed by a task that registers its waker here: closing marks the stream and wakes the
-/// relay, which ends it (a close frame for a WebSocket, 503 for a long-poll still waiting,
-/// the end of the connection for a response under way).
-///
-/// SSE and long-poll responses over HTTP/2 run in Pingora's relay, and Pingora has no API to
-/// close a proxied stream from outside (Pingora issue #571). What works soundly there: in
-/// `connected_to_upstream` the proxy `dup`s the upstream socket's descriptor into this handle.
-/// Closing then means `shutdown(SHUT_RD)` on that duplicate: the request task's next upstream
-/// read sees end-of-stream (writes still work, so nothing in flight turns into an error), and
-/// Pingora ends the response normally. Because the handle owns its duplicate, the descriptor
-/// number can never be recycled for another connection while the registry can reach it; the
-/// duplicate is closed when the stream deregisters.
+/// Every stream (a WebSocket tunnel, an SSE or long-poll response, over HTTP/1 or HTTP/2) is
+/// relayed by a task of Tether's that owns its backend connection and registers its waker
+/// here: closing marks the stream and wakes the relay, which ends it (a close frame for a
+/// WebSocket, 503 for a long-poll still waiting, the end of the response after).
 #[derive(Debug, Default)]
 pub struct StreamControl {
     /// 0 while open normally, else a `CloseReason` discriminant.
     closing: AtomicU8,
-    upstream: Mutex<Option<OwnedFd>>,
-    /// The relay task to wake when closing (HTTP/1 streams).
+    /// The relay task to wake when closing.
     relay: AtomicWaker,
     relay_attached: AtomicBool,
 }
@@ -85,33 +74,6 @@ impl CloseReason {
 }
 
 impl StreamControl {
-    /// Keeps a duplicate of the upstream socket `fd` (from `connected_to_upstream`).
-    pub fn attach_upstream(&self, fd: RawFd) {
-        // SAFETY: `fd` is the live upstream socket Pingora passes to `connected_to_upstream`;
-        // `fcntl(F_DUPFD_CLOEXEC)` only reads it and returns a new descriptor we then own.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup >= 0 {
-            // SAFETY: `dup` is a fresh descriptor owned by nobody else.
-            let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-            *lock(&self.upstream) = Some(owned);
-        } else {
-            // Out of descriptors: the stream still works, but convergence cannot end it. Say
-            // so, at most once a second.
-            use std::sync::atomic::{AtomicU64, Ordering};
-            static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            if LAST_WARNED.swap(now, Ordering::Relaxed) != now {
-                tracing::warn!(
-                    error = %std::io::Error::last_os_error(),
-                    "cannot duplicate an upstream socket; convergence will not be able to \
-                     close this stream (raise the open-file limit)"
-                );
-            }
-        }
-    }
-
     /// Registers the waker of the task relaying this stream; `close` wakes it.
     pub fn attach_relay(&self, waker: &Waker) {
         self.relay.register(waker);
@@ -134,9 +96,8 @@ impl StreamControl {
         }
     }
 
-    /// Asks the stream to end: marks it closing and wakes its relay, or shuts the upstream
-    /// socket down so Pingora's relay finishes. Returns false if nothing relays the stream yet
-    /// (it ends when its relay starts and sees the mark).
+    /// Asks the stream to end: marks it closing and wakes its relay. Returns false if nothing
+    /// relays the stream yet (it ends when its relay starts and sees the mark).
     pub fn close(&self, reason: CloseReason) -> bool {
         // The first reason wins; a stream is closed once.
         let _ = self
@@ -146,19 +107,7 @@ impl StreamControl {
             self.relay.wake();
             return true;
         }
-        match lock(&self.upstream).as_ref() {
-            Some(fd) => {
-                // SAFETY: `fd` is our own open duplicate; shutdown does not close it. The backend
-                // sees the connection end when Pingora drops it and the registration goes.
-                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) };
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn detach(&self) {
-        lock(&self.upstream).take();
+        false
     }
 }
 
@@ -225,7 +174,6 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.control.detach();
         lock(self.registry.shard(self.id)).remove(&self.id);
         self.open_gauge.dec();
         let reason = CloseReason::label(self.control.closing.load(Ordering::Acquire));
@@ -333,31 +281,10 @@ mod tests {
     }
 
     #[test]
-    fn closing_without_an_upstream_socket_only_marks_the_stream() {
+    fn closing_a_stream_nothing_relays_yet_only_marks_it() {
         let reg = Arc::new(StreamRegistry::default());
         let a = register(&reg, "a");
         assert!(!a.control().close(CloseReason::Rebalance));
         assert!(a.control().is_closing());
-    }
-
-    #[test]
-    fn closing_makes_the_relays_next_upstream_read_see_end_of_stream() {
-        use std::io::Read;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut upstream =
-            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (_backend, _) = listener.accept().expect("accept");
-        // Bounded: the test fails instead of hanging if the read does not end.
-        upstream
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .expect("timeout");
-        let reg = Arc::new(StreamRegistry::default());
-        let a = register(&reg, "a");
-        a.control().attach_upstream(upstream.as_raw_fd());
-        assert!(a.control().close(CloseReason::Rebalance));
-        let mut buf = [0u8; 1];
-        // The backend sent nothing and is still connected, yet the read ends at once.
-        assert_eq!(upstream.read(&mut buf).expect("read"), 0);
-        assert_eq!(a.control().reason(), Some(CloseReason::Rebalance));
     }
 }

@@ -117,6 +117,23 @@ impl Stack {
         }
     }
 
+    /// Drains (`true`) or undrains backend `name` of upstream `docs` through the admin API.
+    pub async fn set_drain(&self, name: &str, drain: bool) {
+        let addr = self.backend(name).addr();
+        let method = if drain {
+            http::Method::POST
+        } else {
+            http::Method::DELETE
+        };
+        let url = self
+            .tether
+            .admin_url(&format!("/upstreams/docs/backends/{addr}/drain"));
+        let resp = tether_testkit::http_request(method, &url, &[], Vec::new())
+            .await
+            .expect("drain request");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+
     /// The name of the backend at `addr`.
     pub fn name_of(&self, addr: SocketAddr) -> &str {
         match self.backends.iter().find(|b| b.addr() == addr) {

@@ -123,6 +123,27 @@ impl Attempt {
             .map_or(Duration::from_secs(1), |u| u.connect_timeout)
     }
 
+    /// A kept connection to `backend` from the pool when `reuse` allows and one is there,
+    /// else a new one (see [`connect`](Self::connect), which may move `backend` on to the
+    /// next owner): the socket, and whether it was kept (a kept one may turn out stale).
+    pub async fn take_or_connect(
+        &mut self,
+        state: &Arc<ProxyState>,
+        backend: &mut Arc<BackendState>,
+        reuse: bool,
+        started: Instant,
+    ) -> Option<(TcpStream, bool)> {
+        if reuse {
+            if let Some(socket) = state.pool.take(backend.address, started) {
+                self.connected();
+                return Some((socket, true));
+            }
+        }
+        let (socket, connected) = self.connect(state, backend.clone()).await?;
+        *backend = connected;
+        Some((socket, false))
+    }
+
     /// Opens a new connection, starting with `backend` (the current attempt). A failed
     /// connect is a [`Fault::Connect`] and moves on to the next owner while the retries
     /// allow. None when every attempt failed (the client gets 502).

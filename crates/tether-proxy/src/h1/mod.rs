@@ -783,26 +783,10 @@ async fn proxy(
     // WebSockets always get a connection of their own.
     let mut pooled = !websocket;
     loop {
-        let kept = if pooled {
-            conn.state.pool.take(backend.address, started)
-        } else {
-            None
-        };
-        let reused = kept.is_some();
-        let mut socket = match kept {
-            Some(socket) => {
-                attempt.connected();
-                socket
-            }
-            None => {
-                let (socket, connected) = attempt
-                    .connect(conn.state, backend.clone())
-                    .await
-                    .ok_or(Failure::Gateway)?;
-                backend = connected;
-                socket
-            }
-        };
+        let (mut socket, reused) = attempt
+            .take_or_connect(conn.state, &mut backend, pooled, started)
+            .await
+            .ok_or(Failure::Gateway)?;
         let registration = kind.stream_kind().map(|stream_kind| {
             let router = &installed.router;
             conn.state.registry.register(

@@ -1,12 +1,15 @@
-//! The HTTP/2 adapter: Pingora's `ProxyHttp` serves HTTP/2 connections (TLS with ALPN `h2`)
-//! and calls the same core as the HTTP/1 engine at each step: the checks (`tether_http::checks`),
-//! the routing decision, the backend attempt and its passive-health accounting
-//! (`core::attempt`), the header policy (`tether_http::policy`, through a [`FieldWriter`] over
-//! Pingora's header maps), the response-head validation (`tether_http::framing`) and the record.
+//! The HTTP/2 adapter: Pingora serves HTTP/2 connections (TLS with ALPN `h2`) and hands each
+//! request to `request_filter`, which does the whole exchange with the same core as the
+//! HTTP/1 engine: the checks (`tether_http::checks`), the routing decision, the admission, and
+//! then `forward`: the backend attempt and its passive-health accounting (`core::attempt`)
+//! over the engine's HTTP/1 backend connections and pool, the header policy, the one
+//! response-head validation, and the record. Pingora's own upstream side is never used.
 //! HTTP/1 never reaches it.
 
+mod forward;
+
 use crate::core::admission;
-use crate::core::attempt::{Attempt, Fault};
+use crate::core::attempt::Attempt;
 use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished};
 use crate::state::{InFlight, ProxyState};
 use crate::streams::Registration;
@@ -17,9 +20,7 @@ use pingora::apps::HttpServerOptions;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
-use pingora::protocols::Digest;
 use pingora::proxy::FailToProxy;
-use pingora::upstreams::peer::Peer;
 use pingora::{ErrorSource, ErrorType};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use std::time::Instant;
 use tether_config::Limits;
 use tether_http::checks;
 use tether_http::framing;
-use tether_http::policy::{self, FieldWriter, Forwarding, GeneratedId, Nominated};
+use tether_http::policy::{self, GeneratedId};
 use tether_routing::RequestView;
 
 /// Per-request state.
@@ -44,17 +45,8 @@ pub struct RequestCtx {
     /// Counts this request for graceful stop while it lives.
     _in_flight: InFlight,
     started: Instant,
-    /// The route's body limit, and the body bytes seen so far.
+    /// The route's body limit.
     max_body: u64,
-    body_seen: u64,
-}
-
-impl RequestCtx {
-    fn is_closing(&self) -> bool {
-        self.registration
-            .as_ref()
-            .is_some_and(|r| r.control().is_closing())
-    }
 }
 
 /// The HTTP/2 proxy application.
@@ -116,17 +108,6 @@ async fn answer(
     Ok(true)
 }
 
-/// The policy's fields into Pingora's request header.
-struct MapWriter<'a>(&'a mut RequestHeader);
-
-impl FieldWriter for MapWriter<'_> {
-    fn push(&mut self, name: &'static str, value: &[u8]) {
-        if let Ok(value) = HeaderValue::from_bytes(value) {
-            let _ = self.0.append_header(name, value);
-        }
-    }
-}
-
 /// Maps a proxy error to the status the client gets: the explicit status when a filter chose
 /// one, 504 for upstream timeouts, 502 for other upstream failures.
 fn status_for(e: &Error) -> u16 {
@@ -168,7 +149,6 @@ impl ProxyHttp for H2Proxy {
             _in_flight: self.state.enter(),
             started: Instant::now(),
             max_body: u64::MAX,
-            body_seen: 0,
         }
     }
 
@@ -258,269 +238,42 @@ impl ProxyHttp for H2Proxy {
             return answer(session, ctx, refusal.status, refusal.why).await;
         }
         ctx.max_body = max_body;
-        Ok(false)
+        match forward::forward(&self.state, session, ctx).await {
+            Ok(()) => Ok(true),
+            Err(forward::Failure::AfterHead) => {
+                // The stream is reset (the session goes without its end), so the client
+                // cannot take the cut response for a whole one.
+                tracing::warn!(
+                    request_id = %String::from_utf8_lossy(&ctx.request_id),
+                    "the backend broke off a response under way"
+                );
+                Error::e_explain(ErrorType::ConnectionClosed, "response broken off")
+            }
+            Err(failure) => {
+                let (status, why) = failure.status();
+                if status == 0 {
+                    return Ok(true);
+                }
+                answer(session, ctx, status, why).await
+            }
+        }
     }
 
+    /// Never called: `request_filter` answers every request itself.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        _ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let kind = ctx.kind;
-        let Some(attempt) = ctx.attempt.as_mut() else {
-            return Error::e_explain(ErrorType::HTTPStatus(500), "request was not routed");
-        };
-        let backend = attempt
-            .next_backend()
-            .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(502), "no backend left"))?;
-        let installed = &attempt.installed;
-        let route = &installed.router.routes()[attempt.decision.route];
-        let read_timeout = match kind {
-            ExchangeKind::Plain => route.timeouts.read,
-            _ => route.timeouts.idle,
-        };
-        let mut peer = HttpPeer::new(backend.address, false, String::new());
-        peer.options.connection_timeout = Some(attempt.connect_timeout());
-        peer.options.read_timeout = Some(read_timeout);
-        // A backend that stops reading what we forward is let go like a client that does.
-        peer.options.write_timeout = Some(installed.config.server.limits.send_timeout);
-        Ok(Box::new(peer))
+        Error::e_explain(
+            ErrorType::HTTPStatus(500),
+            "requests are forwarded by the adapter",
+        )
     }
 
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        if let Some(attempt) = &ctx.attempt {
-            attempt.fault(&self.state, Fault::Connect);
-            if attempt.may_retry() {
-                e.set_retry(true);
-            }
-        }
-        e
-    }
-
-    fn error_while_proxy(
-        &self,
-        peer: &HttpPeer,
-        session: &mut Session,
-        e: Box<Error>,
-        ctx: &mut RequestCtx,
-        client_reused: bool,
-    ) -> Box<Error> {
-        let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.is_closing() {
-            // Convergence ended this stream on purpose: not a backend fault, never retried.
-            e.set_retry(false);
-            return e;
-        }
-        if e.esource() == &ErrorSource::Upstream {
-            let fault = match e.etype() {
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(Fault::Timeout),
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
-                    Some(Fault::Reset)
-                }
-                ErrorType::InvalidHTTPHeader | ErrorType::HTTPStatus(502) => {
-                    Some(Fault::BrokenResponse)
-                }
-                _ => None,
-            };
-            if let (Some(fault), Some(attempt)) = (fault, &ctx.attempt) {
-                attempt.fault(&self.state, fault);
-            }
-        }
-        // Pingora's default policy: retry only idempotent requests whose body is still buffered.
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
-        e
-    }
-
-    async fn connected_to_upstream(
-        &self,
-        _session: &mut Session,
-        _reused: bool,
-        peer: &HttpPeer,
-        fd: std::os::unix::io::RawFd,
-        _digest: Option<&Digest>,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        let Some(attempt) = ctx.attempt.as_mut() else {
-            return Ok(());
-        };
-        attempt.connected();
-        let Some(kind) = ctx.kind.stream_kind() else {
-            return Ok(());
-        };
-        let Some(backend) = peer.address().as_inet().copied() else {
-            return Ok(());
-        };
-        let router = &attempt.installed.router;
-        let decision = &attempt.decision;
-        // A retry replaces the registration of the failed attempt.
-        ctx.registration = None;
-        let registration = self.state.registry.register(
-            Arc::from(router.routes()[decision.route].name.as_str()),
-            Arc::from(router.upstreams()[decision.upstream].name.as_str()),
-            decision.key.as_deref().map(Arc::from),
-            backend,
-            kind,
-        );
-        // Pingora relays the stream and has no way to end it from outside: the registry keeps
-        // a duplicate of the upstream socket and shuts its reading side to end it.
-        registration.control().attach_upstream(fd);
-        ctx.registration = Some(registration);
-        Ok(())
-    }
-
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if let Some(chunk) = body {
-            ctx.body_seen += chunk.len() as u64;
-            if ctx.body_seen > ctx.max_body {
-                crate::metrics::refused("body_too_large", 413);
-                return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
-            }
-        }
-        Ok(())
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        let Some(attempt) = &ctx.attempt else {
-            return Ok(());
-        };
-        let trusted = ctx.client_ip.is_some_and(|ip| attempt.installed.trusts(ip));
-        // The target Tether routed on.
-        if let Some(path) = &attempt.decision.normalized_path {
-            let target = match upstream_request.uri.query() {
-                Some(query) => format!("{path}?{query}"),
-                None => path.clone(),
-            };
-            if let Ok(uri) = http::Uri::try_from(target) {
-                upstream_request.set_uri(uri);
-            }
-        }
-        let headers = &session.req_header().headers;
-        let mut nominated = Nominated::new();
-        for value in headers.get_all(http::header::CONNECTION) {
-            policy::nominated(value.as_bytes(), &mut nominated);
-        }
-        let dropped: Vec<http::HeaderName> = headers
-            .keys()
-            .filter(|name| !policy::keeps_request_field(name.as_str(), trusted, &nominated))
-            .cloned()
-            .collect();
-        for name in &dropped {
-            upstream_request.remove_header(name);
-        }
-        upstream_request.remove_header(&http::header::EXPECT);
-        let values = |name: &str| -> Vec<&[u8]> {
-            headers
-                .get_all(name)
-                .iter()
-                .map(HeaderValue::as_bytes)
-                .collect()
-        };
-        let chain = values("x-forwarded-for");
-        let host = headers
-            .get(http::header::HOST)
-            .map(HeaderValue::as_bytes)
-            .or_else(|| {
-                session
-                    .req_header()
-                    .uri
-                    .authority()
-                    .map(|a| a.as_str().as_bytes())
-            });
-        let mut ip_text = Vec::new();
-        if let Some(ip) = ctx.client_ip {
-            policy::push_ip(&mut ip_text, ip);
-        }
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let forwarding = Forwarding {
-            client_ip: ctx.client_ip.map(|_| &ip_text[..]),
-            trusted,
-            tls,
-            host,
-            chain: &chain,
-            proto: headers.get("x-forwarded-proto").map(HeaderValue::as_bytes),
-            forwarded_host: headers.get("x-forwarded-host").map(HeaderValue::as_bytes),
-            request_id: &ctx.request_id,
-        };
-        policy::write_forwarding(
-            &mut MapWriter(upstream_request),
-            &forwarding,
-            &mut Vec::new(),
-        );
-        Ok(())
-    }
-
-    async fn upstream_response_filter(
-        &self,
-        session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        let status = upstream_response.status.as_u16();
-        let head_request = session.req_header().method == http::Method::HEAD;
-        let fields = upstream_response
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes()));
-        let checked = framing::response(status, true, head_request, fields);
-        if checked.is_err() || status == 101 {
-            if let Some(attempt) = &ctx.attempt {
-                attempt.fault(&self.state, Fault::BrokenResponse);
-            }
-            return Error::e_explain(ErrorType::HTTPStatus(502), "unusable response from backend");
-        }
-        if let Some(attempt) = &ctx.attempt {
-            attempt.answered();
-        }
-        let dropped: Vec<http::HeaderName> = {
-            let mut nominated = Nominated::new();
-            for value in upstream_response.headers.get_all(http::header::CONNECTION) {
-                policy::nominated(value.as_bytes(), &mut nominated);
-            }
-            upstream_response
-                .headers
-                .keys()
-                .filter(|name| !policy::keeps_response_field(name.as_str(), &nominated))
-                .cloned()
-                .collect()
-        };
-        for name in &dropped {
-            upstream_response.remove_header(name);
-        }
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if let Ok(id) = HeaderValue::from_bytes(&ctx.request_id) {
-            upstream_response.insert_header("X-Request-Id", id)?;
-        }
-        Ok(())
+    /// What went wrong is logged where it is known (a client leaving is not an error).
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
     }
 
     async fn fail_to_proxy(
@@ -529,15 +282,11 @@ impl ProxyHttp for H2Proxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        // A stream convergence ended before its response started (a waiting long-poll): 503
-        // tells the client to come back, and it will reach the key's new owner.
-        let code = if ctx.is_closing() { 503 } else { status_for(e) };
+        let code = status_for(e);
         if code > 0 && session.response_written().is_none() {
             if let Err(write_err) = respond_local(session, code, reason_phrase(code)).await {
                 tracing::debug!("could not send error response: {write_err}");
             }
-        }
-        if code > 0 {
             ctx.local_status = Some(code);
         }
         FailToProxy {
