@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
-#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|all|real]   (default: all)
+#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|all|real]   (default: all)
 #
 #   all  = verify http ws wsrate idle       real = verify post tls churn churntls sse   (traffic
 #   closer to real use: POST bodies on the keep-alive connections, the same over TLS 1.3, a new
@@ -12,6 +12,9 @@
 #   fanout = FANOUT_CONNS streams of one document, FANOUT_MSGS events published through the
 #            proxy 100 ms apart, in rounds (delivery latency, CPU per delivered event); not in
 #            `all` or `real`
+#   h2     = the post mix over HTTP/2 on TLS 1.3 (ALPN h2), keep-alive: parallel h2load
+#            processes, H2_GET_PROCS of GETs and one of POSTs with H2_POST_CONNS of the
+#            HTTP_CONNS connections, each process with an X-Doc-Id of its own (CPU per request)
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -50,11 +53,12 @@
 #   IDLE_CONNS=(what fits in the fd limit; 9000 at 20000) IDLE_HOLD=6
 #   SSE_REPEATS=$REPEATS SSE_CONNS=2000 SSE_HOLD=5 (a proxy holds 2 fds per stream)
 #   FANOUT_REPEATS=$REPEATS FANOUT_CONNS=1000 FANOUT_MSGS=20
+#   H2_GET_PROCS=4 H2_POST_CONNS=HTTP_CONNS/10 H2_STREAMS=1   (h2: rounds, secs, warm-up as http)
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
 #   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_CHURN= TARGET_CHURNTLS= TARGET_WS= TARGET_WSRATE=
-#   TARGET_SSE= TARGET_FANOUT=
+#   TARGET_SSE= TARGET_FANOUT= TARGET_H2=
 #                    e.g. 0.85: summary.md says
 #                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
@@ -86,6 +90,9 @@ SSE_HOLD=${SSE_HOLD:-5}
 FANOUT_REPEATS=${FANOUT_REPEATS:-$REPEATS}
 FANOUT_CONNS=${FANOUT_CONNS:-1000}
 FANOUT_MSGS=${FANOUT_MSGS:-20}
+H2_GET_PROCS=${H2_GET_PROCS:-4}
+H2_POST_CONNS=${H2_POST_CONNS:-$(( (HTTP_CONNS + 5) / 10 ))}
+H2_STREAMS=${H2_STREAMS:-1}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
 TETHER_BUILD=${TETHER_BUILD:-plain}
@@ -104,17 +111,19 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-case "$MEASURE" in verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|all|real) ;;
-  *) echo "usage: $0 [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|all|real]" >&2; exit 2;; esac
+SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|all|real"
+case "|$SCENARIOS|" in *"|$MEASURE|"*) ;;
+  *) echo "usage: $0 [$SCENARIOS]" >&2; exit 2;; esac
 
 # ------------------------------------------------------------------ prerequisites
 missing=()
 for tool in wrk curl taskset python3 cargo openssl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+case "$MEASURE" in h2) command -v h2load >/dev/null || missing+=(h2load) ;; esac
 for tool in haproxy nginx; do   # only the peers this run measures
   case " $TARGETS " in *" $tool "*) command -v "$tool" >/dev/null || missing+=("$tool") ;; esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing: ${missing[*]}. Run bench/setup.sh (apt-get installs haproxy nginx wrk openssl) first." >&2
+  echo "missing: ${missing[*]}. Run bench/setup.sh (apt-get installs haproxy nginx wrk h2load openssl) first." >&2
   exit 1
 fi
 
@@ -355,6 +364,15 @@ post_probe() { # post_probe URL DOC_ID: "<status> <x-backend> <x-body-bytes> <x-
                   END{print (st ? st : "-"), (b ? b : "-"), (n ? n : "-"), (f ? f : "-")}'
 }
 
+h2_probe() { # h2_probe URL DOC_ID [post]: "<protocol> <status> <x-backend> <x-body-bytes> <x-forwarding-seen>"
+  # of one HTTP/2 request over TLS 1.3 (a POST with the POST_BYTES body with `post`)
+  local data=(); [ "${3:-}" = post ] && data=(--data-binary @"$RUN/post-body.bin")
+  curl -sk --http2 --tlsv1.3 -o /dev/null -D - --max-time 2 -H "X-Doc-Id: $2" "${data[@]}" "$1" | tr -d '\r' \
+    | awk -F': ' 'NR==1{split($0, a, " "); p=a[1]; st=a[2]} tolower($1)=="x-backend"{b=$2}
+                  tolower($1)=="x-body-bytes"{n=$2} tolower($1)=="x-forwarding-seen"{f=$2}
+                  END{print (p ? p : "-"), (st ? st : "-"), (b ? b : "-"), (n ? n : "-"), (f ? f : "-")}'
+}
+
 tls_probe() { # tls_probe PORT [OPTION]: "<protocol> <cipher suite>" of a handshake ("- -": none);
   # SNI 127.0.0.1, as wrk sends it
   timeout 5 openssl s_client -connect "127.0.0.1:$1" -servername 127.0.0.1 -brief ${2:-} </dev/null 2>&1 \
@@ -416,6 +434,19 @@ do_verify() {
     elif [ "${ADMIN_OF[$name]:--}" != - ]; then   # Tether: no setting restricts its TLS versions
       log "note $name: TLS 1.2 accepted ($suite): Tether has no TLS version setting; wrk negotiates 1.3"
     else log "FAIL $name: TLS 1.2 accepted ($suite), the peer's config should refuse it"; fail=1; fi
+    # h2: the TLS port speaks HTTP/2 (ALPN h2); a GET and a POST are routed like HTTP/1.1's,
+    # the POST's body reaches the backend, and the backend sees the same forwarding headers.
+    local proto st2 b2 got2 fwd2 bad2=""
+    for id in 1 2 3; do
+      read -r proto st2 b2 got2 fwd2 < <(h2_probe "https://127.0.0.1:${TLS_PORT_OF[$name]}/docs/doc-$id/content" "doc-$id")
+      [ "$proto" = HTTP/2 ] && [ "$st2" = 200 ] && [ "$b2" = "${where[doc-$id]}" ] && [ "$fwd2" = for,proto,host,id ] \
+        || bad2+="GET doc-$id:$proto,status=$st2,backend=$b2(GET:${where[doc-$id]}),forwarding=$fwd2 "
+      read -r proto st2 b2 got2 fwd2 < <(h2_probe "https://127.0.0.1:${TLS_PORT_OF[$name]}/docs/doc-$id/content" "doc-$id" post)
+      [ "$proto" = HTTP/2 ] && [ "$st2" = 200 ] && [ "$b2" = "${where[doc-$id]}" ] && [ "$got2" = "$POST_BYTES" ] \
+        || bad2+="POST doc-$id:$proto,status=$st2,backend=$b2(GET:${where[doc-$id]}),body=$got2 "
+    done
+    if [ -z "$bad2" ]; then log "ok   $name: HTTP/2 over TLS (ALPN h2): GET and POST x3, 200, routed like HTTP/1.1, body delivered, forwarding for,proto,host,id"
+    else log "FAIL $name: HTTP/2: $bad2"; fail=1; fi
     local r; r=$(timeout 30 "$WSLOAD_BIN" --url "ws://127.0.0.1:$port/ws/verify" --conns 20 --msgs 5 --duration 5 --max-secs 15 --label "$name" 2>/dev/null | grep '^RESULT')
     if grep -q '"connected":20,"conn_err":0,"msg_err":0,"msgs":100' <<<"$r"; then log "ok   $name: WS echo 20 conns x 5 msgs"; else log "FAIL $name: WS echo: $r"; fail=1; fi
     local n; n=$(curl -s -N --max-time 1 -H 'X-Doc-Id: doc-1' "http://127.0.0.1:$port/sse/x" | grep -c '^event: tick')
@@ -606,6 +637,92 @@ fanout_run() {
 }
 do_fanout() { in_rounds fanout "$FANOUT_REPEATS" fanout_run; }
 
+# warm_rounds SCENARIO FUNC LOGFUNC TARGET...: as do_wrk: a WARMUP_SECS run per target, then
+# REPEATS rounds of HTTP_SECS runs, every target once per round in a fresh random order; each
+# run is `FUNC TARGET SECS FILE`, and `LOGFUNC FILE` says what driver.log gets.
+warm_rounds() {
+  local s=$1 fn=$2 lg=$3 t r i order; shift 3
+  RUN_TAGS=(round=0 seed="$SEED")
+  for t in "$@"; do "$fn" "$t" "$WARMUP_SECS" "$OUT/warmup-$s-$t.txt"; done
+  for r in $(seq 1 "$REPEATS"); do
+    order=$(round_order "$s" "$r" "$@") || exit 1; i=0
+    for t in $order; do
+      i=$((i + 1)); RUN_TAGS=(round="$r" pos="$i" seed="$SEED")
+      "$fn" "$t" "$HTTP_SECS" "$OUT/$s-$t-$r.txt"
+      log "$s $t rep $r: $("$lg" "$OUT/$s-$t-$r.txt")"
+    done
+  done
+}
+
+# h2: the post mix over HTTP/2 (TLS 1.3, ALPN h2, keep-alive). h2load sends the same headers
+# on every request of a process, so the mix is H2_GET_PROCS GET processes and one POST process
+# (H2_POST_CONNS of the HTTP_CONNS connections, the POST_BYTES body), run side by side; each
+# process has an X-Doc-Id of its own (doc-1, doc-2, ...), the paths cycle over
+# /docs/doc-<k>/content (GETs: the DOC_IDS keys; POSTs: every POST_EVERY-th, as post_mix.lua).
+# The warm-up runs for WARMUP_SECS (-D); a round's run then asks each process for a number of
+# requests (-n) that makes the mix exact (1 in POST_EVERY a POST) and lasts about HTTP_SECS at
+# the target's best rate so far. CPU per request = the target's CPU over the run / the 2xx
+# responses of all processes.
+h2_uris() { # h2_uris PORT: the URI files of a target (once per run)
+  local f=$RUN/h2-get-$1.txt
+  [ -s "$f" ] && return 0
+  seq 1 "$DOC_IDS" | awk -v u="https://127.0.0.1:$1" '{print u "/docs/doc-" $1 "/content"}' >"$f"
+  seq "$POST_EVERY" "$POST_EVERY" "$DOC_IDS" | awk -v u="https://127.0.0.1:$1" '{print u "/docs/doc-" $1 "/content"}' >"$RUN/h2-post-$1.txt"
+}
+h2_load() { # h2_load PORT SECS [RATE]: the h2load processes of one run, for SECS (-D), or with
+  # RATE (req/s) the request counts (-n) of about SECS at that rate, 1 in POST_EVERY a POST;
+  # their outputs, one after the other
+  local port=$1 secs=$2 rate=${3:-} j c left n pids=() total posts gets stop
+  h2_uris "$port"
+  if [ -n "$rate" ]; then
+    total=$(( rate * secs )); posts=$(( total / POST_EVERY )); gets=$(( (total - posts) / H2_GET_PROCS ))
+    [ "$posts" -ge "$H2_POST_CONNS" ] || posts=$H2_POST_CONNS
+    [ "$gets" -ge "$HTTP_CONNS" ] || gets=$HTTP_CONNS
+  fi
+  left=$((HTTP_CONNS - H2_POST_CONNS))
+  for j in $(seq 1 "$H2_GET_PROCS"); do
+    n=$((H2_GET_PROCS - j + 1)); c=$(( (left + n - 1) / n )); left=$((left - c))
+    stop=(-D"$secs"); [ -n "$rate" ] && stop=(-n"$gets")
+    timeout $((secs * 3 + 30)) "${LOADPIN[@]}" h2load -t1 -c"$c" -m"$H2_STREAMS" "${stop[@]}" -H "X-Doc-Id: doc-$j" \
+      -i "$RUN/h2-get-$port.txt" >"$RUN/h2-part-$j.txt" 2>&1 &
+    pids+=($!)
+  done
+  stop=(-D"$secs"); [ -n "$rate" ] && stop=(-n"$posts")
+  timeout $((secs * 3 + 30)) "${LOADPIN[@]}" h2load -t1 -c"$H2_POST_CONNS" -m"$H2_STREAMS" "${stop[@]}" \
+    -H "X-Doc-Id: doc-$((H2_GET_PROCS + 1))" -d "$RUN/post-body.bin" -i "$RUN/h2-post-$port.txt" >"$RUN/h2-part-post.txt" 2>&1 &
+  pids+=($!)
+  for j in "${pids[@]}"; do wait "$j"; done
+  for j in $(seq 1 "$H2_GET_PROCS") post; do
+    echo "### h2load $([ "$j" = post ] && echo "POST X-Doc-Id: doc-$((H2_GET_PROCS + 1))" || echo "GET X-Doc-Id: doc-$j")"
+    cat "$RUN/h2-part-$j.txt"
+  done
+}
+h2_one() { # h2_one TARGET SECS FILE: the warm-up (-D), or a round's run at the highest rate the
+  # target has shown so far in this run (warm-up and earlier rounds: 2xx responses / the longest
+  # process's time), so that one disturbed run does not shorten the next
+  local f rate="" best=0
+  if [ "$3" != "$OUT/warmup-h2-$1.txt" ]; then
+    for f in "$OUT/warmup-h2-$1.txt" "$OUT"/h2-"$1"-*.txt; do
+      [ -s "$f" ] && [ "$f" != "$3" ] || continue
+      rate=$(awk '/^finished in/{t = $3; m_ = (t ~ /ms,?$/) ? 0.001 : 1; t = (t + 0) * m_; if (t > m) m = t}
+                  /^status codes:/{gsub(/,/, ""); ok += $3} END{printf "%d", (ok > 0 && m > 0) ? ok / m : 0}' "$f")
+      [ "$rate" -gt "$best" ] && best=$rate
+    done
+    rate=""; [ "$best" -gt 0 ] && rate=$best
+  fi
+  measured "$1" "$3" h2_load "${TLS_PORT_OF[$1]}" "$2" $rate
+}
+h2_log() { # the requests/s, 2xx and errors of one h2 run
+  awk '/^finished in/{gsub(/,/, ""); r += $4} /^requests:/{gsub(/,/, ""); d += $8; f += $12 + $14 + $16}
+       /^status codes:/{gsub(/,/, ""); ok += $3; bad += $7 + $9}
+       END{printf "%.0f req/s, %d 2xx, %d failed/errored/timeout, %d 4xx/5xx", r, ok, f, bad}' "$1"
+}
+do_h2() {
+  head -c "$POST_BYTES" /dev/zero | tr '\0' x >"$RUN/post-body.bin"
+  warm_rounds h2 h2_one h2_log $(wrk_targets tls)
+}
+
+
 # ------------------------------------------------------------------------ main
 export DOC_IDS
 [ "$PLAIN" = 1 ] && [ "$TETHER_BUILD" = plain ] && [ -z "${TETHER_BIN_GIVEN:-}" ] \
@@ -620,6 +737,7 @@ log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${L
   echo "post/tls: post_every=$POST_EVERY post_bytes=$POST_BYTES (conns, secs, repeats as http); tls: TLS 1.3, self-signed P-256 certificate, $(openssl version)"
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
   echo "sse: conns=$SSE_CONNS hold=$SSE_HOLD repeats=$SSE_REPEATS; fanout: conns=$FANOUT_CONNS msgs=$FANOUT_MSGS interval_ms=100 repeats=$FANOUT_REPEATS"
+  echo "h2: get_procs=$H2_GET_PROCS post_conns=$H2_POST_CONNS streams=$H2_STREAMS ($(h2load --version 2>/dev/null | head -1))"
   echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
 render_configs
@@ -633,6 +751,7 @@ case "$MEASURE" in
   idle)   do_idle ;;
   sse)    do_sse_rss; do_sse ;;   # processes just started: the first run per target is fresh
   fanout) do_fanout ;;
+  h2)     do_h2 ;;
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
   real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls

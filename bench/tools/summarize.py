@@ -7,7 +7,8 @@ every peer P (haproxy, nginx; other builds also against "tether"):
 
     cpu(X, r)  = CPU µs per unit of target X in round r: utime+stime of its process tree over
                  the run (META cpu_ticks / clk_tck) divided by the requests (http, post, tls,
-                 churn, churntls: wrk) or messages (ws, wsrate; wsload RESULT) completed in that run;
+                 churn, churntls: wrk; h2: the 2xx responses of all its h2load processes) or messages (ws, wsrate; wsload RESULT)
+                 completed in that run;
                  sse: per stream connected (the whole run: open, first event, hold, close);
                  fanout: per event delivered to a subscriber, from the CPU ns (schedstat) wsload
                  counted from the first publish until the deliveries were in
@@ -26,7 +27,7 @@ all rounds and over the undisturbed rounds only.
 
 Verdict: a target t (e.g. 0.85, from TARGET_<SCENARIO> in the environment: TARGET_HTTP,
 TARGET_POST, TARGET_TLS, TARGET_CHURN, TARGET_CHURNTLS, TARGET_WS, TARGET_WSRATE, TARGET_SSE,
-TARGET_FANOUT) is met only
+TARGET_FANOUT, TARGET_H2) is met only
 when the CI's upper bound is below t. A headline figure needs at least 10 rounds
 (REPEATS>=10); fewer are marked as not a headline.
 
@@ -34,8 +35,8 @@ Inputs: http-, post-, tls-, churn- and churntls-<target>-<round>.txt (wrk output
 the wrk scenarios share one code path: parse_wrk, per request), ws-<target>-<round>.txt and
 wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt,
 sse-<target>-<round>.txt and sse-rss-<target>.txt (the run on freshly started processes),
-fanout-<target>-<round>.txt. The descriptive per-target tables under each headline table show
-median (min–max) over rounds.
+fanout-<target>-<round>.txt, h2-<target>-<round>.txt (the outputs of its h2load processes, one
+after the other, + META). The descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
 import glob
 import json
@@ -100,6 +101,41 @@ def parse_ws(text):
         # A missing RESULT line (the tool died or timed out) counts as an error.
         "errors": (res.get("conn_err", 0) or 0) + (res.get("msg_err", 0) or 0) if res else 1,
     }
+
+
+def parse_h2load(text):
+    """The outputs of an h2 run's h2load processes (GET ones, then the POST one), summed."""
+    r = {"rate": 0.0, "units": 0, "errors": 0, "posts": 0, "procs": 0}
+    lat_sum, last_ok = 0.0, 0
+    post = False
+    for line in text.splitlines():
+        if line.startswith("### h2load"):
+            post = " POST " in line
+            r["procs"] += 1
+        m = re.match(r"finished in [\d.]+\w*, ([\d.]+) req/s", line)
+        if m:
+            r["rate"] += float(m.group(1))
+        m = re.match(r"requests: \d+ total, \d+ started, \d+ done, \d+ succeeded, (\d+) failed, "
+                     r"(\d+) errored, (\d+) timeout", line)
+        if m:
+            r["errors"] += sum(int(x) for x in m.groups())
+        m = re.match(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", line)
+        if m:
+            ok = int(m.group(1))
+            r["units"] += ok
+            r["errors"] += int(m.group(3)) + int(m.group(4))
+            if post:
+                r["posts"] += ok
+            last_ok = ok
+        m = re.match(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s", line)
+        if m:
+            lat_sum += to_ms(m.group(1), m.group(2)) * last_ok
+    if r["procs"] == 0 or r["units"] == 0:
+        # A missing output (h2load died or timed out) counts as an error.
+        r["errors"] += 1
+    r["mean"] = lat_sum / r["units"] if r["units"] else None
+    r["post_pct"] = 100.0 * r["posts"] / r["units"] if r["units"] else None
+    return r
 
 
 def parse_sse(text):
@@ -263,12 +299,13 @@ def headline(data, name, unit):
     return out
 
 
-def table(data, unit, latency_cols):
+def table(data, unit, latency_cols, extra=()):
+    """extra: (column head, record key, format) columns after the CPU column."""
     out = []
     head = ["target", "%s/s" % unit]
     head += ["%s ms" % c for c in latency_cols]
-    head += ["CPU µs/%s" % unit, "errors", "foreign CPU % max", "steal % max", "disturbed runs",
-             "retries", "rounds"]
+    head += ["CPU µs/%s" % unit] + [h for h, _, _ in extra]
+    head += ["errors", "foreign CPU % max", "steal % max", "disturbed runs", "retries", "rounds"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for t in sorted(data, key=order_key):
@@ -276,6 +313,7 @@ def table(data, unit, latency_cols):
         row = [t, mmm(vals(rs, "rate"), "{:.0f}")]
         row += [mmm(vals(rs, c), "{:.2f}") for c in latency_cols]
         row.append(mmm(vals(rs, "cpu_us"), "{:.1f}"))
+        row += [mmm(vals(rs, k), fmt) for _, k, fmt in extra]
         row.append(str(sum(r["errors"] for r in rs.values())))
         row.append(fmax([r["foreign"] for r in rs.values()]))
         row.append(fmax([r["steal"] for r in rs.values()], "{:.1f}"))
@@ -289,8 +327,8 @@ def table(data, unit, latency_cols):
 
 STATISTIC = (
     "**Statistic.** For each scenario: the median over rounds of the per-round ratio of Tether's "
-    "CPU µs per request (http, post, tls, churn, churntls), per message (ws, wsrate), per stream (sse) "
-    "or per delivered event (fanout) to the peer's, both "
+    "CPU µs per request (http, post, tls, churn, churntls, h2), per message (ws, wsrate), "
+    "per stream (sse) or per delivered event (fanout) to the peer's, both "
     "measured in the same round (every round visits every target in a freshly randomised order), with a "
     "bootstrap 95 % confidence interval of the per-round log-ratio ({:,} resamples of the "
     "rounds, median of each, 2.5th/97.5th percentiles, exponentiated; fixed generator seed {}). "
@@ -304,7 +342,7 @@ STATISTIC = (
 
 def wrk_scenario(name, title):
     """A wrk scenario (http, post, tls, churn, churntls): wrk text, per request, p50/p99 latency."""
-    return (name, parse_wrk, "req", ["p50", "p99"], title)
+    return (name, parse_wrk, "req", ["p50", "p99"], title, ())
 
 
 def post_mix(env_text):
@@ -442,22 +480,28 @@ def main(d):
                      "`Connection: close`: a new client connection per request)"),
         wrk_scenario("churntls", "**Connection churn over TLS 1.3** (as churn, over HTTPS: a full "
                      "TLS 1.3 handshake per request, wrk resumes no session; no direct)"),
+        ("h2", parse_h2load, "req", ["mean"],
+         "**The POST mix over HTTP/2** (h2load over TLS 1.3, ALPN h2, keep-alive, one stream in "
+         "flight per connection: GET processes and one POST process with about a tenth of the 64 "
+         "connections side by side, each process with an X-Doc-Id of its own, paths over the "
+         "document keys; CPU per 2xx response of all processes; h2load reports mean latency "
+         "only; no direct)", (("POST %", "post_pct", "{:.1f}"),)),
         ("ws", parse_ws, "msg", ["p50", "p99"],
          "**WebSocket echo, closed loop** (1,000 connections, 64-byte messages, one in "
-         "flight per connection)"),
+         "flight per connection)", ()),
         ("wsrate", parse_ws, "msg", ["p50", "p99", "p999"],
          "**WebSocket echo at a fixed rate** (1,000 connections; p99 is the latency "
-         "the proxy adds below saturation)"),
+         "the proxy adds below saturation)", ()),
     ]
     loaded = [(s, load(d, s[0], s[1])) for s in scenarios]
     if any(data for _, data in loaded):
         out.append(STATISTIC)
-    for (name, _, unit, lat, title), data in loaded:
+    for (name, _, unit, lat, title, extra), data in loaded:
         if not data:
             continue
         out += [title, ""]
         out += headline(data, name, unit)
-        out += table(data, unit, lat)
+        out += table(data, unit, lat, extra)
     idle = {}
     for f in glob.glob(os.path.join(d, "idle-*.txt")):
         text = open(f).read()
