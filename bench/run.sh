@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
-#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|all|real]   (default: all)
+#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|
+#                 all|real]   (default: all)
 #
 #   all  = verify http ws wsrate idle       real = verify post tls churn churntls sse   (traffic
 #   closer to real use: POST bodies on the keep-alive connections, the same over TLS 1.3, a new
@@ -15,6 +16,7 @@
 #   h2     = the post mix over HTTP/2 on TLS 1.3 (ALPN h2), keep-alive: parallel h2load
 #            processes, H2_GET_PROCS of GETs and one of POSTs with H2_POST_CONNS of the
 #            HTTP_CONNS connections, each process with an X-Doc-Id of its own (CPU per request)
+#   wstls  = ws over TLS 1.3 (wss:// to each proxy's TLS port; CPU per message)
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -58,7 +60,7 @@
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
 #   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_CHURN= TARGET_CHURNTLS= TARGET_WS= TARGET_WSRATE=
-#   TARGET_SSE= TARGET_FANOUT= TARGET_H2=
+#   TARGET_SSE= TARGET_FANOUT= TARGET_H2= TARGET_WSTLS=
 #                    e.g. 0.85: summary.md says
 #                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
@@ -111,7 +113,7 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|all|real"
+SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|all|real"
 case "|$SCENARIOS|" in *"|$MEASURE|"*) ;;
   *) echo "usage: $0 [$SCENARIOS]" >&2; exit 2;; esac
 
@@ -449,6 +451,8 @@ do_verify() {
     else log "FAIL $name: HTTP/2: $bad2"; fail=1; fi
     local r; r=$(timeout 30 "$WSLOAD_BIN" --url "ws://127.0.0.1:$port/ws/verify" --conns 20 --msgs 5 --duration 5 --max-secs 15 --label "$name" 2>/dev/null | grep '^RESULT')
     if grep -q '"connected":20,"conn_err":0,"msg_err":0,"msgs":100' <<<"$r"; then log "ok   $name: WS echo 20 conns x 5 msgs"; else log "FAIL $name: WS echo: $r"; fail=1; fi
+    r=$(timeout 30 "$WSLOAD_BIN" --url "wss://127.0.0.1:${TLS_PORT_OF[$name]}/ws/verify" --conns 20 --msgs 5 --duration 5 --max-secs 15 --label "$name" 2>/dev/null | grep '^RESULT')
+    if grep -q '"connected":20,"conn_err":0,"msg_err":0,"msgs":100' <<<"$r"; then log "ok   $name: WS echo over TLS (wss) 20 conns x 5 msgs"; else log "FAIL $name: wss echo: $r"; fail=1; fi
     local n; n=$(curl -s -N --max-time 1 -H 'X-Doc-Id: doc-1' "http://127.0.0.1:$port/sse/x" | grep -c '^event: tick')
     if [ "$n" -ge 3 ]; then log "ok   $name: SSE $n events streamed within 1 s"; else log "FAIL $name: SSE only $n events within 1 s (buffered?)"; fail=1; fi
     if [ "${ADMIN_OF[$name]:--}" != - ]; then
@@ -545,15 +549,19 @@ do_wrk() { # do_wrk SCENARIO: http, post, tls, churn or churntls
   done
 }
 
-do_ws() { # do_ws PREFIX RATE
-  local t r f i order
+do_ws() { # do_ws PREFIX RATE   (PREFIX wstls: wss:// to the TLS ports, no direct, and wsload
+  # counts the target's CPU over the send window, without the 1,000 TLS handshakes before it)
+  local t r f i order targets=$TARGETS url cpu
+  [ "$1" = wstls ] && targets=$(wrk_targets tls)
   for r in $(seq 1 "$WS_REPEATS"); do
-    order=$(round_order "$1" "$r") || exit 1; i=0
+    order=$(round_order "$1" "$r" $targets) || exit 1; i=0
     for t in $order; do
       i=$((i + 1)); RUN_TAGS=(round="$r" pos="$i" seed="$SEED")
       f=$OUT/$1-$t-$r.txt
-      measured "$t" "$f" timeout $((WS_SECS + 60)) "${LOADPIN[@]}" "$WSLOAD_BIN" \
-        --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/bench" --mode echo --conns "$WS_CONNS" --duration "$WS_SECS" \
+      url="ws://127.0.0.1:${PORT_OF[$t]}/ws/bench"; cpu=()
+      [ "$1" = wstls ] && url="wss://127.0.0.1:${TLS_PORT_OF[$t]}/ws/bench" && cpu=(--rss-pid "${PID_OF[$t]}")
+      measured "$t" "$f" timeout $((WS_SECS + 60)) "${LOADPIN[@]}" "$WSLOAD_BIN" "${cpu[@]}" \
+        --url "$url" --mode echo --conns "$WS_CONNS" --duration "$WS_SECS" \
         --rate "$2" --size "$WS_SIZE" --ids "$DOC_IDS" --threads "$LOAD_THREADS" \
         --max-secs $((WS_SECS + 40)) --timeout-ms 10000 --label "$t"
       log "$1 $t rep $r: $(grep -o '"msgs_per_s":[0-9.]*' "$f") $(grep -o '"p99_us":[0-9]*' "$f")"
@@ -752,6 +760,7 @@ case "$MEASURE" in
   sse)    do_sse_rss; do_sse ;;   # processes just started: the first run per target is fresh
   fanout) do_fanout ;;
   h2)     do_h2 ;;
+  wstls)  do_ws wstls 0 ;;
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
   real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls

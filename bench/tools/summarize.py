@@ -9,6 +9,8 @@ every peer P (haproxy, nginx; other builds also against "tether"):
                  the run (META cpu_ticks / clk_tck) divided by the requests (http, post, tls,
                  churn, churntls: wrk; h2: the 2xx responses of all its h2load processes) or messages (ws, wsrate; wsload RESULT)
                  completed in that run;
+                 wstls: per message echoed in the send window, from the CPU ns (schedstat)
+                 wsload counted over that window (the connect phase's handshakes left out);
                  sse: per stream connected (the whole run: open, first event, hold, close);
                  fanout: per event delivered to a subscriber, from the CPU ns (schedstat) wsload
                  counted from the first publish until the deliveries were in
@@ -27,7 +29,7 @@ all rounds and over the undisturbed rounds only.
 
 Verdict: a target t (e.g. 0.85, from TARGET_<SCENARIO> in the environment: TARGET_HTTP,
 TARGET_POST, TARGET_TLS, TARGET_CHURN, TARGET_CHURNTLS, TARGET_WS, TARGET_WSRATE, TARGET_SSE,
-TARGET_FANOUT, TARGET_H2) is met only
+TARGET_FANOUT, TARGET_H2, TARGET_WSTLS) is met only
 when the CI's upper bound is below t. A headline figure needs at least 10 rounds
 (REPEATS>=10); fewer are marked as not a headline.
 
@@ -36,7 +38,7 @@ the wrk scenarios share one code path: parse_wrk, per request), ws-<target>-<rou
 wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt,
 sse-<target>-<round>.txt and sse-rss-<target>.txt (the run on freshly started processes),
 fanout-<target>-<round>.txt, h2-<target>-<round>.txt (the outputs of its h2load processes, one
-after the other, + META). The descriptive per-target tables under each headline table show median (min–max) over rounds.
+after the other, + META), wstls-<target>-<round>.txt (as ws). The descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
 import glob
 import json
@@ -101,6 +103,26 @@ def parse_ws(text):
         # A missing RESULT line (the tool died or timed out) counts as an error.
         "errors": (res.get("conn_err", 0) or 0) + (res.get("msg_err", 0) or 0) if res else 1,
     }
+
+
+def parse_ws_window(text):
+    """wstls: as parse_ws, and the target's CPU over the send window only (wsload's schedstat
+    ns and the messages echoed in the window), without the connect phase's TLS handshakes."""
+    r = parse_ws(text)
+    res = line_json(text, "RESULT ") or {}
+    r["window_cpu_ns"], r["window_msgs"] = res.get("window_cpu_ns"), res.get("window_msgs")
+    return r
+
+
+def window_cpu(data):
+    """wstls: the statistic uses the send window's CPU per message; the whole run's (connects
+    included) stays in the table as run_cpu_us."""
+    for rs in data.values():
+        for r in rs.values():
+            r["run_cpu_us"] = r["cpu_us"]
+            r["cpu_us"] = (r["window_cpu_ns"] / 1000.0 / r["window_msgs"]
+                           if r.get("window_cpu_ns") is not None and r.get("window_msgs") else None)
+    return data
 
 
 def parse_h2load(text):
@@ -327,8 +349,8 @@ def table(data, unit, latency_cols, extra=()):
 
 STATISTIC = (
     "**Statistic.** For each scenario: the median over rounds of the per-round ratio of Tether's "
-    "CPU µs per request (http, post, tls, churn, churntls, h2), per message (ws, wsrate), "
-    "per stream (sse) or per delivered event (fanout) to the peer's, both "
+    "CPU µs per request (http, post, tls, churn, churntls, h2), per message (ws, "
+    "wsrate, wstls), per stream (sse) or per delivered event (fanout) to the peer's, both "
     "measured in the same round (every round visits every target in a freshly randomised order), with a "
     "bootstrap 95 % confidence interval of the per-round log-ratio ({:,} resamples of the "
     "rounds, median of each, 2.5th/97.5th percentiles, exponentiated; fixed generator seed {}). "
@@ -492,8 +514,17 @@ def main(d):
         ("wsrate", parse_ws, "msg", ["p50", "p99", "p999"],
          "**WebSocket echo at a fixed rate** (1,000 connections; p99 is the latency "
          "the proxy adds below saturation)", ()),
+        ("wstls", parse_ws_window, "msg", ["p50", "p99"],
+         "**WebSocket echo over TLS 1.3, closed loop** (wss:// to the TLS listeners, 1,000 "
+         "connections, 64-byte messages, one in flight per connection; CPU = the target's process "
+         "tree over the send window (schedstat ns, counted by wsload) / messages echoed in it, "
+         "without the 1,000 TLS handshakes of the connect phase, which the whole-run column "
+         "includes; no direct)", (("CPU µs/msg (whole run)", "run_cpu_us", "{:.1f}"),)),
     ]
     loaded = [(s, load(d, s[0], s[1])) for s in scenarios]
+    for (name, *_), data in loaded:
+        if name == "wstls":
+            window_cpu(data)
     if any(data for _, data in loaded):
         out.append(STATISTIC)
     for (name, _, unit, lat, title, extra), data in loaded:

@@ -9,7 +9,18 @@
 //!   idle: open --conns connections and hold them idle for --hold seconds.
 //!         With --rss-pid PID it samples VmRSS of PID and all its descendants
 //!         before connecting and after all connections are up, and reports the
-//!         increase per connection.
+//!         increase per connection. With --warm-msgs N every connection first echoes N
+//!         messages, alternately 64 bytes and --warm-size bytes (so that buffers grow),
+//!         and the hold (and the RSS samples) start once every connection is done.
+//!   storm: open --conns WebSockets (one echo each), then POST --close-urls (the backends'
+//!         `/ws-close-all`, not through the proxy): the backends close every socket with
+//!         1012; each client reconnects at once and does one echo. Reports the time from the
+//!         close until all are back, reconnect errors, and (--rss-pid) the CPU ns of the
+//!         watched tree over the storm (/proc/.../schedstat).
+//!   churn: --conns loops of connect -> (TLS 1.3, resuming the loop's last session) -> one
+//!         `GET` with `X-Doc-Id` and `Connection: close` -> read the response -> close, for
+//!         --duration s (--url http:// or https://). Reports requests/s, latency, and the
+//!         handshakes that resumed a session.
 //!   sse:  open --conns HTTP/1.1 event streams (`GET` with `Accept: text/event-stream`,
 //!         `X-Doc-Id: doc-<i % ids>`; --url http://HOST:PORT/sse/...), check 200 and
 //!         text/event-stream, time each from writing the request to its first complete
@@ -23,9 +34,13 @@
 //!         from the first publish until the deliveries were in (/proc/.../schedstat).
 //!
 //! Everything is bounded: --max-secs is a hard wall-clock limit for the whole run.
-//! ws:// URLs (echo, idle) and http:// URLs (sse, fanout), plain TCP; intended for 127.0.0.1.
+//! ws:// or wss:// URLs (echo, idle, storm), http:// URLs (sse, fanout), http:// or https://
+//! (churn); TLS is rustls, TLS 1.3, accepting any certificate (tls.rs); intended for 127.0.0.1.
 
+mod churn;
 mod sse;
+mod storm;
+mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,7 +48,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -59,12 +73,19 @@ struct Opts {
     interval_ms: u64,
     rss_pids: Vec<u32>,
     label: String,
+    warm_msgs: u64,
+    warm_size: usize,
+    close_urls: Vec<String>,
+    wait: f64,
+    sessions: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: wsload --url ws://127.0.0.1:PORT/ws/x [--mode echo|idle] [--conns N] [--msgs M]\n\
+        "usage: wsload --url ws[s]://127.0.0.1:PORT/ws/x [--mode echo|idle|storm] [--conns N] [--msgs M]\n\
          \x20      wsload --url http://127.0.0.1:PORT/sse/x --mode sse|fanout [--interval-ms MS]\n\
+         \x20      wsload --url http[s]://127.0.0.1:PORT/ --mode churn [--sessions S]\n\
+         \x20      [--warm-msgs N --warm-size BYTES] (idle) [--close-urls URL,.. --wait S] (storm)\n\
          \x20      [--rate TOTAL_MSGS_PER_S (0=unpaced)] [--size BYTES] [--ids K] [--duration S]\n\
          \x20      [--hold S] [--max-secs S] [--connect-concurrency C] [--timeout-ms MS]\n\
          \x20      [--threads T] [--rss-pid PID[,PID..]] [--label NAME]"
@@ -77,6 +98,11 @@ fn num<T: std::str::FromStr>(k: &str, v: &str) -> T {
         eprintln!("bad value for {k}: {v}");
         std::process::exit(2)
     })
+}
+
+/// The items of a comma-separated option value.
+fn list(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').filter(|s| !s.is_empty())
 }
 
 fn parse() -> Opts {
@@ -97,6 +123,11 @@ fn parse() -> Opts {
         interval_ms: 100,
         rss_pids: vec![],
         label: String::new(),
+        warm_msgs: 0,
+        warm_size: 8192,
+        close_urls: vec![],
+        wait: 30.0,
+        sessions: 8,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -121,14 +152,13 @@ fn parse() -> Opts {
             "--timeout-ms" => o.timeout_ms = num(k, &v),
             "--threads" => o.threads = num(k, &v),
             "--interval-ms" => o.interval_ms = num(k, &v),
-            "--rss-pid" => {
-                o.rss_pids = v
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| num(k, s))
-                    .collect()
-            }
+            "--rss-pid" => o.rss_pids = list(&v).map(|s| num(k, s)).collect(),
             "--label" => o.label = v.clone(),
+            "--warm-msgs" => o.warm_msgs = num(k, &v),
+            "--warm-size" => o.warm_size = num(k, &v),
+            "--close-urls" => o.close_urls = list(&v).map(String::from).collect(),
+            "--wait" => o.wait = num(k, &v),
+            "--sessions" => o.sessions = num(k, &v),
             _ => {
                 eprintln!("unknown option {k}");
                 usage()
@@ -136,9 +166,13 @@ fn parse() -> Opts {
         }
         i += 2;
     }
-    let scheme = if o.mode == "sse" || o.mode == "fanout" { "http://" } else { "ws://" };
-    if o.url.is_empty() || !o.url.starts_with(scheme) {
-        eprintln!("--url {scheme}HOST:PORT/PATH is required for --mode {}", o.mode);
+    let schemes: &[&str] = match o.mode.as_str() {
+        "sse" | "fanout" => &["http://"],
+        "churn" => &["http://", "https://"],
+        _ => &["ws://", "wss://"],
+    };
+    if !schemes.iter().any(|s| o.url.starts_with(s)) {
+        eprintln!("--url {}HOST:PORT/PATH is required for --mode {}", schemes.join(" or "), o.mode);
         usage();
     }
     o.size = o.size.max(8);
@@ -147,24 +181,38 @@ fn parse() -> Opts {
     o
 }
 
-/// host:port part of a ws:// URL.
-fn authority(url: &str) -> String {
-    let rest = &url["ws://".len()..];
+/// (host:port, host, TLS?) of a ws://, wss://, http:// or https:// URL.
+fn authority(url: &str) -> (String, String, bool) {
+    let (tls, rest) = match url.split_once("://") {
+        Some((s, rest)) => (s == "wss" || s == "https", rest),
+        None => (false, url),
+    };
     let end = rest.find('/').unwrap_or(rest.len());
     let a = &rest[..end];
-    if a.contains(':') { a.to_string() } else { format!("{a}:80") }
+    let host = a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
+    let a =
+        if a.contains(':') { a.to_string() } else { format!("{a}:{}", if tls { 443 } else { 80 }) };
+    (a, host, tls)
 }
+
+/// The TLS client of wss:// connections: one config, no session resumption (every WebSocket
+/// client a separate one, with a full handshake).
+static WS_TLS: std::sync::OnceLock<(
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+)> = std::sync::OnceLock::new();
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<tls::Conn>;
 
 async fn connect(o: &Opts, idx: usize) -> Result<Ws, String> {
-    let addr = authority(&o.url);
-    let tcp = TcpStream::connect(&addr).await.map_err(|e| format!("tcp: {e}"))?;
-    let _ = tcp.set_nodelay(true);
+    let (addr, host, is_tls) = authority(&o.url);
+    let tls =
+        is_tls.then(|| WS_TLS.get_or_init(|| (tls::client_config(0), tls::server_name(&host))));
+    let tcp = tls::Conn::connect(&addr, tls.map(|(c, n)| (c, n))).await?;
     let mut req = o.url.as_str().into_client_request().map_err(|e| format!("req: {e}"))?;
     let id = format!("doc-{}", idx % o.ids);
     req.headers_mut().insert("x-doc-id", HeaderValue::from_str(&id).unwrap());
@@ -214,7 +262,11 @@ fn tree_cpu_ns(pids: &[u32]) -> u64 {
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
             for t in tasks.flatten() {
                 if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-                    total += s.split_whitespace().next().and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+                    total += s
+                        .split_whitespace()
+                        .next()
+                        .and_then(|x| x.parse::<u64>().ok())
+                        .unwrap_or(0);
                 }
             }
         }
@@ -233,6 +285,7 @@ struct Counters {
     msg_err: AtomicU64,
     msgs: AtomicU64,
     dropped: AtomicU64,
+    warmed: AtomicU64,
 }
 
 fn new_counters() -> Arc<Counters> {
@@ -243,7 +296,42 @@ fn new_counters() -> Arc<Counters> {
         msg_err: AtomicU64::new(0),
         msgs: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
+        warmed: AtomicU64::new(0),
     })
+}
+
+/// "[label] what: N connected, M failed in S s" for the end of a connect phase begun at `t0`.
+fn connect_line(
+    label: &str,
+    what: &str,
+    ok: &AtomicU64,
+    failed: &AtomicU64,
+    t0: Instant,
+    all: bool,
+) -> String {
+    format!(
+        "[{label}] {what}: {} connected, {} failed in {:.2}s{}",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+        if all { "" } else { " (deadline hit)" }
+    )
+}
+
+/// Tell every connection task to stop, and wait (at most 15 s, within the hard deadline, but at
+/// least 2 s) for them to close their sockets.
+async fn stop_and_join(
+    stop_tx: &watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    hard_deadline: Instant,
+) {
+    let _ = stop_tx.send(true);
+    let left = hard_deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2));
+    let _ = tokio::time::timeout(
+        left.min(Duration::from_secs(15)),
+        futures_util::future::join_all(handles),
+    )
+    .await;
 }
 
 async fn wait_attempts(c: &Counters, n: usize, deadline: Instant) -> bool {
@@ -279,7 +367,8 @@ async fn run_echo(o: Opts, hard_deadline: Instant) {
         handles.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let permit = sem2.acquire_owned().await.unwrap();
-            let ws = tokio::time::timeout(Duration::from_millis(o2.timeout_ms), connect(&o2, idx)).await;
+            let ws =
+                tokio::time::timeout(Duration::from_millis(o2.timeout_ms), connect(&o2, idx)).await;
             drop(permit);
             let mut ws = match ws {
                 Ok(Ok(ws)) => {
@@ -362,17 +451,23 @@ async fn run_echo(o: Opts, hard_deadline: Instant) {
     }
     drop(start_rx);
     let all = wait_attempts(&c, o.conns, hard_deadline).await;
-    let connect_secs = t_connect.elapsed().as_secs_f64();
     eprintln!(
-        "[{}] connect phase: {} ok, {} failed in {:.2}s{}",
-        o.label,
-        c.connected.load(Ordering::Relaxed),
-        c.conn_err.load(Ordering::Relaxed),
-        connect_secs,
-        if all { "" } else { " (deadline hit)" }
+        "{}",
+        connect_line(&o.label, "connect phase", &c.connected, &c.conn_err, t_connect, all)
     );
+    // With --rss-pid: the watched tree's CPU ns over the send window only (the connect phase,
+    // TLS handshakes included, and the closing left out), and the messages echoed in it.
+    let cpu0 = (!o.rss_pids.is_empty()).then(|| tree_cpu_ns(&o.rss_pids));
     let start = Instant::now();
     let _ = start_tx.send(Some(start));
+    let window_cpu = cpu0.map(|cpu0| {
+        let (pids, c2) = (o.rss_pids.clone(), c.clone());
+        let stop_at = start + Duration::from_secs_f64(o.duration);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(stop_at.into()).await;
+            (tree_cpu_ns(&pids).saturating_sub(cpu0), c2.msgs.load(Ordering::Relaxed))
+        })
+    });
 
     let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let remaining = hard_deadline.saturating_duration_since(Instant::now());
@@ -387,12 +482,25 @@ async fn run_echo(o: Opts, hard_deadline: Instant) {
     let msgs = c.msgs.load(Ordering::Relaxed);
     // Rate over the send window (duration) unless everything finished earlier.
     let window = elapsed.min(o.duration).max(1e-9);
-    let q = |p: f64| if merged.len() > 0 { merged.value_at_quantile(p) } else { 0 };
+    let q = |p: f64| {
+        if !merged.is_empty() {
+            merged.value_at_quantile(p)
+        } else {
+            0
+        }
+    };
     if let Some(e) = first_err.lock().unwrap().as_ref() {
         eprintln!("[{}] first connect error: {e}", o.label);
     }
+    let window_cpu = match window_cpu {
+        Some(h) => match h.await {
+            Ok((ns, n)) => format!(",\"window_cpu_ns\":{ns},\"window_msgs\":{n}"),
+            Err(_) => String::new(),
+        },
+        None => String::new(),
+    };
     println!(
-        "RESULT {{\"label\":\"{}\",\"mode\":\"echo\",\"conns\":{},\"connected\":{},\"conn_err\":{},\"msg_err\":{},\"msgs\":{},\"secs\":{:.3},\"msgs_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"rate_target\":{},\"size\":{},\"timed_out\":{}}}",
+        "RESULT {{\"label\":\"{}\",\"mode\":\"echo\",\"conns\":{},\"connected\":{},\"conn_err\":{},\"msg_err\":{},\"msgs\":{},\"secs\":{:.3},\"msgs_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"rate_target\":{},\"size\":{},\"timed_out\":{}{}}}",
         o.label,
         o.conns,
         c.connected.load(Ordering::Relaxed),
@@ -407,8 +515,41 @@ async fn run_echo(o: Opts, hard_deadline: Instant) {
         merged.max(),
         o.rate,
         o.size,
-        timed_out
+        timed_out,
+        window_cpu
     );
+}
+
+/// Echo one message of `size` bytes (sequence number in its first 8 bytes) and wait for it.
+async fn echo_once(ws: &mut Ws, seq: u64, size: usize, timeout: Duration) -> bool {
+    let mut payload = vec![b'x'; size.max(8)];
+    payload[..8].copy_from_slice(&seq.to_le_bytes());
+    if ws.send(Message::Binary(payload.into())).await.is_err() {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(timeout, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                return b.len() == size.max(8) && b[..8] == seq.to_le_bytes()
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            _ => return false,
+        }
+    }
+}
+
+/// --warm-msgs echoes, alternately 64 bytes and --warm-size bytes; false on the first failure.
+async fn warm(ws: &mut Ws, o: &Opts, c: &Counters) -> bool {
+    let timeout = Duration::from_millis(o.timeout_ms);
+    for seq in 0..o.warm_msgs {
+        let size = if seq % 2 == 0 { 64 } else { o.warm_size };
+        if !echo_once(ws, seq, size, timeout).await {
+            c.msg_err.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        c.msgs.fetch_add(1, Ordering::Relaxed);
+    }
+    true
 }
 
 async fn run_idle(o: Opts, hard_deadline: Instant) {
@@ -427,7 +568,8 @@ async fn run_idle(o: Opts, hard_deadline: Instant) {
         let fe = first_err.clone();
         handles.push(tokio::spawn(async move {
             let permit = sem2.acquire_owned().await.unwrap();
-            let r = tokio::time::timeout(Duration::from_millis(o2.timeout_ms), connect(&o2, idx)).await;
+            let r =
+                tokio::time::timeout(Duration::from_millis(o2.timeout_ms), connect(&o2, idx)).await;
             drop(permit);
             c2.attempts_done.fetch_add(1, Ordering::Relaxed);
             let mut ws = match r {
@@ -446,6 +588,14 @@ async fn run_idle(o: Opts, hard_deadline: Instant) {
                     return;
                 }
             };
+            // Traffic first (--warm-msgs), so that the proxy's buffers for this connection
+            // have grown before it idles.
+            let warm_ok = warm(&mut ws, &o2, &c2).await;
+            c2.warmed.fetch_add(1, Ordering::Relaxed);
+            if !warm_ok {
+                c2.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
@@ -466,22 +616,35 @@ async fn run_idle(o: Opts, hard_deadline: Instant) {
     let connect_secs = t0.elapsed().as_secs_f64();
     let connected = c.connected.load(Ordering::Relaxed);
     eprintln!(
-        "[{}] idle: {} connected, {} failed in {:.2}s{}; holding {:.0}s",
-        o.label,
-        connected,
-        c.conn_err.load(Ordering::Relaxed),
-        connect_secs,
-        if all { "" } else { " (deadline hit)" },
+        "{}; holding {:.0}s",
+        connect_line(&o.label, "idle", &c.connected, &c.conn_err, t0, all),
         o.hold
     );
     if let Some(e) = first_err.lock().unwrap().as_ref() {
         eprintln!("[{}] first connect error: {e}", o.label);
     }
+    // Every connection warms up as soon as it is open: the time is from the start of the
+    // connect phase until all have echoed their messages.
+    if o.warm_msgs > 0 {
+        let done = wait_count(&c.warmed, connected as usize, hard_deadline).await;
+        eprintln!(
+            "[{}] warm-up: {} messages echoed, {} errors, all done {:.2}s after the first connect{}",
+            o.label,
+            c.msgs.load(Ordering::Relaxed),
+            c.msg_err.load(Ordering::Relaxed),
+            t0.elapsed().as_secs_f64(),
+            if done { "" } else { " (deadline hit)" }
+        );
+    }
+    let warm_secs = t0.elapsed().as_secs_f64();
     // Let the proxy settle, then sample RSS a few times while holding; keep the max.
     let hold_until = (Instant::now() + Duration::from_secs_f64(o.hold)).min(hard_deadline);
     let mut rss_after = 0;
     let mut samples = 0;
-    tokio::time::sleep(Duration::from_secs(2).min(hold_until.saturating_duration_since(Instant::now()))).await;
+    tokio::time::sleep(
+        Duration::from_secs(2).min(hold_until.saturating_duration_since(Instant::now())),
+    )
+    .await;
     while Instant::now() < hold_until || samples == 0 {
         rss_after = rss_after.max(rss_all(&o.rss_pids));
         samples += 1;
@@ -492,13 +655,11 @@ async fn run_idle(o: Opts, hard_deadline: Instant) {
         tokio::time::sleep(Duration::from_secs(1).min(left)).await;
     }
     let still_open = connected - c.dropped.load(Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    let remaining = hard_deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2));
-    let _ = tokio::time::timeout(remaining.min(Duration::from_secs(15)), futures_util::future::join_all(handles)).await;
+    stop_and_join(&stop_tx, handles, hard_deadline).await;
     let delta = rss_after as i64 - rss_before as i64;
     let per_conn = if still_open > 0 { delta as f64 / still_open as f64 } else { 0.0 };
     println!(
-        "RESULT {{\"label\":\"{}\",\"mode\":\"idle\",\"conns\":{},\"connected\":{},\"conn_err\":{},\"still_open\":{},\"rss_before_kb\":{},\"rss_after_kb\":{},\"delta_kb\":{},\"kb_per_conn\":{:.2},\"connect_secs\":{:.2}}}",
+        "RESULT {{\"label\":\"{}\",\"mode\":\"idle\",\"conns\":{},\"connected\":{},\"conn_err\":{},\"still_open\":{},\"rss_before_kb\":{},\"rss_after_kb\":{},\"delta_kb\":{},\"kb_per_conn\":{:.2},\"connect_secs\":{:.2},\"warm_msgs\":{},\"warm_size\":{},\"warm_echoed\":{},\"warm_err\":{},\"warm_secs\":{:.2}}}",
         o.label,
         o.conns,
         connected,
@@ -508,7 +669,12 @@ async fn run_idle(o: Opts, hard_deadline: Instant) {
         rss_after,
         delta,
         per_conn,
-        connect_secs
+        connect_secs,
+        o.warm_msgs,
+        o.warm_size,
+        c.msgs.load(Ordering::Relaxed),
+        c.msg_err.load(Ordering::Relaxed),
+        warm_secs
     );
 }
 
@@ -529,6 +695,8 @@ fn main() {
                 "idle" => run_idle(o, hard_deadline).await,
                 "sse" => sse::run_sse(o, hard_deadline).await,
                 "fanout" => sse::run_fanout(o, hard_deadline).await,
+                "storm" => storm::run_storm(o, hard_deadline).await,
+                "churn" => churn::run_churn(o, hard_deadline).await,
                 _ => usage(),
             }
         };

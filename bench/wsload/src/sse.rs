@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
-use crate::{rss_all, tree_cpu_ns, wait_count, Opts};
+use crate::{rss_all, stop_and_join, tree_cpu_ns, wait_count, Opts};
 
 /// The document every fanout stream subscribes to and every publish goes to.
 const FANOUT_DOC: &str = "doc-fanout";
@@ -24,7 +24,7 @@ fn now_us() -> u64 {
 }
 
 /// (host:port, path) of an http:// URL.
-fn split_url(url: &str) -> (String, String) {
+pub(crate) fn split_url(url: &str) -> (String, String) {
     let rest = &url["http://".len()..];
     let end = rest.find('/').unwrap_or(rest.len());
     let a = &rest[..end];
@@ -37,13 +37,13 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 }
 
 /// A response head: status, and the headers the modes look at (lower-cased names).
-struct Head {
-    status: u16,
+pub(crate) struct Head {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
 }
 
 impl Head {
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
@@ -65,7 +65,10 @@ fn parse_head(raw: &[u8]) -> Result<Head, String> {
 }
 
 /// Read until the end of a response head; returns it and the bytes after it.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(Head, Vec<u8>), String> {
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<(Head, Vec<u8>), String> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(p) = find(buf, b"\r\n\r\n") {
@@ -186,7 +189,11 @@ struct Stream {
 
 impl Stream {
     /// Read once; calls on_event per complete event. Err when the stream ended or failed.
-    async fn read(&mut self, buf: &mut [u8], on_event: &mut impl FnMut(&[u8])) -> Result<(), String> {
+    async fn read(
+        &mut self,
+        buf: &mut [u8],
+        on_event: &mut impl FnMut(&[u8]),
+    ) -> Result<(), String> {
         let n = self.tcp.read(buf).await.map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("closed by the peer".into());
@@ -194,7 +201,11 @@ impl Stream {
         self.body.clear();
         let open = self.framing.feed(&buf[..n], &mut self.body);
         self.events.feed(&self.body, &mut *on_event);
-        if open { Ok(()) } else { Err("response ended (last chunk)".into()) }
+        if open {
+            Ok(())
+        } else {
+            Err("response ended (last chunk)".into())
+        }
     }
 }
 
@@ -238,7 +249,8 @@ async fn open_stream(o: &Opts, doc: &str, sh: &Shared) -> Result<Stream, String>
     if !head.get("content-type").is_some_and(|v| v.starts_with("text/event-stream")) {
         return Err(format!("content-type {:?}", head.get("content-type")));
     }
-    let chunked = head.get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let chunked =
+        head.get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let mut s = Stream {
         tcp,
         framing: if chunked { Framing::Size(0, false) } else { Framing::Raw },
@@ -278,7 +290,8 @@ fn spawn_streams(
             let sem2 = sem.clone();
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
-                let doc = if fanout { FANOUT_DOC.to_string() } else { format!("doc-{}", idx % o2.ids) };
+                let doc =
+                    if fanout { FANOUT_DOC.to_string() } else { format!("doc-{}", idx % o2.ids) };
                 let permit = sem2.acquire_owned().await.unwrap();
                 let r = tokio::time::timeout(
                     Duration::from_millis(o2.timeout_ms),
@@ -299,7 +312,9 @@ fn spawn_streams(
                 let mut on_event = |data: &[u8]| {
                     sh2.events.fetch_add(1, Ordering::Relaxed);
                     if fanout {
-                        if let Some(sent) = std::str::from_utf8(data).ok().and_then(|d| d.parse::<u64>().ok()) {
+                        if let Some(sent) =
+                            std::str::from_utf8(data).ok().and_then(|d| d.parse::<u64>().ok())
+                        {
                             let us = now_us().saturating_sub(sent);
                             let _ = sh2.delivery.lock().unwrap().record(us.max(1));
                             sh2.pub_received.fetch_add(1, Ordering::Relaxed);
@@ -336,7 +351,7 @@ fn new_shared() -> Arc<Shared> {
 }
 
 fn ms(h: &Histogram<u64>, q: Option<f64>) -> String {
-    if h.len() == 0 {
+    if h.is_empty() {
         return "null".into();
     }
     let us = match q {
@@ -383,10 +398,14 @@ async fn connect_phase(
     (up, secs, rss_before, handles)
 }
 
-async fn finish(sh: &Shared, label: &str, stop_tx: watch::Sender<bool>, handles: Vec<tokio::task::JoinHandle<()>>, hard_deadline: Instant) {
-    let _ = stop_tx.send(true);
-    let left = hard_deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2));
-    let _ = tokio::time::timeout(left.min(Duration::from_secs(15)), futures_util::future::join_all(handles)).await;
+async fn finish(
+    sh: &Shared,
+    label: &str,
+    stop_tx: watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    hard_deadline: Instant,
+) {
+    stop_and_join(&stop_tx, handles, hard_deadline).await;
     if let Some(e) = sh.first_err.lock().unwrap().as_ref() {
         eprintln!("[{label}] first error: {e}");
     }
@@ -404,15 +423,21 @@ pub async fn run_sse(o: Opts, hard_deadline: Instant) {
     let t_start = Instant::now();
     let sh = new_shared();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (up, connect_secs, rss_before, handles) = connect_phase(&o, &sh, &stop_rx, false, hard_deadline).await;
+    let (up, connect_secs, rss_before, handles) =
+        connect_phase(&o, &sh, &stop_rx, false, hard_deadline).await;
     drop(stop_rx);
     // Hold: RSS sampled over the first second (the backends send 3 events 100 ms apart) and
     // then every second; the max is the figure. Streams that end meanwhile are errors.
     let hold_until = (Instant::now() + Duration::from_secs_f64(o.hold)).min(hard_deadline);
-    let mut rss_after = rss_max_over(&o.rss_pids, Duration::from_secs(1).min(hold_until - Instant::now().min(hold_until))).await;
+    let mut rss_after = rss_max_over(
+        &o.rss_pids,
+        Duration::from_secs(1).min(hold_until - Instant::now().min(hold_until)),
+    )
+    .await;
     while Instant::now() < hold_until {
         let left = hold_until.saturating_duration_since(Instant::now());
-        rss_after = rss_after.max(rss_max_over(&o.rss_pids, Duration::from_secs(1).min(left)).await);
+        rss_after =
+            rss_after.max(rss_max_over(&o.rss_pids, Duration::from_secs(1).min(left)).await);
     }
     let still_open = up - sh.closed_early.load(Ordering::Relaxed);
     finish(&sh, &o.label, stop_tx, handles, hard_deadline).await;
@@ -450,7 +475,8 @@ struct Publisher {
 impl Publisher {
     async fn publish(&mut self) -> Result<u64, String> {
         if self.tcp.is_none() {
-            let t = TcpStream::connect(&self.addr).await.map_err(|e| format!("publish tcp: {e}"))?;
+            let t =
+                TcpStream::connect(&self.addr).await.map_err(|e| format!("publish tcp: {e}"))?;
             let _ = t.set_nodelay(true);
             self.tcp = Some(t);
         }
@@ -477,7 +503,10 @@ impl Publisher {
                 return Err(format!("publish status {}", head.status));
             }
             if head.get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
-                return Ok((head.get("x-delivered").and_then(|v| v.parse().ok()).unwrap_or(0), true));
+                return Ok((
+                    head.get("x-delivered").and_then(|v| v.parse().ok()).unwrap_or(0),
+                    true,
+                ));
             }
             Ok((head.get("x-delivered").and_then(|v| v.parse().ok()).unwrap_or(0), false))
         }
@@ -501,7 +530,8 @@ pub async fn run_fanout(o: Opts, hard_deadline: Instant) {
     let t_start = Instant::now();
     let sh = new_shared();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (up, connect_secs, rss_before, handles) = connect_phase(&o, &sh, &stop_rx, true, hard_deadline).await;
+    let (up, connect_secs, rss_before, handles) =
+        connect_phase(&o, &sh, &stop_rx, true, hard_deadline).await;
     drop(stop_rx);
     // Let the backends' 3 opening events (100 ms apart) pass, and take the memory figure.
     let rss_after = rss_max_over(&o.rss_pids, Duration::from_millis(400)).await;
