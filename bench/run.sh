@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
-#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|
+#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|
 #                 all|real]   (default: all)
 #
 #   all  = verify http ws wsrate idle       real = verify post tls churn churntls sse   (traffic
@@ -17,6 +17,8 @@
 #            processes, H2_GET_PROCS of GETs and one of POSTs with H2_POST_CONNS of the
 #            HTTP_CONNS connections, each process with an X-Doc-Id of its own (CPU per request)
 #   wstls  = ws over TLS 1.3 (wss:// to each proxy's TLS port; CPU per message)
+#   wsidle = WSIDLE_CONNS WebSockets that first echo WSIDLE_MSGS messages (64 bytes and
+#            WSIDLE_SIZE alternately), then idle: RSS per connection on freshly started processes
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -56,11 +58,13 @@
 #   SSE_REPEATS=$REPEATS SSE_CONNS=2000 SSE_HOLD=5 (a proxy holds 2 fds per stream)
 #   FANOUT_REPEATS=$REPEATS FANOUT_CONNS=1000 FANOUT_MSGS=20
 #   H2_GET_PROCS=4 H2_POST_CONNS=HTTP_CONNS/10 H2_STREAMS=1   (h2: rounds, secs, warm-up as http)
+#   WSIDLE_CONNS=$IDLE_CONNS WSIDLE_MSGS=20 WSIDLE_SIZE=8192 WSIDLE_HOLD=$IDLE_HOLD
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
 #   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_CHURN= TARGET_CHURNTLS= TARGET_WS= TARGET_WSRATE=
 #   TARGET_SSE= TARGET_FANOUT= TARGET_H2= TARGET_WSTLS=
+#   WSIDLE_MAX_KB=8   (wsidle: KB per conn)
 #                    e.g. 0.85: summary.md says
 #                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
@@ -95,6 +99,9 @@ FANOUT_MSGS=${FANOUT_MSGS:-20}
 H2_GET_PROCS=${H2_GET_PROCS:-4}
 H2_POST_CONNS=${H2_POST_CONNS:-$(( (HTTP_CONNS + 5) / 10 ))}
 H2_STREAMS=${H2_STREAMS:-1}
+WSIDLE_MSGS=${WSIDLE_MSGS:-20}
+WSIDLE_SIZE=${WSIDLE_SIZE:-8192}
+WSIDLE_HOLD=${WSIDLE_HOLD:-$IDLE_HOLD}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
 TETHER_BUILD=${TETHER_BUILD:-plain}
@@ -113,7 +120,7 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|all|real"
+SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|all|real"
 case "|$SCENARIOS|" in *"|$MEASURE|"*) ;;
   *) echo "usage: $0 [$SCENARIOS]" >&2; exit 2;; esac
 
@@ -164,6 +171,7 @@ NOFILE=$(ulimit -n)
 MAXCONN=$(( (NOFILE - 200) / 2 ))
 DEFAULT_IDLE=$(( (NOFILE * 15 / 16 - 500) / 2 / 1000 * 1000 )); [ "$DEFAULT_IDLE" -gt 10000 ] && DEFAULT_IDLE=10000
 IDLE_CONNS=${IDLE_CONNS:-$DEFAULT_IDLE}
+WSIDLE_CONNS=${WSIDLE_CONNS:-$IDLE_CONNS}
 
 if [ "$PIN" = 1 ]; then PROXY_CPUS=${PROXY_CPUS:-0}; LOAD_CPUS=${LOAD_CPUS:-1}
 else PROXY_CPUS=${PROXY_CPUS:-}; LOAD_CPUS=${LOAD_CPUS:-}; fi
@@ -570,18 +578,31 @@ do_ws() { # do_ws PREFIX RATE   (PREFIX wstls: wss:// to the TLS ports, no direc
   done
 }
 
-do_idle() {
-  local t f order
-  order=$(round_order idle 1) || exit 1
+# idle_runs SCENARIO CONNS HOLD [WSLOAD_ARG...]: on the processes as started (fresh), one run per
+# target in a seeded random order: CONNS WebSockets opened and held HOLD s, VmRSS of the
+# target's process tree before and while holding ($OUT/SCENARIO-TARGET.txt); the extra
+# arguments go to wsload after the others (a repeated option wins).
+idle_runs() {
+  local s=$1 conns=$2 hold=$3 t f order; shift 3
+  order=$(round_order "$s" 1) || exit 1
   for t in $order; do
-    f=$OUT/idle-$t.txt; quiet
-    timeout 150 "${LOADPIN[@]}" "$WSLOAD_BIN" --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/idle" --mode idle \
-      --conns "$IDLE_CONNS" --hold "$IDLE_HOLD" --ids "$DOC_IDS" --threads "$LOAD_THREADS" \
-      --rss-pid "${PID_OF[$t]}" --connect-concurrency 128 --timeout-ms 10000 --max-secs 100 --label "$t" >"$f" 2>&1
+    f=$OUT/$s-$t.txt; quiet
+    timeout 250 "${LOADPIN[@]}" "$WSLOAD_BIN" --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/idle" --mode idle \
+      --conns "$conns" --hold "$hold" --ids "$DOC_IDS" --threads "$LOAD_THREADS" \
+      --rss-pid "${PID_OF[$t]}" --connect-concurrency 128 --timeout-ms 10000 --max-secs 100 --label "$t" "$@" >"$f" 2>&1
     meta "$f" target="$t" busy_before="$BUSY" layout="$LAYOUT" seed="$SEED"
-    log "idle $t: $(grep -o '"connected":[0-9]*' "$f") $(grep -o '"kb_per_conn":[0-9.]*' "$f")"
+    log "$s $t: $(grep -o '"connected":[0-9]*\|"still_open":[0-9]*\|"kb_per_conn":[0-9.]*\|"warm_err":[0-9]*\|"warm_secs":[0-9.]*' "$f" | tr '\n' ' ')"
     sleep 3   # let the closed sockets drain before the next target
   done
+}
+do_idle() { idle_runs idle "$IDLE_CONNS" "$IDLE_HOLD"; }
+
+# wsidle: as idle, but every connection first echoes WSIDLE_MSGS messages (64 bytes and
+# WSIDLE_SIZE alternately), so that whatever buffers a proxy grows for a busy connection have
+# grown; RSS is sampled once all are idle.
+do_wsidle() {
+  idle_runs wsidle "$WSIDLE_CONNS" "$WSIDLE_HOLD" --warm-msgs "$WSIDLE_MSGS" --warm-size "$WSIDLE_SIZE" \
+    --timeout-ms 20000 --max-secs 200
 }
 
 # sse_one TARGET FILE: one `wsload --mode sse` run against TARGET (SSE_CONNS streams, SSE_HOLD s),
@@ -745,7 +766,7 @@ log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${L
   echo "post/tls: post_every=$POST_EVERY post_bytes=$POST_BYTES (conns, secs, repeats as http); tls: TLS 1.3, self-signed P-256 certificate, $(openssl version)"
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
   echo "sse: conns=$SSE_CONNS hold=$SSE_HOLD repeats=$SSE_REPEATS; fanout: conns=$FANOUT_CONNS msgs=$FANOUT_MSGS interval_ms=100 repeats=$FANOUT_REPEATS"
-  echo "h2: get_procs=$H2_GET_PROCS post_conns=$H2_POST_CONNS streams=$H2_STREAMS ($(h2load --version 2>/dev/null | head -1))"
+  echo "h2: get_procs=$H2_GET_PROCS post_conns=$H2_POST_CONNS streams=$H2_STREAMS ($(h2load --version 2>/dev/null | head -1)); wsidle: conns=$WSIDLE_CONNS msgs=$WSIDLE_MSGS size=$WSIDLE_SIZE hold=$WSIDLE_HOLD"
   echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
 render_configs
@@ -761,6 +782,7 @@ case "$MEASURE" in
   fanout) do_fanout ;;
   h2)     do_h2 ;;
   wstls)  do_ws wstls 0 ;;
+  wsidle) do_wsidle ;;
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
   real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls

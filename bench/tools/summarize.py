@@ -31,14 +31,16 @@ Verdict: a target t (e.g. 0.85, from TARGET_<SCENARIO> in the environment: TARGE
 TARGET_POST, TARGET_TLS, TARGET_CHURN, TARGET_CHURNTLS, TARGET_WS, TARGET_WSRATE, TARGET_SSE,
 TARGET_FANOUT, TARGET_H2, TARGET_WSTLS) is met only
 when the CI's upper bound is below t. A headline figure needs at least 10 rounds
-(REPEATS>=10); fewer are marked as not a headline.
+(REPEATS>=10); fewer are marked as not a headline. wsidle also has a fixed goal that is not a
+ratio: at most WSIDLE_MAX_KB (8) KB of RSS per held connection.
 
 Inputs: http-, post-, tls-, churn- and churntls-<target>-<round>.txt (wrk output + META line;
 the wrk scenarios share one code path: parse_wrk, per request), ws-<target>-<round>.txt and
 wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt,
 sse-<target>-<round>.txt and sse-rss-<target>.txt (the run on freshly started processes),
 fanout-<target>-<round>.txt, h2-<target>-<round>.txt (the outputs of its h2load processes, one
-after the other, + META), wstls-<target>-<round>.txt (as ws). The descriptive per-target tables under each headline table show median (min–max) over rounds.
+after the other, + META), wstls-<target>-<round>.txt (as ws), wsidle-<target>.txt (as idle). The
+descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
 import glob
 import json
@@ -482,6 +484,36 @@ def fanout_section(data):
     return out
 
 
+def idle_table(d, prefix, title, max_kb=None):
+    """The held-WebSockets memory table of idle (and wsidle, with its warm-up and the goal)."""
+    idle = {}
+    for f in glob.glob(os.path.join(d, prefix + "-*.txt")):
+        text = open(f).read()
+        meta = line_json(text, "META ") or {}
+        r = line_json(text, "RESULT ")
+        if r:
+            idle[meta.get("target", "?")] = r
+    if not idle:
+        return []
+    out = [title + "\n"]
+    head = ["target", "held/requested", "RSS before MiB", "RSS after MiB", "KB per conn"]
+    if max_kb is not None:
+        head += ["messages echoed (errors)", "connect + warm-up s", "≤ {:g} KB?".format(max_kb)]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for t in sorted(idle, key=order_key):
+        r = idle[t]
+        row = [t, "{}/{}".format(r["still_open"], r["conns"]), "{:.1f}".format(r["rss_before_kb"] / 1024),
+               "{:.1f}".format(r["rss_after_kb"] / 1024), "{:.2f}".format(r["kb_per_conn"])]
+        if max_kb is not None:
+            row += ["{} ({})".format(r.get("warm_echoed", "–"), r.get("warm_err", "–")),
+                    "{:.1f}".format(r.get("warm_secs", 0.0)),
+                    "yes" if r["kb_per_conn"] <= max_kb and r["still_open"] == r["conns"] else "no"]
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    return out
+
+
 def main(d):
     out = []
     env = os.path.join(d, "env.txt")
@@ -533,24 +565,14 @@ def main(d):
         out += [title, ""]
         out += headline(data, name, unit)
         out += table(data, unit, lat, extra)
-    idle = {}
-    for f in glob.glob(os.path.join(d, "idle-*.txt")):
-        text = open(f).read()
-        meta = line_json(text, "META ") or {}
-        r = line_json(text, "RESULT ")
-        if r:
-            idle[meta.get("target", "?")] = r
-    if idle:
-        out.append("**Idle WebSockets held** (VmRSS of the proxy process tree, freshly started; "
-                   "backend b1 for direct; one run per target, in a seeded random order)\n")
-        out.append("| target | held/requested | RSS before MiB | RSS after MiB | KB per conn |")
-        out.append("|---|---|---|---|---|")
-        for t in sorted(idle, key=order_key):
-            r = idle[t]
-            out.append("| {} | {}/{} | {:.1f} | {:.1f} | {:.2f} |".format(
-                t, r["still_open"], r["conns"], r["rss_before_kb"] / 1024,
-                r["rss_after_kb"] / 1024, r["kb_per_conn"]))
-        out.append("")
+    out += idle_table(d, "idle", "**Idle WebSockets held** (VmRSS of the proxy process tree, freshly "
+                      "started; backend b1 for direct; one run per target, in a seeded random order)")
+    max_kb = float(os.environ.get("WSIDLE_MAX_KB", "8") or 8)
+    out += idle_table(d, "wsidle", "**WebSockets held idle after traffic** (each connection first "
+                      "echoed its messages, 64 bytes and larger ones alternately, then idled; VmRSS "
+                      "of the proxy process tree, freshly started, while all idle, minus before "
+                      "connecting; backend b1 for direct; one run per target, in a seeded random "
+                      "order; goal: at most {:g} KB per connection)".format(max_kb), max_kb)
     sse = load(d, "sse", parse_sse)
     fan = load(d, "fanout", parse_fanout)
     if (sse or fan) and not any(data for _, data in loaded):
