@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
-#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|
+#   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|
 #                 all|real]   (default: all)
 #
 #   all  = verify http ws wsrate idle       real = verify post tls churn churntls sse   (traffic
@@ -19,6 +19,9 @@
 #   wstls  = ws over TLS 1.3 (wss:// to each proxy's TLS port; CPU per message)
 #   wsidle = WSIDLE_CONNS WebSockets that first echo WSIDLE_MSGS messages (64 bytes and
 #            WSIDLE_SIZE alternately), then idle: RSS per connection on freshly started processes
+#   storm  = STORM_CONNS WebSockets; the backends (told directly) close them all with 1012 and
+#            every client reconnects at once: time until all are back, errors, CPU per
+#            reconnection over the storm, in rounds
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -59,12 +62,13 @@
 #   FANOUT_REPEATS=$REPEATS FANOUT_CONNS=1000 FANOUT_MSGS=20
 #   H2_GET_PROCS=4 H2_POST_CONNS=HTTP_CONNS/10 H2_STREAMS=1   (h2: rounds, secs, warm-up as http)
 #   WSIDLE_CONNS=$IDLE_CONNS WSIDLE_MSGS=20 WSIDLE_SIZE=8192 WSIDLE_HOLD=$IDLE_HOLD
+#   STORM_REPEATS=$REPEATS STORM_CONNS=5000 STORM_WAIT=30 (s, the most a storm is waited for)
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
 #   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_CHURN= TARGET_CHURNTLS= TARGET_WS= TARGET_WSRATE=
-#   TARGET_SSE= TARGET_FANOUT= TARGET_H2= TARGET_WSTLS=
-#   WSIDLE_MAX_KB=8   (wsidle: KB per conn)
+#   TARGET_SSE= TARGET_FANOUT= TARGET_H2= TARGET_WSTLS= TARGET_STORM=
+#   STORM_MAX_SECS=5 WSIDLE_MAX_KB=8   (storm: all back within, 0 errors; wsidle: KB per conn)
 #                    e.g. 0.85: summary.md says
 #                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
 #   OUT=bench/results/<utc-stamp>-<pinned|unpinned>   RUN=<OUT>/run (rendered configs, logs)
@@ -102,6 +106,9 @@ H2_STREAMS=${H2_STREAMS:-1}
 WSIDLE_MSGS=${WSIDLE_MSGS:-20}
 WSIDLE_SIZE=${WSIDLE_SIZE:-8192}
 WSIDLE_HOLD=${WSIDLE_HOLD:-$IDLE_HOLD}
+STORM_REPEATS=${STORM_REPEATS:-$REPEATS}
+STORM_CONNS=${STORM_CONNS:-5000}
+STORM_WAIT=${STORM_WAIT:-30}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
 TETHER_BUILD=${TETHER_BUILD:-plain}
@@ -120,7 +127,7 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|all|real"
+SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|all|real"
 case "|$SCENARIOS|" in *"|$MEASURE|"*) ;;
   *) echo "usage: $0 [$SCENARIOS]" >&2; exit 2;; esac
 
@@ -751,6 +758,19 @@ do_h2() {
   warm_rounds h2 h2_one h2_log $(wrk_targets tls)
 }
 
+# storm: STORM_CONNS WebSockets through the target (one echo each); then wsload tells every
+# backend directly (POST /ws-close-all) to close its /ws/storm sockets with 1012, and every
+# client reconnects at once and echoes once. The time until all are back, the errors, and the
+# target's CPU ns (schedstat) from the close until all were back, per reconnection.
+storm_run() {
+  measured "$1" "$2" timeout $((STORM_WAIT + 150)) "${LOADPIN[@]}" "$WSLOAD_BIN" \
+    --url "ws://127.0.0.1:${PORT_OF[$1]}/ws/storm" --mode storm --conns "$STORM_CONNS" --ids "$DOC_IDS" \
+    --close-urls "http://$B1/ws-close-all,http://$B2/ws-close-all,http://$B3/ws-close-all" --wait "$STORM_WAIT" \
+    --threads "$LOAD_THREADS" --rss-pid "${PID_OF[$1]}" --connect-concurrency 128 --timeout-ms 10000 \
+    --max-secs $((STORM_WAIT + 120)) --label "$1"
+  log "storm $1 rep $3: $(grep -o '"back":[0-9]*\|"errors":[0-9]*\|"all_back_ms":[0-9.a-z]*\|"back_p99_ms":[0-9.a-z]*' "$2" | tr '\n' ' ')"
+}
+do_storm() { in_rounds storm "$STORM_REPEATS" storm_run; }
 
 # ------------------------------------------------------------------------ main
 export DOC_IDS
@@ -767,6 +787,7 @@ log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${L
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
   echo "sse: conns=$SSE_CONNS hold=$SSE_HOLD repeats=$SSE_REPEATS; fanout: conns=$FANOUT_CONNS msgs=$FANOUT_MSGS interval_ms=100 repeats=$FANOUT_REPEATS"
   echo "h2: get_procs=$H2_GET_PROCS post_conns=$H2_POST_CONNS streams=$H2_STREAMS ($(h2load --version 2>/dev/null | head -1)); wsidle: conns=$WSIDLE_CONNS msgs=$WSIDLE_MSGS size=$WSIDLE_SIZE hold=$WSIDLE_HOLD"
+  echo "storm: conns=$STORM_CONNS wait=$STORM_WAIT repeats=$STORM_REPEATS max_secs=${STORM_MAX_SECS:-5}"
   echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
 render_configs
@@ -783,6 +804,7 @@ case "$MEASURE" in
   h2)     do_h2 ;;
   wstls)  do_ws wstls 0 ;;
   wsidle) do_wsidle ;;
+  storm)  do_storm ;;
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
   real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls

@@ -13,7 +13,9 @@ every peer P (haproxy, nginx; other builds also against "tether"):
                  wsload counted over that window (the connect phase's handshakes left out);
                  sse: per stream connected (the whole run: open, first event, hold, close);
                  fanout: per event delivered to a subscriber, from the CPU ns (schedstat) wsload
-                 counted from the first publish until the deliveries were in
+                 counted from the first publish until the deliveries were in;
+                 storm: per reconnection, from the CPU ns (schedstat) wsload counted from the
+                 backends' close until every connection was back
     ratio_r    = cpu(T, r) / cpu(P, r)            (T and P measured in the same round)
     headline   = the median over rounds of ratio_r
     95 % CI    = bootstrap of the per-round log-ratio: resample the rounds with replacement,
@@ -29,17 +31,19 @@ all rounds and over the undisturbed rounds only.
 
 Verdict: a target t (e.g. 0.85, from TARGET_<SCENARIO> in the environment: TARGET_HTTP,
 TARGET_POST, TARGET_TLS, TARGET_CHURN, TARGET_CHURNTLS, TARGET_WS, TARGET_WSRATE, TARGET_SSE,
-TARGET_FANOUT, TARGET_H2, TARGET_WSTLS) is met only
+TARGET_FANOUT, TARGET_H2, TARGET_WSTLS, TARGET_STORM) is met only
 when the CI's upper bound is below t. A headline figure needs at least 10 rounds
-(REPEATS>=10); fewer are marked as not a headline. wsidle also has a fixed goal that is not a
-ratio: at most WSIDLE_MAX_KB (8) KB of RSS per held connection.
+(REPEATS>=10); fewer are marked as not a headline. Two scenarios also have a fixed goal that
+is not a ratio: storm (every connection back within STORM_MAX_SECS, 5, with 0 errors, per run)
+and wsidle (at most WSIDLE_MAX_KB, 8, of RSS per held connection).
 
 Inputs: http-, post-, tls-, churn- and churntls-<target>-<round>.txt (wrk output + META line;
 the wrk scenarios share one code path: parse_wrk, per request), ws-<target>-<round>.txt and
 wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt,
 sse-<target>-<round>.txt and sse-rss-<target>.txt (the run on freshly started processes),
 fanout-<target>-<round>.txt, h2-<target>-<round>.txt (the outputs of its h2load processes, one
-after the other, + META), wstls-<target>-<round>.txt (as ws), wsidle-<target>.txt (as idle). The
+after the other, + META), wstls-<target>-<round>.txt (as ws), storm-<target>-<round>.txt
+(wsload RESULT + META), wsidle-<target>.txt (as idle). The
 descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
 import glob
@@ -160,6 +164,19 @@ def parse_h2load(text):
     r["mean"] = lat_sum / r["units"] if r["units"] else None
     r["post_pct"] = 100.0 * r["posts"] / r["units"] if r["units"] else None
     return r
+
+
+def parse_storm(text):
+    res = line_json(text, "RESULT ") or {}
+    return {
+        "units": res.get("back", 0) or 0, "conns": res.get("conns"),
+        "connected": res.get("connected", 0) or 0, "all_back_ms": res.get("all_back_ms"),
+        "storm_ms": res.get("storm_ms"), "p50": res.get("back_p50_ms"),
+        "p99": res.get("back_p99_ms"), "max": res.get("back_max_ms"),
+        "not_back": res.get("not_back", 0) or 0, "reconnect_err": res.get("reconnect_err", 0) or 0,
+        "storm_cpu_ns": res.get("storm_cpu_ns"),
+        "errors": (res.get("errors", 0) or 0) if res else 1,
+    }
 
 
 def parse_sse(text):
@@ -352,7 +369,8 @@ def table(data, unit, latency_cols, extra=()):
 STATISTIC = (
     "**Statistic.** For each scenario: the median over rounds of the per-round ratio of Tether's "
     "CPU µs per request (http, post, tls, churn, churntls, h2), per message (ws, "
-    "wsrate, wstls), per stream (sse) or per delivered event (fanout) to the peer's, both "
+    "wsrate, wstls), per stream (sse), per delivered event (fanout) or per reconnection (storm) to "
+    "the peer's, both "
     "measured in the same round (every round visits every target in a freshly randomised order), with a "
     "bootstrap 95 % confidence interval of the per-round log-ratio ({:,} resamples of the "
     "rounds, median of each, 2.5th/97.5th percentiles, exponentiated; fixed generator seed {}). "
@@ -484,6 +502,70 @@ def fanout_section(data):
     return out
 
 
+def storm_section(data):
+    """Reconnect storm: the statistic on CPU per reconnection (storm phase), the time until all
+    were back in every round against STORM_MAX_SECS, a descriptive table."""
+    if not data:
+        return []
+    limit_s = float(os.environ.get("STORM_MAX_SECS", "5") or 5)
+    for rs in data.values():
+        for r in rs.values():
+            r["run_cpu_us"] = r["cpu_us"]
+            r["cpu_us"] = (r["storm_cpu_ns"] / 1000.0 / r["units"]
+                           if r.get("storm_cpu_ns") is not None and r["units"] else None)
+    conns = sorted({r["conns"] for rs in data.values() for r in rs.values() if r.get("conns")})
+    out = ["**Reconnect storm** ({} WebSockets through the proxy, one echo each; the backends, told "
+           "directly (POST /ws-close-all), close all of them at once with 1012; every client "
+           "reconnects at once and echoes once; time = from the close request until every "
+           "connection was back; CPU = the target's process tree over that time (schedstat ns, "
+           "counted by wsload) / reconnections)".format("/".join("{:,}".format(c) for c in conns) or "?"), ""]
+    out += headline(data, "storm", "reconnection")
+    rounds = sorted({r for rs in data.values() for r in rs})
+    head = (["all back after, ms"] + ["round {}".format(r) for r in rounds]
+            + ["all rounds within {:g} s, 0 errors?".format(limit_s)])
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for t in sorted(data, key=order_key):
+        rs = data[t]
+        row = [t]
+        for r in rounds:
+            if r not in rs:
+                row.append("–")
+            elif rs[r].get("all_back_ms") is None:
+                row.append("not all back ({} missing)".format(rs[r]["not_back"]))
+            else:
+                row.append("{:.0f}{}".format(rs[r]["all_back_ms"],
+                                             " ({} errors)".format(rs[r]["errors"]) if rs[r]["errors"] else ""))
+        ok = all(rs[r].get("all_back_ms") is not None and rs[r]["all_back_ms"] <= limit_s * 1000
+                 and rs[r]["errors"] == 0 for r in rs)
+        row.append("yes" if ok and rs else "no")
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    head = ["target", "connected", "back", "errors (failed reconnects)", "back p50 ms", "p99 ms",
+            "max ms", "CPU µs/reconnection (storm)", "CPU µs/reconnection (whole run)",
+            "foreign CPU % max", "steal % max", "disturbed runs", "rounds"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for t in sorted(data, key=order_key):
+        rs = data[t]
+        row = [t, mmm([r["connected"] for r in rs.values()], "{:.0f}"),
+               mmm([r["units"] for r in rs.values()], "{:.0f}"),
+               "{} ({})".format(sum(r["errors"] for r in rs.values()),
+                                sum(r["reconnect_err"] for r in rs.values())),
+               mmm(vals(rs, "p50"), "{:.0f}"), mmm(vals(rs, "p99"), "{:.0f}"),
+               mmm(vals(rs, "max"), "{:.0f}"), mmm(vals(rs, "cpu_us"), "{:.1f}"),
+               mmm(vals(rs, "run_cpu_us"), "{:.1f}"),
+               fmax([r["foreign"] for r in rs.values()]),
+               fmax([r["steal"] for r in rs.values()], "{:.1f}"),
+               str(sum(1 for r in rs.values() if r["disturbed"])), str(len(rs))]
+        out.append("| " + " | ".join(row) + " |")
+    out += ["", "Errors count connections that failed to open, ended without a 1012 close, were not "
+            "back within the wait, and failed reconnect attempts (each retried after 100 ms; in "
+            "brackets). Back p50/p99/max: per connection, from the close request until its new "
+            "socket had echoed.", ""]
+    return out
+
+
 def idle_table(d, prefix, title, max_kb=None):
     """The held-WebSockets memory table of idle (and wsidle, with its warm-up and the goal)."""
     idle = {}
@@ -575,10 +657,12 @@ def main(d):
                       "order; goal: at most {:g} KB per connection)".format(max_kb), max_kb)
     sse = load(d, "sse", parse_sse)
     fan = load(d, "fanout", parse_fanout)
-    if (sse or fan) and not any(data for _, data in loaded):
+    storm = load(d, "storm", parse_storm)
+    if (sse or fan or storm) and not any(data for _, data in loaded):
         out.append(STATISTIC)
     out += sse_section(d, sse)
     out += fanout_section(fan)
+    out += storm_section(storm)
     print("\n".join(out))
 
 

@@ -3,6 +3,10 @@
 //! Usage: bench-backend <port> <name> [worker_threads]
 //!
 //! * `GET /ws/...` with `Upgrade: websocket` -> WebSocket echo server.
+//! * `POST /ws-close-all` (sent to the backend directly, not through a proxy) -> every open
+//!   WebSocket whose path starts with `/ws/storm` is closed with close code 1012 (service
+//!   restart), as a backend being restarted would; answers 200 with `x-closed: <sockets told>`.
+//!   Only `/ws/storm` sockets watch for it, so the other echo sockets' loop is unchanged.
 //! * `GET /sse/...` -> text/event-stream: a few events, then the stream stays
 //!   open (a comment line every 15 s) until the client goes away. Each stream is registered
 //!   under its `x-doc-id` (the empty id when none) for `/publish/`.
@@ -22,7 +26,8 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,7 +41,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -84,6 +90,49 @@ fn publish(doc: &[u8], event: Bytes) -> usize {
     delivered
 }
 
+/// `/ws-close-all`: bumped once per request; every open `/ws/storm` socket watches it.
+fn storm() -> &'static tokio::sync::watch::Sender<u64> {
+    static STORM: OnceLock<tokio::sync::watch::Sender<u64>> = OnceLock::new();
+    STORM.get_or_init(|| tokio::sync::watch::channel(0).0)
+}
+
+/// Open `/ws/storm` sockets (what `/ws-close-all` reports as closed).
+static STORM_OPEN: AtomicUsize = AtomicUsize::new(0);
+
+type ServerWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The echo loop of a `/ws/storm` socket: as the plain one, until `/ws-close-all`, which closes
+/// it with 1012 and waits (bounded) for the client's close reply.
+async fn storm_echo(mut ws: ServerWs) {
+    let mut rx = storm().subscribe();
+    rx.borrow_and_update();
+    STORM_OPEN.fetch_add(1, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            _ = rx.changed() => {
+                STORM_OPEN.fetch_sub(1, Ordering::Relaxed);
+                let frame = CloseFrame { code: CloseCode::Restart, reason: "".into() };
+                let _ = ws.close(Some(frame)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+                return;
+            }
+        }
+    }
+    STORM_OPEN.fetch_sub(1, Ordering::Relaxed);
+}
+
 fn sse_event(body: &[u8]) -> Bytes {
     let mut ev = Vec::with_capacity(body.len() + 16);
     for line in body.split(|b| *b == b'\n') {
@@ -105,6 +154,17 @@ fn ws_config() -> WebSocketConfig {
 
 fn full(b: Bytes) -> Body {
     Full::new(b).boxed()
+}
+
+/// The small constant 200 (`ok <name>`) with its content type, length and `x-backend`.
+#[inline]
+fn ok_response(ctx: &Ctx) -> Response<Body> {
+    let mut r = Response::new(full(ctx.body.clone()));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(ctx.body.len()));
+    h.insert("x-backend", ctx.name.clone());
+    r
 }
 
 fn is_ws_upgrade(req: &Request<Incoming>) -> bool {
@@ -178,6 +238,7 @@ async fn handle(
                 return Ok(r);
             }
         };
+        let storm_socket = path.starts_with("/ws/storm");
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
@@ -190,6 +251,9 @@ async fn handle(
                 Some(ws_config()),
             )
             .await;
+            if storm_socket {
+                return storm_echo(ws).await;
+            }
             while let Some(msg) = ws.next().await {
                 match msg {
                     Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
@@ -217,7 +281,9 @@ async fn handle(
 
     if path.starts_with("/sse/") {
         let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(SSE_QUEUE);
-        let key = doc_id.as_ref().map_or(Bytes::new(), |d| Bytes::copy_from_slice(d.as_bytes()));
+        let key = doc_id
+            .as_ref()
+            .map_or(Bytes::new(), |d| Bytes::copy_from_slice(d.as_bytes()));
         subscribe(key, tx.clone());
         let name = ctx.name.to_str().unwrap_or("?").to_owned();
         tokio::spawn(async move {
@@ -255,6 +321,15 @@ async fn handle(
         return Ok(r);
     }
 
+    if path == "/ws-close-all" && req.method() == hyper::Method::POST {
+        let closed = STORM_OPEN.load(Ordering::Relaxed);
+        storm().send_modify(|g| *g += 1);
+        let mut r = ok_response(ctx);
+        let h = r.headers_mut();
+        h.insert("x-closed", HeaderValue::from(closed));
+        return Ok(r);
+    }
+
     if path.starts_with("/publish/") && req.method() == hyper::Method::POST {
         let mut body = Vec::new();
         let b = req.body_mut();
@@ -266,11 +341,8 @@ async fn handle(
         }
         let doc = doc_id.as_ref().map_or(&[][..], |d| d.as_bytes());
         let delivered = publish(doc, sse_event(&body));
-        let mut r = Response::new(full(ctx.body.clone()));
+        let mut r = ok_response(ctx);
         let h = r.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        h.insert(CONTENT_LENGTH, HeaderValue::from(ctx.body.len()));
-        h.insert("x-backend", ctx.name.clone());
         h.insert("x-delivered", HeaderValue::from(delivered));
         if let Some(d) = doc_id {
             h.insert("x-doc-id", d);
@@ -289,11 +361,8 @@ async fn handle(
             Err(_) => break, // the client went away; hyper ends the connection
         }
     }
-    let mut r = Response::new(full(ctx.body.clone()));
+    let mut r = ok_response(ctx);
     let h = r.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    h.insert(CONTENT_LENGTH, HeaderValue::from(ctx.body.len()));
-    h.insert("x-backend", ctx.name.clone());
     if let Some(d) = doc_id {
         h.insert("x-doc-id", d);
     }
