@@ -2,7 +2,7 @@
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
 #   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|
-#                 all|real]   (default: all)
+#                 churntlsresume|all|real|more]   (default: all)
 #
 #   all  = verify http ws wsrate idle       real = verify post tls churn churntls sse   (traffic
 #   closer to real use: POST bodies on the keep-alive connections, the same over TLS 1.3, a new
@@ -22,6 +22,9 @@
 #   storm  = STORM_CONNS WebSockets; the backends (told directly) close them all with 1012 and
 #            every client reconnects at once: time until all are back, errors, CPU per
 #            reconnection over the storm, in rounds
+#   churntlsresume = churntls with TLS 1.3 session resumption (wsload --mode churn: a session
+#            cache per connection loop; CPU per request, resumed fraction)
+#   more   = verify h2 wstls churntlsresume storm, then wsidle on freshly started processes
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
 # profile-guided build of scripts/build-pgo.sh) and the two bench tools, renders the peer
@@ -63,11 +66,12 @@
 #   H2_GET_PROCS=4 H2_POST_CONNS=HTTP_CONNS/10 H2_STREAMS=1   (h2: rounds, secs, warm-up as http)
 #   WSIDLE_CONNS=$IDLE_CONNS WSIDLE_MSGS=20 WSIDLE_SIZE=8192 WSIDLE_HOLD=$IDLE_HOLD
 #   STORM_REPEATS=$REPEATS STORM_CONNS=5000 STORM_WAIT=30 (s, the most a storm is waited for)
+#   CHURN_SESSIONS=8 (churntlsresume: sessions cached per loop; conns, secs, rounds as http)
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
 #   TARGET_HTTP= TARGET_POST= TARGET_TLS= TARGET_CHURN= TARGET_CHURNTLS= TARGET_WS= TARGET_WSRATE=
-#   TARGET_SSE= TARGET_FANOUT= TARGET_H2= TARGET_WSTLS= TARGET_STORM=
+#   TARGET_SSE= TARGET_FANOUT= TARGET_H2= TARGET_WSTLS= TARGET_STORM= TARGET_CHURNTLSRESUME=
 #   STORM_MAX_SECS=5 WSIDLE_MAX_KB=8   (storm: all back within, 0 errors; wsidle: KB per conn)
 #                    e.g. 0.85: summary.md says
 #                    whether the upper bound of the 95 % interval of Tether/peer CPU is below it
@@ -109,6 +113,7 @@ WSIDLE_HOLD=${WSIDLE_HOLD:-$IDLE_HOLD}
 STORM_REPEATS=${STORM_REPEATS:-$REPEATS}
 STORM_CONNS=${STORM_CONNS:-5000}
 STORM_WAIT=${STORM_WAIT:-30}
+CHURN_SESSIONS=${CHURN_SESSIONS:-8}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
 TETHER_BUILD=${TETHER_BUILD:-plain}
@@ -127,14 +132,14 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|all|real"
+SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|churntlsresume|all|real|more"
 case "|$SCENARIOS|" in *"|$MEASURE|"*) ;;
   *) echo "usage: $0 [$SCENARIOS]" >&2; exit 2;; esac
 
 # ------------------------------------------------------------------ prerequisites
 missing=()
 for tool in wrk curl taskset python3 cargo openssl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-case "$MEASURE" in h2) command -v h2load >/dev/null || missing+=(h2load) ;; esac
+case "$MEASURE" in h2|more) command -v h2load >/dev/null || missing+=(h2load) ;; esac
 for tool in haproxy nginx; do   # only the peers this run measures
   case " $TARGETS " in *" $tool "*) command -v "$tool" >/dev/null || missing+=("$tool") ;; esac
 done
@@ -468,6 +473,14 @@ do_verify() {
     if grep -q '"connected":20,"conn_err":0,"msg_err":0,"msgs":100' <<<"$r"; then log "ok   $name: WS echo 20 conns x 5 msgs"; else log "FAIL $name: WS echo: $r"; fail=1; fi
     r=$(timeout 30 "$WSLOAD_BIN" --url "wss://127.0.0.1:${TLS_PORT_OF[$name]}/ws/verify" --conns 20 --msgs 5 --duration 5 --max-secs 15 --label "$name" 2>/dev/null | grep '^RESULT')
     if grep -q '"connected":20,"conn_err":0,"msg_err":0,"msgs":100' <<<"$r"; then log "ok   $name: WS echo over TLS (wss) 20 conns x 5 msgs"; else log "FAIL $name: wss echo: $r"; fail=1; fi
+    # churntlsresume: does the TLS port resume TLS 1.3 sessions? 4 loops for 1 s.
+    r=$(timeout 30 "$WSLOAD_BIN" --url "https://127.0.0.1:${TLS_PORT_OF[$name]}/" --mode churn --conns 4 --duration 1 --ids "$DOC_IDS" \
+        --sessions "$CHURN_SESSIONS" --max-secs 15 --label "$name" 2>/dev/null | grep '^RESULT')
+    local req res; req=$(grep -o '"requests":[0-9]*' <<<"$r" | cut -d: -f2); res=$(grep -o '"resumed":[0-9]*' <<<"$r" | cut -d: -f2)
+    if [ -n "$req" ] && [ "$req" -gt 4 ] && [ "$((res * 10))" -ge "$((req * 9))" ] && grep -q '"errors":0' <<<"$r"; then
+      log "ok   $name: TLS 1.3 session resumption: $res of $req handshakes resumed"
+    elif [ "${ADMIN_OF[$name]:--}" != - ]; then log "note $name: TLS 1.3 session resumption: ${res:-?} of ${req:-?} handshakes resumed ($r)"
+    else log "FAIL $name: TLS 1.3 session resumption: ${res:-?} of ${req:-?} handshakes resumed ($r)"; fail=1; fi
     local n; n=$(curl -s -N --max-time 1 -H 'X-Doc-Id: doc-1' "http://127.0.0.1:$port/sse/x" | grep -c '^event: tick')
     if [ "$n" -ge 3 ]; then log "ok   $name: SSE $n events streamed within 1 s"; else log "FAIL $name: SSE only $n events within 1 s (buffered?)"; fail=1; fi
     if [ "${ADMIN_OF[$name]:--}" != - ]; then
@@ -758,6 +771,18 @@ do_h2() {
   warm_rounds h2 h2_one h2_log $(wrk_targets tls)
 }
 
+# churntlsresume: churntls (a new TLS 1.3 connection per GET, `Connection: close`) with session
+# resumption: wsload --mode churn, HTTP_CONNS loops, each with a session cache of its own.
+churnres_one() {
+  measured "$1" "$3" timeout $(($2 + 40)) "${LOADPIN[@]}" "$WSLOAD_BIN" --url "https://127.0.0.1:${TLS_PORT_OF[$1]}/" \
+    --mode churn --conns "$HTTP_CONNS" --duration "$2" --ids "$DOC_IDS" --sessions "$CHURN_SESSIONS" \
+    --threads "$LOAD_THREADS" --timeout-ms 10000 --max-secs $(($2 + 30)) --label "$1"
+}
+churnres_log() {
+  grep -o '"requests":[0-9]*\|"errors":[0-9]*\|"resumed_frac":[0-9.]*\|"req_per_s":[0-9.]*' "$1" | tr '\n' ' '
+}
+do_churnres() { warm_rounds churntlsresume churnres_one churnres_log $(wrk_targets tls); }
+
 # storm: STORM_CONNS WebSockets through the target (one echo each); then wsload tells every
 # backend directly (POST /ws-close-all) to close its /ws/storm sockets with 1012, and every
 # client reconnects at once and echoes once. The time until all are back, the errors, and the
@@ -787,7 +812,7 @@ log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${L
   echo "http: conns=$HTTP_CONNS secs=$HTTP_SECS repeats=$REPEATS doc_ids=$DOC_IDS; ws: conns=$WS_CONNS secs=$WS_SECS repeats=$WS_REPEATS fixed_rate=$WS_FIXED_RATE size=$WS_SIZE; idle: conns=$IDLE_CONNS hold=$IDLE_HOLD"
   echo "sse: conns=$SSE_CONNS hold=$SSE_HOLD repeats=$SSE_REPEATS; fanout: conns=$FANOUT_CONNS msgs=$FANOUT_MSGS interval_ms=100 repeats=$FANOUT_REPEATS"
   echo "h2: get_procs=$H2_GET_PROCS post_conns=$H2_POST_CONNS streams=$H2_STREAMS ($(h2load --version 2>/dev/null | head -1)); wsidle: conns=$WSIDLE_CONNS msgs=$WSIDLE_MSGS size=$WSIDLE_SIZE hold=$WSIDLE_HOLD"
-  echo "storm: conns=$STORM_CONNS wait=$STORM_WAIT repeats=$STORM_REPEATS max_secs=${STORM_MAX_SECS:-5}"
+  echo "storm: conns=$STORM_CONNS wait=$STORM_WAIT repeats=$STORM_REPEATS max_secs=${STORM_MAX_SECS:-5}; churntlsresume: sessions=$CHURN_SESSIONS (conns, secs, repeats as http)"
   echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
 render_configs
@@ -805,6 +830,9 @@ case "$MEASURE" in
   wstls)  do_ws wstls 0 ;;
   wsidle) do_wsidle ;;
   storm)  do_storm ;;
+  churntlsresume) do_churnres ;;
+  more)   do_verify || rc=1; do_h2; do_ws wstls 0; do_churnres; do_storm
+          cleanup; start_all; do_wsidle ;;   # wsidle memory on freshly started processes
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"
           cleanup; start_all; do_idle ;;   # idle memory on freshly started processes
   real)   do_verify || rc=1; do_wrk post; do_wrk tls; do_wrk churn; do_wrk churntls

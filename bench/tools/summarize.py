@@ -7,7 +7,8 @@ every peer P (haproxy, nginx; other builds also against "tether"):
 
     cpu(X, r)  = CPU µs per unit of target X in round r: utime+stime of its process tree over
                  the run (META cpu_ticks / clk_tck) divided by the requests (http, post, tls,
-                 churn, churntls: wrk; h2: the 2xx responses of all its h2load processes) or messages (ws, wsrate; wsload RESULT)
+                 churn, churntls: wrk; h2: the 2xx responses of all its h2load processes;
+                 churntlsresume: wsload churn) or messages (ws, wsrate; wsload RESULT)
                  completed in that run;
                  wstls: per message echoed in the send window, from the CPU ns (schedstat)
                  wsload counted over that window (the connect phase's handshakes left out);
@@ -31,7 +32,7 @@ all rounds and over the undisturbed rounds only.
 
 Verdict: a target t (e.g. 0.85, from TARGET_<SCENARIO> in the environment: TARGET_HTTP,
 TARGET_POST, TARGET_TLS, TARGET_CHURN, TARGET_CHURNTLS, TARGET_WS, TARGET_WSRATE, TARGET_SSE,
-TARGET_FANOUT, TARGET_H2, TARGET_WSTLS, TARGET_STORM) is met only
+TARGET_FANOUT, TARGET_H2, TARGET_WSTLS, TARGET_STORM, TARGET_CHURNTLSRESUME) is met only
 when the CI's upper bound is below t. A headline figure needs at least 10 rounds
 (REPEATS>=10); fewer are marked as not a headline. Two scenarios also have a fixed goal that
 is not a ratio: storm (every connection back within STORM_MAX_SECS, 5, with 0 errors, per run)
@@ -42,8 +43,8 @@ the wrk scenarios share one code path: parse_wrk, per request), ws-<target>-<rou
 wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt,
 sse-<target>-<round>.txt and sse-rss-<target>.txt (the run on freshly started processes),
 fanout-<target>-<round>.txt, h2-<target>-<round>.txt (the outputs of its h2load processes, one
-after the other, + META), wstls-<target>-<round>.txt (as ws), storm-<target>-<round>.txt
-(wsload RESULT + META), wsidle-<target>.txt (as idle). The
+after the other, + META), wstls-<target>-<round>.txt (as ws), storm-<target>-<round>.txt and
+churntlsresume-<target>-<round>.txt (wsload RESULT + META), wsidle-<target>.txt (as idle). The
 descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
 import glob
@@ -164,6 +165,17 @@ def parse_h2load(text):
     r["mean"] = lat_sum / r["units"] if r["units"] else None
     r["post_pct"] = 100.0 * r["posts"] / r["units"] if r["units"] else None
     return r
+
+
+def parse_churn(text):
+    res = line_json(text, "RESULT ") or {}
+    ms = lambda k: res[k] / 1000.0 if res.get(k) is not None else None
+    return {
+        "rate": res.get("req_per_s"), "units": res.get("requests", 0) or 0,
+        "p50": ms("p50_us"), "p99": ms("p99_us"),
+        "resumed_pct": 100.0 * res["resumed_frac"] if res.get("resumed_frac") is not None else None,
+        "errors": (res.get("errors", 0) or 0) if res else 1,
+    }
 
 
 def parse_storm(text):
@@ -368,7 +380,7 @@ def table(data, unit, latency_cols, extra=()):
 
 STATISTIC = (
     "**Statistic.** For each scenario: the median over rounds of the per-round ratio of Tether's "
-    "CPU µs per request (http, post, tls, churn, churntls, h2), per message (ws, "
+    "CPU µs per request (http, post, tls, churn, churntls, h2, churntlsresume), per message (ws, "
     "wsrate, wstls), per stream (sse), per delivered event (fanout) or per reconnection (storm) to "
     "the peer's, both "
     "measured in the same round (every round visits every target in a freshly randomised order), with a "
@@ -622,6 +634,11 @@ def main(d):
          "connections side by side, each process with an X-Doc-Id of its own, paths over the "
          "document keys; CPU per 2xx response of all processes; h2load reports mean latency "
          "only; no direct)", (("POST %", "post_pct", "{:.1f}"),)),
+        ("churntlsresume", parse_churn, "req", ["p50", "p99"],
+         "**Connection churn over TLS 1.3 with session resumption** (wsload churn: 64 loops of "
+         "connect, TLS 1.3 resuming the loop's last session, one GET with `Connection: close`, "
+         "response, server's close; latency = connect to response; no direct)",
+         (("resumed %", "resumed_pct", "{:.1f}"),)),
         ("ws", parse_ws, "msg", ["p50", "p99"],
          "**WebSocket echo, closed loop** (1,000 connections, 64-byte messages, one in "
          "flight per connection)", ()),

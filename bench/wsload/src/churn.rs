@@ -4,7 +4,8 @@
 //! `Connection: close` -> read the response -> wait for the server's close -> next, for
 //! --duration s. Keys cycle over --ids. Reports requests/s, latency of the whole exchange
 //! (connect to response), errors, and how many handshakes resumed a session (rustls's
-//! handshake kind).
+//! handshake kind). WSLOAD_DEBUG set in the environment prints every connection's TLS version,
+//! cipher suite, key exchange group and resumption to stderr.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
