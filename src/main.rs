@@ -1,6 +1,8 @@
 //! `tether`: the command line. Parsing and wiring only; the work happens in the crates.
 
+mod admin_client;
 mod demo;
+mod top;
 
 use anyhow::{bail, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -49,6 +51,9 @@ enum Command {
     /// Probe an admin endpoint: exit 0 when `GET URL` answers 200, else 1 (for container
     /// health checks, which have no curl).
     Probe(ProbeArgs),
+    /// Show an upstream's hottest documents (by open streams, requests/s or bytes/s) from the
+    /// running proxy's admin listener; `--watch` refreshes it like `top`.
+    Top(top::TopArgs),
 }
 
 #[derive(Args)]
@@ -260,34 +265,12 @@ fn man(args: &ManArgs) -> Result<()> {
     }
 }
 
-/// One `GET` over plain HTTP/1.1 with a deadline; Ok when the status is 200.
+/// One `GET` with a deadline; Ok when the status is 200.
 fn probe(args: &ProbeArgs) -> Result<()> {
-    use std::io::{Read, Write};
-    let rest = args
-        .url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("{}: only http:// URLs", args.url))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let address: SocketAddr = authority
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{}: expected http://ip:port/path", args.url))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&address, args.timeout)?;
-    stream.set_read_timeout(Some(args.timeout))?;
-    stream.set_write_timeout(Some(args.timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = Vec::new();
-    stream.take(1024).read_to_end(&mut head)?;
-    let status_line = String::from_utf8_lossy(&head);
-    let status_line = status_line.lines().next().unwrap_or_default();
-    match status_line.split(' ').nth(1) {
-        Some("200") => Ok(()),
-        _ => bail!("{}: {status_line:?}", args.url),
+    let (address, path) = admin_client::split_url(&args.url)?;
+    match admin_client::get(address, path, None, args.timeout)? {
+        (200, _) => Ok(()),
+        (status, _) => bail!("{}: status {status}", args.url),
     }
 }
 
@@ -325,6 +308,7 @@ fn main() -> ExitCode {
         }
         Command::Man(args) => man(&args),
         Command::Probe(args) => probe(&args),
+        Command::Top(args) => top::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,7 +25,9 @@ upstreams:
     health_check:
       http: { path: /healthz }
       interval: 200ms
-      timeout: 200ms
+      # A killed backend refuses at once; the timeout only has to survive a loaded CI host
+      # (with 200 ms, checks of live backends timed out there and every backend went down).
+      timeout: 1s
       healthy_after: 1
       unhealthy_after: 1
     rebalance:

@@ -15,6 +15,7 @@ mod browser_demo;
 mod cli;
 mod convergence;
 mod differential;
+mod documents;
 mod edge_cases;
 mod fleet;
 mod hardening;

@@ -12,6 +12,7 @@ pub mod access_log;
 mod closing;
 pub mod control;
 pub mod core;
+pub mod documents;
 pub mod h1;
 pub mod h2;
 pub mod listener;

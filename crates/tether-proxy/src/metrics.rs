@@ -4,7 +4,8 @@
 //! only bumps atomics.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts,
 };
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -78,6 +79,12 @@ pub struct Metrics {
     pub ring_changes: IntCounterVec,
     /// `tether_split_keys{upstream}`.
     pub split_keys: IntGaugeVec,
+    /// `tether_busiest_document_stream_share{upstream}`: the busiest document's share of the
+    /// upstream's open streams (set at each scrape).
+    pub busiest_document_share: GaugeVec,
+    /// `tether_backend_stream_spread{upstream}`: the busiest backend's open streams over the
+    /// mean of the upstream's backends (set at each scrape).
+    pub backend_stream_spread: GaugeVec,
     /// `tether_config_reloads_total{result}`.
     pub config_reloads: IntCounterVec,
     /// `tether_config_generation`.
@@ -136,6 +143,13 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     metric
 }
 
+fn float_gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let metric = GaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is statically valid: {e}"));
+    let _ = prometheus::register(Box::new(metric.clone()));
+    metric
+}
+
 fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name} is statically valid: {e}"));
@@ -179,6 +193,16 @@ impl Metrics {
             split_keys: gauge(
                 "tether_split_keys",
                 "Keys with open streams on more than one backend",
+                &["upstream"],
+            ),
+            busiest_document_share: float_gauge(
+                "tether_busiest_document_stream_share",
+                "The busiest document's share of the upstream's open streams (0 without streams)",
+                &["upstream"],
+            ),
+            backend_stream_spread: float_gauge(
+                "tether_backend_stream_spread",
+                "Open streams of the busiest backend over the mean of the upstream's backends",
                 &["upstream"],
             ),
             config_reloads: counter(

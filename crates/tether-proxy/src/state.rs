@@ -1,11 +1,13 @@
 //! The one owner of the running state: the current `Router` and its metric handles (swapped
 //! as a whole on reload; requests take a snapshot at start and finish on it), the registry of
-//! open streams, and the signal that an upstream's key owners changed.
+//! open streams, the hot documents of every upstream, and the signal that an upstream's key
+//! owners changed.
 //!
 //! The installed config is the file's config with the backends of every `discovery` upstream
 //! filled in from its source. Both a reload and a membership change go through one install
 //! path, so health state, metrics and convergence behave the same for either.
 
+use crate::documents::{DocumentBook, UpstreamDocuments};
 use crate::metrics::{Metrics, RouterCounters};
 use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
@@ -26,15 +28,17 @@ pub struct Installed {
     pub counters: RouterCounters,
     /// Per route, the request-rate estimator of its `rate_limit` (None without one).
     pub limiters: Vec<Option<pingora_limits::rate::Rate>>,
+    /// Per upstream (router order), its hot documents (the book's, kept across reloads).
+    pub documents: Vec<Arc<UpstreamDocuments>>,
 }
 
 impl Installed {
-    /// Builds the routing state for `config`.
-    pub fn new(config: &Config) -> Installed {
-        Installed::from_router(config, Router::new(config))
+    /// Builds the routing state for `config`, counting documents into `book`.
+    pub fn new(config: &Config, book: &DocumentBook) -> Installed {
+        Installed::from_router(config, Router::new(config), book)
     }
 
-    fn from_router(config: &Config, router: Router) -> Installed {
+    fn from_router(config: &Config, router: Router, book: &DocumentBook) -> Installed {
         let metrics = Metrics::global();
         for upstream in &config.upstreams {
             metrics.touch_upstream(&upstream.name);
@@ -48,11 +52,17 @@ impl Installed {
                     .map(|_| pingora_limits::rate::Rate::new(std::time::Duration::from_secs(1)))
             })
             .collect();
+        let documents = router
+            .upstreams()
+            .iter()
+            .map(|u| book.upstream(&u.name))
+            .collect();
         Installed {
             config: config.clone(),
             router,
             counters,
             limiters,
+            documents,
         }
     }
 
@@ -128,6 +138,8 @@ pub struct ProxyState {
     pub(crate) pool: crate::pool::UpstreamPool,
     /// Shutdown as the HTTP/1 path's idle connections wait for it.
     pub(crate) closing: Arc<crate::closing::Closing>,
+    /// Every upstream's hot documents, kept across reloads.
+    pub documents: DocumentBook,
 }
 
 /// Counts one request or tunnel in a backend's `active` (least-connections) while it lives.
@@ -159,7 +171,8 @@ impl Drop for InFlight {
 impl ProxyState {
     /// State serving `config`.
     pub fn new(config: &Config) -> ProxyState {
-        let installed = Installed::new(config);
+        let documents = DocumentBook::default();
+        let installed = Installed::new(config, &documents);
         Metrics::global().refresh_backend_up(&installed.router);
         ProxyState {
             current: ArcSwap::from_pointee(installed),
@@ -173,6 +186,7 @@ impl ProxyState {
             in_flight: AtomicUsize::new(0),
             pool: crate::pool::UpstreamPool::default(),
             closing: Arc::default(),
+            documents,
         }
     }
 
@@ -259,7 +273,7 @@ impl ProxyState {
     fn swap(&self, config: &Config, cause: Cause) {
         let old = self.current();
         let router = Router::with_previous(config, &old.router);
-        let installed = Installed::from_router(config, router);
+        let installed = Installed::from_router(config, router, &self.documents);
         let changed: Vec<String> = config
             .upstreams
             .iter()

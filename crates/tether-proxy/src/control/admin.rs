@@ -1,7 +1,9 @@
 //! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text format),
-//! `GET /upstreams`, and `POST|DELETE /upstreams/{name}/backends/{address}/drain`.
+//! `GET /upstreams`, `POST|DELETE /upstreams/{name}/backends/{address}/drain`, and
+//! `GET /documents/top` (the hottest documents of an upstream).
 
 use crate::control::reload::{Reloader, Trigger};
+use crate::documents::{self, Measure};
 use crate::state::{Availability, ProxyState};
 use async_trait::async_trait;
 use http::{header, Response, StatusCode};
@@ -216,6 +218,126 @@ impl AdminApp {
         }
     }
 
+    /// `GET /documents/top?upstream=NAME&by=streams|requests|bytes&n=20`: the upstream's
+    /// hottest documents (`upstream` may be left out when there is one upstream).
+    fn documents_top(&self, query: &str) -> Response<Vec<u8>> {
+        let (mut upstream, mut by, mut n) = (None, Measure::Streams, 20usize);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode_segment(value);
+            match name {
+                "upstream" => upstream = Some(value),
+                "by" => match Measure::parse(&value) {
+                    Some(m) => by = m,
+                    None => {
+                        return json_error(
+                            StatusCode::BAD_REQUEST,
+                            "by: expected streams, requests or bytes",
+                        )
+                    }
+                },
+                "n" => match value.parse::<usize>() {
+                    Ok(v) if (1..=documents::TRACKED).contains(&v) => n = v,
+                    _ => {
+                        return json_error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("n: expected 1 to {}", documents::TRACKED),
+                        )
+                    }
+                },
+                other => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown parameter {other:?}"),
+                    )
+                }
+            }
+        }
+        let installed = self.state.current();
+        let router = &installed.router;
+        let names: Vec<&str> = router.upstreams().iter().map(|u| u.name.as_str()).collect();
+        let index = match &upstream {
+            Some(name) => names.iter().position(|u| u == name),
+            None if names.len() == 1 => Some(0),
+            None => None,
+        };
+        let Some(index) = index else {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("upstream: expected one of {}", names.join(", ")),
+            );
+        };
+        let name = names[index];
+        let owner = |key: &str| {
+            router
+                .owner(index, key)
+                .and_then(|b| router.upstreams()[index].backends.get(b))
+                .map(|b| b.address.to_string())
+        };
+        let body = match by {
+            Measure::Streams => {
+                let (top, total) = documents::by_streams(&self.state.registry.snapshot(), name, n);
+                let docs: Vec<_> = top
+                    .iter()
+                    .map(|d| {
+                        let backends: serde_json::Map<String, serde_json::Value> = d
+                            .backends
+                            .iter()
+                            .map(|(addr, count)| (addr.to_string(), json!(count)))
+                            .collect();
+                        json!({
+                            "key": d.key,
+                            "streams": d.streams,
+                            "share": d.streams as f64 / total.max(1) as f64,
+                            "backends": backends,
+                            "owner": owner(&d.key),
+                        })
+                    })
+                    .collect();
+                json!({ "upstream": name, "by": "streams", "total": total, "documents": docs })
+            }
+            Measure::Requests | Measure::Bytes => {
+                let Some(ranking) = installed
+                    .documents
+                    .get(index)
+                    .and_then(|d| d.ranking(by, n))
+                else {
+                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, "no sketch");
+                };
+                let unit = if by == Measure::Requests {
+                    "requests_per_second"
+                } else {
+                    "bytes_per_second"
+                };
+                let docs: Vec<_> = ranking
+                    .top
+                    .iter()
+                    .map(|h| {
+                        json!({
+                            "key": h.key,
+                            unit: h.rate,
+                            "error": h.error,
+                            "share": if ranking.total > 0.0 { h.rate / ranking.total } else { 0.0 },
+                            "owner": owner(&h.key),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "upstream": name,
+                    "by": if by == Measure::Requests { "requests" } else { "bytes" },
+                    "unit": unit,
+                    "window_seconds": documents::WINDOW.as_secs(),
+                    "total": ranking.total,
+                    "error_bound": ranking.error_bound,
+                    "tracked_at_most": documents::TRACKED,
+                    "memory_bytes": ranking.memory_bytes,
+                    "documents": docs,
+                })
+            }
+        };
+        json_reply(StatusCode::OK, &body)
+    }
+
     /// `GET /config/status`.
     fn config_status(&self) -> Response<Vec<u8>> {
         match &self.reloader {
@@ -399,6 +521,7 @@ impl ServeHttp for AdminApp {
             ("GET", "/readyz") => self.readyz().await,
             ("GET", "/config") => self.config(),
             ("GET", "/route") => self.route(req.uri.query().unwrap_or("")),
+            ("GET", "/documents/top") => self.documents_top(req.uri.query().unwrap_or("")),
             ("POST", "/reload") => self.reload().await,
             ("GET", "/config/status") => self.config_status(),
             ("GET" | "HEAD", "/healthz") => reply(
@@ -406,7 +529,11 @@ impl ServeHttp for AdminApp {
                 "application/json",
                 b"{\"status\":\"ok\"}\n".to_vec(),
             ),
-            ("GET" | "HEAD", "/metrics") => metrics_text(),
+            ("GET" | "HEAD", "/metrics") => {
+                let installed = self.state.current();
+                documents::update_gauges(&self.state.registry.snapshot(), &installed.router);
+                metrics_text()
+            }
             (_, "/healthz" | "/metrics") => reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "application/json",

@@ -94,6 +94,13 @@ pub fn record_exchange(installed: &Installed, done: &Finished<'_>) {
             .route(decision.map(|d| d.route))
             .observe(done.status, done.elapsed);
     }
+    if let Some(d) = decision {
+        if let (Some(key), Some(documents)) =
+            (d.key.as_deref(), installed.documents.get(d.upstream))
+        {
+            documents.record(key, done.bytes);
+        }
+    }
     let log = &installed.config.server.access_log;
     if log.format == tether_config::AccessLogFormat::Off {
         return;
