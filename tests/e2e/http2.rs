@@ -429,3 +429,38 @@ async fn http1_and_http2_requests_share_the_backend_connections() {
         "HTTP/2 requests opened backend connections of their own"
     );
 }
+
+/// A backend that dies in the middle of a response resets the client's HTTP/2 stream: the
+/// client sees an error, never a clean end it could take for the whole response.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_dying_mid_response_resets_the_stream() {
+    let ca = Ca::new();
+    let stack = start(&ca).await;
+    let (send, _task) = h2_client(&stack, &ca).await;
+    let mut ready = send.ready().await.expect("ready");
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri("https://localhost/docs/dying/sse?count=1&hold=1")
+        .header(http::header::ACCEPT, "text/event-stream")
+        .body(())
+        .expect("request");
+    let (response, _) = ready.send_request(request, true).expect("send");
+    let response = response.await.expect("SSE response");
+    let mut body = response.into_body();
+    let backend = first_event(&mut body).await;
+    stack.backend(&backend).stop().await;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.data().await {
+                Some(Ok(data)) if data.is_empty() => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ended in time");
+    assert!(
+        matches!(end, Some(Err(_))),
+        "a broken response ended like a whole one: {end:?}"
+    );
+}
