@@ -110,7 +110,14 @@ async fn the_hottest_documents_are_ranked_by_streams_requests_and_bytes() {
 
     // What is asked for wrongly gets a 400 that says why.
     // (This config has three upstreams, so leaving `upstream` out is a question too.)
-    for query in ["by=size", "n=0", "n=100000", "upstream=nope", "what=1", "by=streams"] {
+    for query in [
+        "by=size",
+        "n=0",
+        "n=100000",
+        "upstream=nope",
+        "what=1",
+        "by=streams",
+    ] {
         let (status, answer) = top(&stack, query).await;
         assert_eq!(status, 400, "{query}: {answer}");
         assert!(answer["error"].is_string(), "{query}: {answer}");
