@@ -162,3 +162,91 @@ async fn the_hottest_documents_are_ranked_by_streams_requests_and_bytes() {
     .await;
     assert!(gone, "ended streams still counted");
 }
+
+const LIMITED: &str = r#"
+listeners:
+  - address: $PROXY
+admin:
+  address: $ADMIN
+upstreams:
+  docs:
+    backends: [ { address: $B0 }, { address: $B1 }, { address: $B2 } ]
+routes:
+  - name: docs
+    match: { path_prefix: /docs/ }
+    sticky: { keys: [ { path: "/docs/{key}" } ] }
+    upstream: docs
+    limits: { streams_per_key: 2 }
+"#;
+
+/// `limits.streams_per_key`: a document at its limit gets 429 with `Retry-After` for another
+/// SSE stream and for a WebSocket (before any 101, and the backend never sees the upgrade);
+/// other documents are not limited; a stream that ends makes room.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_at_its_stream_limit_gets_429_and_others_do_not() {
+    use tether_testkit::{raw_request_within, raw_status};
+    let stack = Stack::start(LIMITED).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut events = tether_testkit::sse_events(&stack.url("/docs/full/sse?count=1&hold=1"))
+            .await
+            .expect("SSE");
+        events.next_event().await.expect("open").expect("event");
+        held.push(events);
+    }
+    let third = raw_request_within(
+        stack.proxy,
+        b"GET /docs/full/sse?count=1&hold=1 HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("third stream");
+    assert_eq!(raw_status(&third), Some(429));
+    let text = String::from_utf8_lossy(&third);
+    assert!(text.contains("Retry-After: 1"), "{text}");
+    let upgrade = raw_request_within(
+        stack.proxy,
+        b"GET /docs/full/live HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("upgrade");
+    assert_eq!(
+        raw_status(&upgrade),
+        Some(429),
+        "a WebSocket past the limit"
+    );
+    assert!(
+        stack
+            .backends
+            .iter()
+            .all(|b| b.open_websockets() == 0
+                && !b.seen_targets().iter().any(|t| t.contains("live"))),
+        "the refused upgrade reached a backend"
+    );
+    // Another document is not limited.
+    let mut other = tether_testkit::sse_events(&stack.url("/docs/other/sse?count=1&hold=1"))
+        .await
+        .expect("SSE of another document");
+    other.next_event().await.expect("open").expect("event");
+    assert_eq!(
+        metric(
+            &stack,
+            r#"tether_requests_refused_total{reason="streams_per_key"}"#
+        )
+        .await,
+        Some(2.0)
+    );
+    // One of the document's streams ends: room for one more.
+    drop(held.pop());
+    let room = wait_until_async(Duration::from_secs(5), || async {
+        top(&stack, "by=streams").await.1["documents"][0]["streams"] == 1
+    })
+    .await;
+    assert!(room, "the ended stream is still counted");
+    let mut again = tether_testkit::sse_events(&stack.url("/docs/full/sse?count=1&hold=1"))
+        .await
+        .expect("SSE after one ended");
+    again.next_event().await.expect("open").expect("event");
+}

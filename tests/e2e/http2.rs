@@ -32,6 +32,7 @@ routes:
     match: { path_prefix: /docs/ }
     sticky: { keys: [ { path: "/docs/{key}" } ] }
     upstream: docs
+    limits: { streams_per_key: 2 }
 "#;
 
 async fn start(ca: &Ca) -> Stack {
@@ -463,4 +464,40 @@ async fn a_backend_dying_mid_response_resets_the_stream() {
         matches!(end, Some(Err(_))),
         "a broken response ended like a whole one: {end:?}"
     );
+}
+
+/// `limits.streams_per_key` over HTTP/2 as over HTTP/1: the third SSE stream of a document
+/// (limit 2) gets 429 with `Retry-After`, on the same connection as the first two.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_at_its_stream_limit_gets_429_over_http2_too() {
+    let ca = Ca::new();
+    let stack = start(&ca).await;
+    let (send, _task) = h2_client(&stack, &ca).await;
+    let sse = || {
+        Request::builder()
+            .method(Method::GET)
+            .uri("https://localhost/docs/crowded/sse?count=1&hold=1")
+            .header(http::header::ACCEPT, "text/event-stream")
+            .body(())
+            .expect("request")
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (response, _) = ready.send_request(sse(), true).expect("send");
+        let response = response.await.expect("SSE response");
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        first_event(&mut body).await;
+        held.push(body);
+    }
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (response, _) = ready.send_request(sse(), true).expect("send");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered in time")
+        .expect("response");
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(open_streams(&stack, "sse").await, 2.0);
 }

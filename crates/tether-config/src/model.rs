@@ -338,6 +338,8 @@ pub struct Route {
     pub max_body: u64,
     /// Optional request rate limit (429 with `Retry-After`).
     pub rate_limit: Option<RateLimit>,
+    /// Per-document limits.
+    pub limits: RouteLimits,
     /// Requests on this route are long-polls: governed by `timeouts.idle` instead of
     /// `timeouts.read`, and counted as streams. Default false.
     pub long_poll: bool,
@@ -405,6 +407,15 @@ pub struct Timeouts {
     pub read: Duration,
     /// Max silence on WebSocket, SSE and long-poll streams. Default 1h.
     pub idle: Duration,
+}
+
+/// `limits:` of a route: what one document (sticky key) may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RouteLimits {
+    /// Most open WebSocket, SSE and long-poll streams of one key on the route's upstream when
+    /// a new one of this route opens (the next gets 429 with `Retry-After`, a WebSocket before
+    /// its 101). None = no limit.
+    pub streams_per_key: Option<u32>,
 }
 
 /// `rate_limit:` of a route.

@@ -137,10 +137,12 @@ pub(crate) mod fields {
         "long_poll",
         "max_body",
         "rate_limit",
+        "limits",
     ];
     pub const MATCH: &[&str] = &["host", "path_prefix", "path", "methods", "headers"];
     pub const STICKY: &[&str] = &["keys", "on_missing"];
     pub const KEY_SOURCE: &[&str] = &super::KEY_SOURCES;
     pub const TIMEOUTS: &[&str] = &["read", "idle"];
     pub const RATE_LIMIT: &[&str] = &["by", "per_second", "burst"];
+    pub const ROUTE_LIMITS: &[&str] = &["streams_per_key"];
 }

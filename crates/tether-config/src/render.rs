@@ -269,6 +269,10 @@ fn render_route(out: &mut Out, route: &Route) {
         out.line(6, &format!("per_second: {}", r.per_second));
         out.line(6, &format!("burst: {}", r.burst));
     }
+    if let Some(n) = route.limits.streams_per_key {
+        out.line(4, "limits:");
+        out.line(6, &format!("streams_per_key: {n}"));
+    }
 }
 
 #[derive(Default)]

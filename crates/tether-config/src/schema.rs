@@ -421,6 +421,9 @@ struct RouteFile {
     /// Requests over the rate are answered 429 with `Retry-After: 1`.
     #[schemars(default, skip_serializing_if = "unset")]
     rate_limit: RateLimitFile,
+    /// What one document (sticky key) may hold.
+    #[schemars(default, skip_serializing_if = "unset")]
+    limits: RouteLimitsFile,
 }
 
 /// `match:` of a route; `path_prefix` and `path` exclude each other.
@@ -508,6 +511,20 @@ struct TimeoutsFile {
     /// Longest silence on WebSocket, SSE and long-poll streams.
     #[schemars(default, skip_serializing_if = "unset", extend("default" = duration(Timeouts::default().idle)))]
     idle: PositiveDuration,
+}
+
+/// `limits:` of a route.
+#[derive(JsonSchema, Default)]
+#[schemars(deny_unknown_fields)]
+struct RouteLimitsFile {
+    /// Most open WebSocket, SSE and long-poll streams of one key on the route's upstream; the
+    /// next one of this route gets 429 with `Retry-After` (a WebSocket before its 101).
+    #[schemars(
+        default,
+        skip_serializing_if = "unset",
+        range(min = 1, max = 1_000_000)
+    )]
+    streams_per_key: u32,
 }
 
 /// `rate_limit:` of a route.
@@ -706,6 +723,7 @@ mod tests {
         ),
         (&["routes", "[]", "timeouts"], fields::TIMEOUTS),
         (&["routes", "[]", "rate_limit"], fields::RATE_LIMIT),
+        (&["routes", "[]", "limits"], fields::ROUTE_LIMITS),
     ];
 
     #[test]

@@ -144,13 +144,23 @@ const SHARDS: usize = 16;
 pub struct StreamRegistry {
     next_id: AtomicU64,
     shards: [Mutex<HashMap<u64, StreamInfo>>; SHARDS],
+    /// Open streams per document, for `limits.streams_per_key`.
+    per_key: Mutex<HashMap<Document, u32>>,
 }
+
+/// A document: (upstream, key).
+type Document = (Arc<str>, Arc<str>);
+
+/// A stream refused because its document already holds as many as its route allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtLimit;
 
 impl Default for StreamRegistry {
     fn default() -> Self {
         StreamRegistry {
             next_id: AtomicU64::new(1),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            per_key: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -163,6 +173,8 @@ pub struct Registration {
     control: Arc<StreamControl>,
     upstream: Arc<str>,
     open_gauge: IntGauge,
+    /// The document this stream counts for.
+    counted: Option<Document>,
 }
 
 impl Registration {
@@ -175,6 +187,15 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(self.registry.shard(self.id)).remove(&self.id);
+        if let Some(counted) = self.counted.take() {
+            let mut per_key = lock(&self.registry.per_key);
+            if let Some(n) = per_key.get_mut(&counted) {
+                *n -= 1;
+                if *n == 0 {
+                    per_key.remove(&counted);
+                }
+            }
+        }
         self.open_gauge.dec();
         let reason = CloseReason::label(self.control.closing.load(Ordering::Acquire));
         Metrics::global()
@@ -190,6 +211,8 @@ impl StreamRegistry {
     }
 
     /// Registers an open stream; it stays registered until the returned guard is dropped.
+    /// With a `limit`, a stream whose key already has that many open streams on `upstream` is
+    /// refused instead (counting and checking are one step, so racing opens cannot pass it).
     pub fn register(
         self: &Arc<Self>,
         route: Arc<str>,
@@ -197,7 +220,21 @@ impl StreamRegistry {
         key: Option<Arc<str>>,
         backend: SocketAddr,
         kind: StreamKind,
-    ) -> Registration {
+        limit: Option<u32>,
+    ) -> Result<Registration, AtLimit> {
+        let counted = match &key {
+            Some(key) => {
+                let slot = (upstream.clone(), key.clone());
+                let mut per_key = lock(&self.per_key);
+                let open = per_key.entry(slot.clone()).or_insert(0);
+                if limit.is_some_and(|limit| *open >= limit) {
+                    return Err(AtLimit);
+                }
+                *open += 1;
+                Some(slot)
+            }
+            None => None,
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(StreamControl::default());
         let backend_label = backend.to_string();
@@ -219,13 +256,14 @@ impl StreamRegistry {
             control: control.clone(),
         };
         lock(self.shard(id)).insert(id, info);
-        Registration {
+        Ok(Registration {
             registry: self.clone(),
             id,
             control,
             upstream,
             open_gauge,
-        }
+            counted,
+        })
     }
 
     /// A copy of every open stream, oldest first.
@@ -236,6 +274,12 @@ impl StreamRegistry {
         }
         all.sort_unstable_by_key(|s| s.id);
         all
+    }
+
+    /// Open streams of `key` on `upstream`.
+    pub fn open_of(&self, upstream: &str, key: &str) -> u32 {
+        let slot: Document = (Arc::from(upstream), Arc::from(key));
+        lock(&self.per_key).get(&slot).copied().unwrap_or(0)
     }
 
     /// Number of open streams.
@@ -260,7 +304,9 @@ mod tests {
             Some(key.into()),
             "127.0.0.1:1".parse().expect("addr"),
             StreamKind::WebSocket,
+            None,
         )
+        .expect("no limit")
     }
 
     #[test]
@@ -286,5 +332,28 @@ mod tests {
         let a = register(&reg, "a");
         assert!(!a.control().close(CloseReason::Rebalance));
         assert!(a.control().is_closing());
+    }
+
+    #[test]
+    fn a_key_at_its_limit_is_refused_until_one_of_its_streams_ends() {
+        let reg = Arc::new(StreamRegistry::default());
+        let open = |key: &str| {
+            reg.register(
+                "r".into(),
+                "u".into(),
+                Some(key.into()),
+                "127.0.0.1:1".parse().expect("addr"),
+                StreamKind::Sse,
+                Some(2),
+            )
+        };
+        let a1 = open("a").expect("first");
+        let _a2 = open("a").expect("second");
+        assert_eq!(open("a").err(), Some(AtLimit));
+        assert!(open("b").is_ok(), "another key is not limited");
+        assert_eq!(reg.open_of("u", "a"), 2);
+        drop(a1);
+        assert_eq!(reg.open_of("u", "a"), 1);
+        assert!(open("a").is_ok());
     }
 }

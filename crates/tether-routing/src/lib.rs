@@ -57,6 +57,7 @@
 //!         long_poll: false,
 //!         max_body: 1 << 20,
 //!         rate_limit: None,
+//!         limits: Default::default(),
 //!     }],
 //! };
 //! let router = Router::new(&config);

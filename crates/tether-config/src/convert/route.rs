@@ -18,6 +18,7 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
         long_poll: false,
         max_body: defaults::MAX_BODY,
         rate_limit: None,
+        limits: Default::default(),
     };
     let (mut name_mark, mut upstream_mark) = (None, None);
     if let Some(f) = cx.map(node, path, fields::ROUTE, &[]) {
@@ -52,6 +53,9 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
         }
         if let Some(n) = f.get("rate_limit") {
             route.rate_limit = rate_limit(cx, n, &field(path, "rate_limit"));
+        }
+        if let Some(n) = f.get("limits") {
+            route.limits = limits(cx, n, &field(path, "limits"));
         }
         if let Some(n) = f.get("max_body") {
             route.max_body = cx
@@ -200,6 +204,19 @@ fn path_pattern(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
     };
     cx.error(node.mark, path, message);
     None
+}
+
+fn limits(cx: &mut Cx, node: &Node, path: &str) -> RouteLimits {
+    let mut l = RouteLimits::default();
+    let Some(f) = cx.map(node, path, fields::ROUTE_LIMITS, &[]) else {
+        return l;
+    };
+    if let Some(n) = f.get("streams_per_key") {
+        l.streams_per_key = cx
+            .integer(n, &field(path, "streams_per_key"), 1, 1_000_000)
+            .map(|v| v as u32);
+    }
+    l
 }
 
 fn timeouts(cx: &mut Cx, node: &Node, path: &str) -> Timeouts {

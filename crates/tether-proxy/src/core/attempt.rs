@@ -5,7 +5,9 @@
 
 use crate::passive;
 use crate::state::{Active, Installed, ProxyState};
+use crate::streams::{AtLimit, Registration, StreamKind};
 use smallvec::SmallVec;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_routing::{BackendState, Decision};
@@ -121,6 +123,26 @@ impl Attempt {
         self.installed
             .config_upstream(self.decision.upstream)
             .map_or(Duration::from_secs(1), |u| u.connect_timeout)
+    }
+
+    /// Registers the stream this attempt opens on `backend` (a WebSocket, SSE or long-poll),
+    /// within its route's `limits.streams_per_key`.
+    pub fn register_stream(
+        &self,
+        state: &ProxyState,
+        kind: StreamKind,
+        backend: SocketAddr,
+    ) -> Result<Registration, AtLimit> {
+        let router = &self.installed.router;
+        let route = &router.routes()[self.decision.route];
+        state.registry.register(
+            Arc::from(route.name.as_str()),
+            Arc::from(router.upstreams()[self.decision.upstream].name.as_str()),
+            self.decision.key.as_deref().map(Arc::from),
+            backend,
+            kind,
+            route.limits.streams_per_key,
+        )
     }
 
     /// A kept connection to `backend` from the pool when `reuse` allows and one is there,

@@ -731,6 +731,13 @@ impl Failure {
     }
 }
 
+/// A document over its route's `limits.streams_per_key`.
+const STREAMS_PER_KEY: Refusal = Refusal::new(
+    429,
+    "streams_per_key",
+    "this document has as many open streams as its route allows",
+);
+
 /// Connects (or reuses a connection), sends the request and its body, relays the response.
 #[allow(clippy::too_many_arguments)]
 async fn proxy(
@@ -787,16 +794,15 @@ async fn proxy(
             .take_or_connect(conn.state, &mut backend, pooled, started)
             .await
             .ok_or(Failure::Gateway)?;
-        let registration = kind.stream_kind().map(|stream_kind| {
-            let router = &installed.router;
-            conn.state.registry.register(
-                Arc::from(route.name.as_str()),
-                Arc::from(router.upstreams()[attempt.decision.upstream].name.as_str()),
-                attempt.decision.key.as_deref().map(Arc::from),
-                backend.address,
-                stream_kind,
-            )
-        });
+        let registration = match kind.stream_kind() {
+            // Refused before anything is sent (a WebSocket before its 101).
+            Some(stream_kind) => Some(
+                attempt
+                    .register_stream(conn.state, stream_kind, backend.address)
+                    .map_err(|_| Failure::Refused(STREAMS_PER_KEY))?,
+            ),
+            None => None,
+        };
         // The head (and the body when it came with it).
         match conn
             .upstream_timer

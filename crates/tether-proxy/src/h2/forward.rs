@@ -48,6 +48,8 @@ pub(super) enum Failure {
     Closing,
     /// The request body outgrew the route's `max_body` (413).
     TooLarge,
+    /// The document holds as many open streams as its route's `limits.streams_per_key` (429).
+    TooManyStreams,
     /// The client stopped sending its body (408).
     BodyTimeout,
     /// The client went away, or broke its own stream (nothing to answer).
@@ -65,6 +67,10 @@ impl Failure {
             Failure::Timeout => (504, "Gateway Timeout"),
             Failure::Closing => (503, "Service Unavailable"),
             Failure::TooLarge => (413, "request body too large"),
+            Failure::TooManyStreams => (
+                429,
+                "this document has as many open streams as its route allows",
+            ),
             Failure::BodyTimeout => (408, "request body timed out"),
             Failure::ClientGone | Failure::AfterHead => (0, ""),
         }
@@ -334,14 +340,13 @@ pub(super) async fn forward(
         // A retry replaces the registration of the failed attempt.
         *registration = None;
         if let Some(stream_kind) = kind.stream_kind() {
-            let router = &installed.router;
-            *registration = Some(state.registry.register(
-                Arc::from(route.name.as_str()),
-                Arc::from(router.upstreams()[attempt.decision.upstream].name.as_str()),
-                attempt.decision.key.as_deref().map(Arc::from),
-                backend.address,
-                stream_kind,
-            ));
+            match attempt.register_stream(state, stream_kind, backend.address) {
+                Ok(r) => *registration = Some(r),
+                Err(_) => {
+                    crate::metrics::refused("streams_per_key", 429);
+                    return Err(Failure::TooManyStreams);
+                }
+            }
         }
         match timeout(send_timeout, socket.write_all(&head)).await {
             Ok(Ok(())) => {}

@@ -50,6 +50,7 @@ pub fn route(name: &str, matcher: RouteMatch, sticky: Option<Sticky>, upstream: 
         long_poll: false,
         max_body: 1 << 20,
         rate_limit: None,
+        limits: Default::default(),
     }
 }
 
