@@ -2,7 +2,7 @@
 # bench/run.sh - Tether against HAProxy and nginx, side by side, on 127.0.0.1.
 #
 #   bench/run.sh [verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|
-#                 churntlsresume|all|real|more]   (default: all)
+#                 churntlsresume|flood|all|real|more]   (default: all)
 #
 #   all  = verify http ws wsrate idle       real = verify post tls churn churntls sse   (traffic
 #   closer to real use: POST bodies on the keep-alive connections, the same over TLS 1.3, a new
@@ -24,6 +24,12 @@
 #            reconnection over the storm, in rounds
 #   churntlsresume = churntls with TLS 1.3 session resumption (wsload --mode churn: a session
 #            cache per connection loop; CPU per request, resumed fraction)
+#   flood  = does one document flooding the proxy with streams hurt the others? Per round and
+#            target two runs: victim alone (wsload echo, FLOOD_CONNS WebSockets over the DOC_IDS
+#            keys at FLOOD_RATE msgs/s for FLOOD_SECS), then the same victim while a second wsload
+#            holds up to FLOOD_STREAMS SSE streams of the one document `flood` (a 429 counted as
+#            refused); Tether's route gets limits: { streams_per_key: FLOOD_LIMIT } for this
+#            scenario only, the peers run unchanged. Not in `all`, `real` or `more`
 #   more   = verify h2 wstls churntlsresume storm, then wsidle on freshly started processes
 #
 # Builds Tether (the plain `cargo build --release` binary, the headline; TETHER_BUILD=pgo for the
@@ -66,6 +72,8 @@
 #   H2_GET_PROCS=4 H2_POST_CONNS=HTTP_CONNS/10 H2_STREAMS=1   (h2: rounds, secs, warm-up as http)
 #   WSIDLE_CONNS=$IDLE_CONNS WSIDLE_MSGS=20 WSIDLE_SIZE=8192 WSIDLE_HOLD=$IDLE_HOLD
 #   STORM_REPEATS=$REPEATS STORM_CONNS=5000 STORM_WAIT=30 (s, the most a storm is waited for)
+#   FLOOD_REPEATS=$REPEATS FLOOD_CONNS=500 FLOOD_RATE=5000 FLOOD_SECS=6 FLOOD_STREAMS=3000
+#                    FLOOD_LIMIT=100 (Tether's streams_per_key in the flood scenario)
 #   CHURN_SESSIONS=8 (churntlsresume: sessions cached per loop; conns, secs, rounds as http)
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
@@ -114,6 +122,12 @@ STORM_REPEATS=${STORM_REPEATS:-$REPEATS}
 STORM_CONNS=${STORM_CONNS:-5000}
 STORM_WAIT=${STORM_WAIT:-30}
 CHURN_SESSIONS=${CHURN_SESSIONS:-8}
+FLOOD_REPEATS=${FLOOD_REPEATS:-$REPEATS}
+FLOOD_CONNS=${FLOOD_CONNS:-500}
+FLOOD_RATE=${FLOOD_RATE:-5000}
+FLOOD_SECS=${FLOOD_SECS:-6}
+FLOOD_STREAMS=${FLOOD_STREAMS:-3000}
+FLOOD_LIMIT=${FLOOD_LIMIT:-100}
 TARGETS=${TARGETS:-"direct nginx haproxy tether"}
 TETHER_VARIANTS=${TETHER_VARIANTS:-}
 TETHER_BUILD=${TETHER_BUILD:-plain}
@@ -132,7 +146,7 @@ OUT=${OUT:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)-$LAYOUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 RUN=${RUN:-$OUT/run}; mkdir -p "$RUN" && RUN=$(cd "$RUN" && pwd)
 
-SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|churntlsresume|all|real|more"
+SCENARIOS="verify|http|post|tls|churn|churntls|ws|wsrate|idle|sse|fanout|h2|wstls|wsidle|storm|churntlsresume|flood|all|real|more"
 case "|$SCENARIOS|" in *"|$MEASURE|"*) ;;
   *) echo "usage: $0 [$SCENARIOS]" >&2; exit 2;; esac
 
@@ -317,8 +331,11 @@ wait_port() { # wait_port PORT PID [SCHEME]   (https: any certificate)
 render() { # render TEMPLATE OUT PORT [ADMIN_PORT]   (@TLS_PORT@ = PORT + TLS_OFFSET)
   sed -e "s|@RUN@|$RUN|g; s|@WORKERS@|$WORKERS|g; s|@NOFILE@|$NOFILE|g; s|@MAXCONN@|$MAXCONN|g" \
       -e "s|@B1@|$B1|g; s|@B2@|$B2|g; s|@B3@|$B3|g; s|@PORT@|$3|g; s|@TLS_PORT@|$(($3 + TLS_OFFSET))|g" \
-      -e "s|@ADMIN_PORT@|${4:-}|g" "$1" >"$2"
+      -e "s|@ADMIN_PORT@|${4:-}|g; s|@LIMITS@|$TETHER_LIMITS|g" "$1" >"$2"
 }
+# Tether's per-route limits: only the flood scenario has one (peers: no such setting).
+TETHER_LIMITS=""
+[ "$MEASURE" = flood ] && TETHER_LIMITS="limits: { streams_per_key: $FLOOD_LIMIT }"
 
 make_cert() { # one self-signed P-256 certificate for every TLS listener, fresh for each run
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
@@ -797,6 +814,54 @@ storm_run() {
 }
 do_storm() { in_rounds storm "$STORM_REPEATS" storm_run; }
 
+# flood: does one document flooding the proxy with streams hurt the other documents? Per round,
+# every target (fresh random order) gets two runs: the victim alone (floodalone-T-R.txt), then
+# the victim while a flooder holds streams of one document (flood-T-R.txt). Victim: wsload echo,
+# FLOOD_CONNS WebSockets, X-Doc-Id doc-<i % DOC_IDS>, FLOOD_RATE msgs/s in total for FLOOD_SECS
+# (latency below saturation), the target's CPU over the send window (schedstat). Flooder: wsload
+# sse, FLOOD_STREAMS streams all with X-Doc-Id `flood`, a 429 counted as refused (not retried),
+# started first; the victim starts once the flooder's connect phase is over, and the flooder
+# holds its streams FLOOD_SECS + 5 s (past the victim's window); its RESULT line is appended to
+# the run's file as `FLOODER {...}`.
+flood_one() { # flood_one TARGET 0|1 (1: with the flooder); the outputs on stdout
+  local t=$1 ff=$RUN/flooder.out fp="" i
+  if [ "$2" = 1 ]; then
+    : >"$ff"
+    timeout $((FLOOD_SECS + 90)) "${LOADPIN[@]}" "$WSLOAD_BIN" --url "http://127.0.0.1:${PORT_OF[$t]}/sse/flood" \
+      --mode sse --conns "$FLOOD_STREAMS" --doc flood --refused-ok 1 --hold $((FLOOD_SECS + 5)) \
+      --threads "$LOAD_THREADS" --connect-concurrency 128 --timeout-ms 10000 --max-secs $((FLOOD_SECS + 70)) \
+      --label "$t-flooder" >"$ff" 2>&1 &
+    fp=$!
+    for i in $(seq 600); do   # at most 60 s for the flooder's connect phase
+      grep -q 'streams up' "$ff" && break
+      kill -0 "$fp" 2>/dev/null || break
+      sleep 0.1
+    done
+  fi
+  timeout $((FLOOD_SECS + 60)) "${LOADPIN[@]}" "$WSLOAD_BIN" --url "ws://127.0.0.1:${PORT_OF[$t]}/ws/bench" \
+    --mode echo --conns "$FLOOD_CONNS" --duration "$FLOOD_SECS" --rate "$FLOOD_RATE" --size "$WS_SIZE" \
+    --ids "$DOC_IDS" --threads "$LOAD_THREADS" --rss-pid "${PID_OF[$t]}" --max-secs $((FLOOD_SECS + 40)) \
+    --timeout-ms 10000 --label "$t"
+  if [ -n "$fp" ]; then
+    wait "$fp"
+    echo "### flooder (X-Doc-Id: flood)"
+    sed 's/^RESULT /FLOODER /' "$ff"
+  fi
+}
+flood_log() { # the victim's p99 (and the flooder's figures) of one run for driver.log
+  grep -o '"p99_us":[0-9]*\|"conn_err":[0-9]*\|"msg_err":[0-9]*' "$1" | tr '\n' ' '
+  grep '^FLOODER ' "$1" | grep -o '"connected":[0-9]*\|"refused":[0-9]*\|"errors":[0-9]*' | sed 's/^"\([a-z_]*\)":/flooder_\1=/' | tr '\n' ' '
+}
+flood_run() { # flood_run TARGET FILE ROUND: alone, then with the flooder
+  local alone=$OUT/floodalone-$1-$3.txt
+  measured "$1" "$alone" flood_one "$1" 0
+  log "flood $1 rep $3 alone: $(flood_log "$alone")"
+  sleep 3
+  measured "$1" "$2" flood_one "$1" 1
+  log "flood $1 rep $3 flooded: $(flood_log "$2")"
+}
+do_flood() { in_rounds flood "$FLOOD_REPEATS" flood_run; }
+
 # ------------------------------------------------------------------------ main
 export DOC_IDS
 [ "$PLAIN" = 1 ] && [ "$TETHER_BUILD" = plain ] && [ -z "${TETHER_BIN_GIVEN:-}" ] \
@@ -813,6 +878,7 @@ log "measure=$MEASURE layout=$LAYOUT proxy_cpus=${PROXY_CPUS:-any} load_cpus=${L
   echo "sse: conns=$SSE_CONNS hold=$SSE_HOLD repeats=$SSE_REPEATS; fanout: conns=$FANOUT_CONNS msgs=$FANOUT_MSGS interval_ms=100 repeats=$FANOUT_REPEATS"
   echo "h2: get_procs=$H2_GET_PROCS post_conns=$H2_POST_CONNS streams=$H2_STREAMS ($(h2load --version 2>/dev/null | head -1)); wsidle: conns=$WSIDLE_CONNS msgs=$WSIDLE_MSGS size=$WSIDLE_SIZE hold=$WSIDLE_HOLD"
   echo "storm: conns=$STORM_CONNS wait=$STORM_WAIT repeats=$STORM_REPEATS max_secs=${STORM_MAX_SECS:-5}; churntlsresume: sessions=$CHURN_SESSIONS (conns, secs, repeats as http)"
+  echo "flood: conns=$FLOOD_CONNS rate=$FLOOD_RATE secs=$FLOOD_SECS streams=$FLOOD_STREAMS tether_streams_per_key=$FLOOD_LIMIT repeats=$FLOOD_REPEATS"
   echo "guard: max_foreign=$MAX_FOREIGN max_steal=$MAX_STEAL retries=$RETRIES extra_secs=$EXTRA_SECS"
 } >>"$OUT/env.txt"
 render_configs
@@ -831,6 +897,7 @@ case "$MEASURE" in
   wsidle) do_wsidle ;;
   storm)  do_storm ;;
   churntlsresume) do_churnres ;;
+  flood)  do_flood ;;
   more)   do_verify || rc=1; do_h2; do_ws wstls 0; do_churnres; do_storm
           cleanup; start_all; do_wsidle ;;   # wsidle memory on freshly started processes
   all)    do_verify || rc=1; do_wrk http; do_ws ws 0; do_ws wsrate "$WS_FIXED_RATE"

@@ -44,7 +44,9 @@ wsrate-<target>-<round>.txt (wsload RESULT line + META line), idle-<target>.txt,
 sse-<target>-<round>.txt and sse-rss-<target>.txt (the run on freshly started processes),
 fanout-<target>-<round>.txt, h2-<target>-<round>.txt (the outputs of its h2load processes, one
 after the other, + META), wstls-<target>-<round>.txt (as ws), storm-<target>-<round>.txt and
-churntlsresume-<target>-<round>.txt (wsload RESULT + META), wsidle-<target>.txt (as idle). The
+churntlsresume-<target>-<round>.txt (wsload RESULT + META), wsidle-<target>.txt (as idle),
+floodalone- and flood-<target>-<round>.txt (the victim's wsload RESULT + META; flood- also the
+flooder's RESULT as a `FLOODER {...}` line; descriptive, no CPU statistic). The
 descriptive per-target tables under each headline table show median (min–max) over rounds.
 """
 import glob
@@ -215,6 +217,89 @@ def parse_fanout(text):
     if res and r["missed"] is None:
         r["missed"] = 0
     return r
+
+
+def counts(data, key):
+    """The distinct values of `key` over every run of data, as "1,000/2,000" ("?": none)."""
+    v = sorted({r[key] for rs in data.values() for r in rs.values() if r.get(key)})
+    return "/".join("{:,}".format(c) for c in v) or "?"
+
+
+def parse_flood(text):
+    """flood / floodalone: the victim's echo (parse_ws, CPU over its send window) and, with the
+    flooder, its `FLOODER {...}` line (streams connected, refused with 429, errors)."""
+    r = parse_ws_window(text)
+    res = line_json(text, "RESULT ") or {}
+    r["conns"] = res.get("conns")
+    r["window_secs"] = res.get("secs")
+    fl = line_json(text, "FLOODER ")
+    r["flooder"] = fl is not None
+    r["fl_conns"] = fl.get("conns") if fl else None
+    r["fl_up"] = fl.get("connected") if fl else None
+    r["fl_refused"] = fl.get("refused") if fl else None
+    r["fl_errors"] = fl.get("errors") if fl else None
+    r["fl_open"] = fl.get("still_open") if fl else None
+    return r
+
+
+def flood_section(alone, flood):
+    """One document's stream flood: the victim's p99 alone and with the flood, per round and
+    target (ratio), the flooder's streams connected/refused, the target's CPU over the window."""
+    if not alone and not flood:
+        return []
+    for data in (alone, flood):
+        for rs in data.values():
+            for r in rs.values():
+                ns, secs = r.get("window_cpu_ns"), r.get("window_secs")
+                r["cpu_pct"] = ns / 1e9 / secs * 100 if ns is not None and secs else None
+    out = ["**One document flooding the proxy with streams** (victim: wsload echo, {} WebSockets "
+           "over the document keys at a fixed rate, run alone and then while a flooder holds up to "
+           "{} SSE streams of the one document `flood`; Tether's route has "
+           "`limits: {{ streams_per_key: N }}` for this scenario, the peers have no such limit; "
+           "ratio = victim p99 with the flood / alone in the same round; CPU = the target's "
+           "process tree over the victim's send window, % of one CPU; not a CPU statistic: "
+           "descriptive, per round)".format(
+               counts(alone, "conns"), counts(flood, "fl_conns")), ""]
+    rounds = sorted({r for rs in list(alone.values()) + list(flood.values()) for r in rs})
+    head = ["victim p99 ms: flood / alone"] + ["round {}".format(r) for r in rounds] + ["median ratio"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    targets = sorted(set(alone) | set(flood), key=order_key)
+    for t in targets:
+        a, f = alone.get(t, {}), flood.get(t, {})
+        row, ratios = [t], []
+        for rd in rounds:
+            pa = a.get(rd, {}).get("p99")
+            pf = f.get(rd, {}).get("p99")
+            if pa and pf:
+                ratios.append(pf / pa)
+                row.append("{:.2f} / {:.2f} = {:.2f}".format(pf, pa, pf / pa))
+            else:
+                row.append("–")
+        row.append("{:.2f}".format(med(ratios)) if ratios else "–")
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    head = ["target", "victim p50 ms alone", "p50 ms flood", "p99 ms alone", "p99 ms flood",
+            "victim msgs/s alone", "msgs/s flood", "victim errors alone/flood",
+            "flooder streams up", "flooder refused (429)", "flooder errors", "CPU % alone",
+            "CPU % flood", "foreign CPU % max", "steal % max", "disturbed runs", "rounds"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for t in targets:
+        a, f = alone.get(t, {}), flood.get(t, {})
+        both = list(a.values()) + list(f.values())
+        row = [t, mmm(vals(a, "p50"), "{:.2f}"), mmm(vals(f, "p50"), "{:.2f}"),
+               mmm(vals(a, "p99"), "{:.2f}"), mmm(vals(f, "p99"), "{:.2f}"),
+               mmm(vals(a, "rate"), "{:.0f}"), mmm(vals(f, "rate"), "{:.0f}"),
+               "{}/{}".format(sum(r["errors"] for r in a.values()), sum(r["errors"] for r in f.values())),
+               mmm(vals(f, "fl_up"), "{:.0f}"), mmm(vals(f, "fl_refused"), "{:.0f}"),
+               str(sum(r["fl_errors"] or 0 for r in f.values()) + sum(1 for r in f.values() if not r["flooder"])),
+               mmm(vals(a, "cpu_pct"), "{:.1f}"), mmm(vals(f, "cpu_pct"), "{:.1f}"),
+               fmax([r["foreign"] for r in both]), fmax([r["steal"] for r in both], "{:.1f}"),
+               str(sum(1 for r in both if r["disturbed"])), str(len(f))]
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    return out
 
 
 def num(meta, key, default=None):
@@ -471,13 +556,12 @@ def fanout_section(data):
             r["run_cpu_us"] = r["cpu_us"]
             r["cpu_us"] = (r["pub_cpu_ns"] / 1000.0 / r["units"]
                            if r.get("pub_cpu_ns") is not None and r["units"] else None)
-    subs = sorted({r["conns"] for rs in data.values() for r in rs.values() if r.get("conns")})
     out = ["**SSE fan-out** ({} streams of one document, so on one backend; events published "
            "through the proxy 100 ms apart (POST /publish/x, the same X-Doc-Id) and delivered to "
            "every stream; CPU = the target's process tree from the first publish until the "
            "deliveries were in (schedstat ns, counted by wsload) / events delivered; latency = "
            "publish sent → event read by the subscriber, including the load tool's own "
-           "scheduling of its subscribers)".format("/".join("{:,}".format(c) for c in subs) or "?"), ""]
+           "scheduling of its subscribers)".format(counts(data, "conns")), ""]
     out += headline(data, "fanout", "event")
     rounds = sorted({r for rs in data.values() for r in rs})
     head = ["delivery p99 ms"] + ["round {}".format(r) for r in rounds] + ["median"]
@@ -525,12 +609,11 @@ def storm_section(data):
             r["run_cpu_us"] = r["cpu_us"]
             r["cpu_us"] = (r["storm_cpu_ns"] / 1000.0 / r["units"]
                            if r.get("storm_cpu_ns") is not None and r["units"] else None)
-    conns = sorted({r["conns"] for rs in data.values() for r in rs.values() if r.get("conns")})
     out = ["**Reconnect storm** ({} WebSockets through the proxy, one echo each; the backends, told "
            "directly (POST /ws-close-all), close all of them at once with 1012; every client "
            "reconnects at once and echoes once; time = from the close request until every "
            "connection was back; CPU = the target's process tree over that time (schedstat ns, "
-           "counted by wsload) / reconnections)".format("/".join("{:,}".format(c) for c in conns) or "?"), ""]
+           "counted by wsload) / reconnections)".format(counts(data, "conns")), ""]
     out += headline(data, "storm", "reconnection")
     rounds = sorted({r for rs in data.values() for r in rs})
     head = (["all back after, ms"] + ["round {}".format(r) for r in rounds]
@@ -680,6 +763,7 @@ def main(d):
     out += sse_section(d, sse)
     out += fanout_section(fan)
     out += storm_section(storm)
+    out += flood_section(load(d, "floodalone", parse_flood), load(d, "flood", parse_flood))
     print("\n".join(out))
 
 

@@ -26,6 +26,8 @@
 //!         text/event-stream, time each from writing the request to its first complete
 //!         event; once all are up sample VmRSS (--rss-pid) and report the increase per
 //!         stream, hold them --hold seconds (a stream ended early is an error), close.
+//!         --doc ID: every stream of the one document ID instead (a flood of one document).
+//!         A 429 answer is counted as `refused` (and, unless --refused-ok 1, as an error too).
 //!   fanout: --conns event streams all of `X-Doc-Id: doc-fanout`; once all are up, --msgs
 //!         events published through the same URL's host (`POST /publish/x`, same doc id,
 //!         body = send time in µs), one every --interval-ms on one keep-alive connection;
@@ -78,12 +80,15 @@ struct Opts {
     close_urls: Vec<String>,
     wait: f64,
     sessions: usize,
+    doc: String,
+    refused_ok: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: wsload --url ws[s]://127.0.0.1:PORT/ws/x [--mode echo|idle|storm] [--conns N] [--msgs M]\n\
          \x20      wsload --url http://127.0.0.1:PORT/sse/x --mode sse|fanout [--interval-ms MS]\n\
+         \x20      [--doc ID] [--refused-ok 0|1] (sse)\n\
          \x20      wsload --url http[s]://127.0.0.1:PORT/ --mode churn [--sessions S]\n\
          \x20      [--warm-msgs N --warm-size BYTES] (idle) [--close-urls URL,.. --wait S] (storm)\n\
          \x20      [--rate TOTAL_MSGS_PER_S (0=unpaced)] [--size BYTES] [--ids K] [--duration S]\n\
@@ -128,6 +133,8 @@ fn parse() -> Opts {
         close_urls: vec![],
         wait: 30.0,
         sessions: 8,
+        doc: String::new(),
+        refused_ok: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -159,6 +166,8 @@ fn parse() -> Opts {
             "--close-urls" => o.close_urls = list(&v).map(String::from).collect(),
             "--wait" => o.wait = num(k, &v),
             "--sessions" => o.sessions = num(k, &v),
+            "--doc" => o.doc = v.clone(),
+            "--refused-ok" => o.refused_ok = num::<u8>(k, &v) != 0,
             _ => {
                 eprintln!("unknown option {k}");
                 usage()

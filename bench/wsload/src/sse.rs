@@ -16,6 +16,9 @@ use crate::{rss_all, stop_and_join, tree_cpu_ns, wait_count, Opts};
 /// The document every fanout stream subscribes to and every publish goes to.
 const FANOUT_DOC: &str = "doc-fanout";
 
+/// open_stream's error for a 429 answer (counted as `refused`).
+const REFUSED: &str = "status 429";
+
 /// Process start: fanout timestamps are µs since then.
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
@@ -216,6 +219,7 @@ struct Shared {
     closed_early: AtomicU64,
     events: AtomicU64,
     pub_received: AtomicU64,
+    refused: AtomicU64,
     first_err: Mutex<Option<String>>,
     first_event: Mutex<Histogram<u64>>,
     delivery: Mutex<Histogram<u64>>,
@@ -243,6 +247,9 @@ async fn open_stream(o: &Opts, doc: &str, sh: &Shared) -> Result<Stream, String>
     tcp.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::with_capacity(1024);
     let (head, rest) = read_head(&mut tcp, &mut buf).await?;
+    if head.status == 429 {
+        return Err(REFUSED.into());
+    }
     if head.status != 200 {
         return Err(format!("status {}", head.status));
     }
@@ -290,8 +297,13 @@ fn spawn_streams(
             let sem2 = sem.clone();
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
-                let doc =
-                    if fanout { FANOUT_DOC.to_string() } else { format!("doc-{}", idx % o2.ids) };
+                let doc = if fanout {
+                    FANOUT_DOC.to_string()
+                } else if !o2.doc.is_empty() {
+                    o2.doc.clone()
+                } else {
+                    format!("doc-{}", idx % o2.ids)
+                };
                 let permit = sem2.acquire_owned().await.unwrap();
                 let r = tokio::time::timeout(
                     Duration::from_millis(o2.timeout_ms),
@@ -304,6 +316,13 @@ fn spawn_streams(
                     Ok(Ok(s)) => {
                         sh2.up.fetch_add(1, Ordering::Relaxed);
                         s
+                    }
+                    Ok(Err(e)) if e == REFUSED => {
+                        sh2.refused.fetch_add(1, Ordering::Relaxed);
+                        if o2.refused_ok {
+                            return;
+                        }
+                        return err(&sh2, e);
                     }
                     Ok(Err(e)) => return err(&sh2, e),
                     Err(_) => return err(&sh2, "no first event within --timeout-ms".into()),
@@ -344,6 +363,7 @@ fn new_shared() -> Arc<Shared> {
         closed_early: AtomicU64::new(0),
         events: AtomicU64::new(0),
         pub_received: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
         first_err: Mutex::new(None),
         first_event: Mutex::new(hist()),
         delivery: Mutex::new(hist()),
@@ -444,11 +464,12 @@ pub async fn run_sse(o: Opts, hard_deadline: Instant) {
     let fe = sh.first_event.lock().unwrap();
     let delta = rss_after as i64 - rss_before as i64;
     println!(
-        "RESULT {{\"label\":\"{}\",\"mode\":\"sse\",\"conns\":{},\"connected\":{},\"errors\":{},\"closed_early\":{},\"still_open\":{},\"first_event_p50_ms\":{},\"first_event_p99_ms\":{},\"first_event_max_ms\":{},\"rss_before_kb\":{},\"rss_after_kb\":{},\"kb_per_stream\":{},\"events\":{},\"connect_secs\":{:.2},\"hold\":{},\"secs\":{:.3}}}",
+        "RESULT {{\"label\":\"{}\",\"mode\":\"sse\",\"conns\":{},\"connected\":{},\"errors\":{},\"refused\":{},\"closed_early\":{},\"still_open\":{},\"first_event_p50_ms\":{},\"first_event_p99_ms\":{},\"first_event_max_ms\":{},\"rss_before_kb\":{},\"rss_after_kb\":{},\"kb_per_stream\":{},\"events\":{},\"connect_secs\":{:.2},\"hold\":{},\"secs\":{:.3}}}",
         o.label,
         o.conns,
         up,
         sh.errors.load(Ordering::Relaxed),
+        sh.refused.load(Ordering::Relaxed),
         sh.closed_early.load(Ordering::Relaxed),
         still_open,
         ms(&fe, Some(0.5)),
