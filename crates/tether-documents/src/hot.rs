@@ -18,20 +18,23 @@
 //! keeps their order, so the landmark moves forward (everything rescaled) before the factors
 //! could overflow.
 //!
-//! Memory: `capacity` entries, each holding its key twice (the index and the entry), plus the
-//! entry and its heap place (40 bytes) and the index's share of its table (at most about 100
-//! bytes an entry, measured with a million distinct keys passing through): for keys of at most `K` bytes, at most
-//! `capacity · (2·K + 160)` bytes beyond the allocator's rounding, whatever the number of
+//! Memory: `capacity` entries, each holding its key once (shared by the index and the entry,
+//! behind 16 bytes of reference counts), plus the entry and its heap place (40 bytes) and the
+//! index's share of its table (at most about 100 bytes an entry, measured with a million
+//! distinct keys passing through): for keys of at most `K` bytes, at most
+//! `capacity · (K + 176)` bytes beyond the allocator's rounding, whatever the number of
 //! distinct keys ([`HotKeys::memory_bytes`] tells what is held).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// When the landmark's factor would pass `e^LANDMARK_SPAN`, the landmark moves to now.
 const LANDMARK_SPAN: f64 = 64.0;
 
 struct Entry {
-    key: Box<str>,
+    /// Shared with the index: one copy of the key, one allocation when a key comes in.
+    key: Arc<str>,
     /// Decayed weight relative to the landmark (an overestimate by at most `error`).
     weight: f64,
     /// What the key may have inherited from the key it replaced.
@@ -50,7 +53,7 @@ pub struct HotKeys {
     /// Slot → its position in `heap`.
     position: Vec<u32>,
     /// Key → its slot.
-    index: HashMap<Box<str>, u32>,
+    index: HashMap<Arc<str>, u32>,
     /// Total decayed weight seen (relative to the landmark).
     total: f64,
 }
@@ -94,10 +97,11 @@ impl HotKeys {
 
     /// Bytes this sketch holds now (entries, index and keys; not the allocator's rounding).
     pub fn memory_bytes(&self) -> usize {
-        let keys: usize = self.slots.iter().map(|e| e.key.len()).sum();
+        // Each key once, behind its two reference counts.
+        let keys: usize = self.slots.iter().map(|e| e.key.len() + 16).sum();
         self.slots.capacity() * (std::mem::size_of::<Entry>() + 8)
-            + self.index.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1)
-            + 2 * keys
+            + self.index.capacity() * (std::mem::size_of::<(Arc<str>, u32)>() + 1)
+            + keys
     }
 
     /// True when nothing was seen.
@@ -124,31 +128,33 @@ impl HotKeys {
         }
         if self.slots.len() < self.capacity {
             let slot = self.slots.len() as u32;
+            let key: Arc<str> = Arc::from(key);
             self.slots.push(Entry {
-                key: key.into(),
+                key: key.clone(),
                 weight: scaled,
                 error: 0.0,
             });
             self.heap.push(slot);
             self.position.push(slot);
-            self.index.insert(key.into(), slot);
+            self.index.insert(key, slot);
             self.sift_up(self.heap.len() - 1);
             return;
         }
         // The lightest key gives its place, and its weight as the newcomer's possible error.
         let slot = self.heap[0];
+        let key: Arc<str> = Arc::from(key);
         let entry = &mut self.slots[slot as usize];
         let lightest = entry.weight;
         let old = std::mem::replace(
             entry,
             Entry {
-                key: key.into(),
+                key: key.clone(),
                 weight: lightest + scaled,
                 error: lightest,
             },
         );
         self.index.remove(&old.key);
-        self.index.insert(key.into(), slot);
+        self.index.insert(key, slot);
         self.sift_down(0);
     }
 
@@ -294,7 +300,7 @@ mod tests {
         assert_eq!(hot.len(), 256);
         assert_eq!(hot.index.len(), 256);
         // 256 entries of 21-byte keys: within the bound the module's text gives.
-        assert!(most <= 256 * (2 * 21 + 160), "{most} bytes");
+        assert!(most <= 256 * (21 + 176), "{most} bytes");
         eprintln!("1,000,000 distinct keys, capacity 256: {most} bytes at most");
     }
 

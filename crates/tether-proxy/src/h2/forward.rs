@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use pingora::prelude::*;
 use std::future::{poll_fn, Future};
+use std::io::Write as _;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::Poll;
@@ -220,7 +221,8 @@ async fn send_body(
         }
         let bytes: &[u8] = if chunked {
             framed.clear();
-            framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            // The chunk's size line, written in place (no string per chunk).
+            let _ = write!(framed, "{:x}\r\n", data.len());
             framed.extend_from_slice(&data);
             framed.extend_from_slice(b"\r\n");
             &framed
