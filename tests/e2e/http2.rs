@@ -253,6 +253,43 @@ async fn first_event(body: &mut h2::RecvStream) -> String {
     event["backend"].as_str().expect("backend").to_string()
 }
 
+/// A GET of `path` that asks for an event stream.
+fn sse_request(path: &str) -> Request<()> {
+    Request::builder()
+        .method(Method::GET)
+        .uri(format!("https://localhost{path}"))
+        .header(http::header::ACCEPT, "text/event-stream")
+        .body(())
+        .expect("request")
+}
+
+/// Opens the SSE stream of `path` on `send`: the response, its body to be read.
+async fn open_sse(send: &SendRequest<Bytes>, path: &str) -> http::Response<h2::RecvStream> {
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (response, _) = ready.send_request(sse_request(path), true).expect("send");
+    tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered in time")
+        .expect("response")
+}
+
+/// How a stream's body ends, skipping empty DATA frames: `None` for a clean end, `Some(Err)`
+/// for a reset, `Some(Ok)` if more data came.
+async fn body_end(
+    body: &mut h2::RecvStream,
+    within: Duration,
+) -> Result<Option<Result<Bytes, h2::Error>>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(within, async {
+        loop {
+            match body.data().await {
+                Some(Ok(data)) if data.is_empty() => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+}
+
 /// Convergence over HTTP/2: draining a backend ends the SSE streams of its keys (their HTTP/2
 /// streams end) and answers its waiting long-polls 503; every other stream goes on. The
 /// adapter relays these streams itself, over the engine's backend connections, so it ends
@@ -265,22 +302,11 @@ async fn draining_ends_the_moved_sse_streams_and_long_polls_over_http2_only() {
     for i in 0..12 {
         let key = format!("h2-sse-{i}");
         let (send, task) = h2_client(&stack, &ca).await;
-        let mut ready = send.ready().await.expect("ready");
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(format!("https://localhost/docs/{key}/sse?count=1&hold=1"))
-            .header(http::header::ACCEPT, "text/event-stream")
-            .body(())
-            .expect("request");
-        let (response, _) = ready.send_request(request, true).expect("send");
-        let response = tokio::time::timeout(Duration::from_secs(10), response)
-            .await
-            .expect("SSE head in time")
-            .expect("SSE response");
+        let response = open_sse(&send, &format!("/docs/{key}/sse?count=1&hold=1")).await;
         assert_eq!(response.status(), 200, "{key}");
         let mut body = response.into_body();
         let backend = first_event(&mut body).await;
-        streams.push((key, backend, body, ready, task));
+        streams.push((key, backend, body, send, task));
     }
     let mut polls = Vec::new();
     for i in 0..6 {
@@ -321,15 +347,7 @@ async fn draining_ends_the_moved_sse_streams_and_long_polls_over_http2_only() {
     for (key, backend, body, ..) in &mut streams {
         if *backend == target {
             // The stream ends (an empty last DATA frame, or a reset) with nothing more sent.
-            let next = tokio::time::timeout(Duration::from_secs(10), async {
-                loop {
-                    match body.data().await {
-                        Some(Ok(data)) if data.is_empty() => continue,
-                        other => return other,
-                    }
-                }
-            })
-            .await;
+            let next = body_end(body, Duration::from_secs(10)).await;
             assert!(
                 matches!(next, Ok(None) | Ok(Some(Err(_)))),
                 "{key} on the drained backend was not ended: {next:?}"
@@ -379,16 +397,9 @@ async fn a_client_resetting_its_sse_stream_ends_it_at_once() {
     let ca = Ca::new();
     let stack = start(&ca).await;
     let (send, _task) = h2_client(&stack, &ca).await;
-    let mut ready = send.ready().await.expect("ready");
-    let request = Request::builder()
-        .method(Method::GET)
-        .uri("https://localhost/docs/leaving/sse?count=1&hold=1")
-        .header(http::header::ACCEPT, "text/event-stream")
-        .body(())
-        .expect("request");
-    let (response, _) = ready.send_request(request, true).expect("send");
-    let response = response.await.expect("SSE response");
-    let mut body = response.into_body();
+    let mut body = open_sse(&send, "/docs/leaving/sse?count=1&hold=1")
+        .await
+        .into_body();
     first_event(&mut body).await;
     assert_eq!(open_streams(&stack, "sse").await, 1.0);
     drop(body);
@@ -438,28 +449,14 @@ async fn a_backend_dying_mid_response_resets_the_stream() {
     let ca = Ca::new();
     let stack = start(&ca).await;
     let (send, _task) = h2_client(&stack, &ca).await;
-    let mut ready = send.ready().await.expect("ready");
-    let request = Request::builder()
-        .method(Method::GET)
-        .uri("https://localhost/docs/dying/sse?count=1&hold=1")
-        .header(http::header::ACCEPT, "text/event-stream")
-        .body(())
-        .expect("request");
-    let (response, _) = ready.send_request(request, true).expect("send");
-    let response = response.await.expect("SSE response");
-    let mut body = response.into_body();
+    let mut body = open_sse(&send, "/docs/dying/sse?count=1&hold=1")
+        .await
+        .into_body();
     let backend = first_event(&mut body).await;
     stack.backend(&backend).stop().await;
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match body.data().await {
-                Some(Ok(data)) if data.is_empty() => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ended in time");
+    let end = body_end(&mut body, Duration::from_secs(10))
+        .await
+        .expect("the stream ended in time");
     assert!(
         matches!(end, Some(Err(_))),
         "a broken response ended like a whole one: {end:?}"
@@ -473,30 +470,16 @@ async fn a_document_at_its_stream_limit_gets_429_over_http2_too() {
     let ca = Ca::new();
     let stack = start(&ca).await;
     let (send, _task) = h2_client(&stack, &ca).await;
-    let sse = || {
-        Request::builder()
-            .method(Method::GET)
-            .uri("https://localhost/docs/crowded/sse?count=1&hold=1")
-            .header(http::header::ACCEPT, "text/event-stream")
-            .body(())
-            .expect("request")
-    };
+    let path = "/docs/crowded/sse?count=1&hold=1";
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut ready = send.clone().ready().await.expect("ready");
-        let (response, _) = ready.send_request(sse(), true).expect("send");
-        let response = response.await.expect("SSE response");
+        let response = open_sse(&send, path).await;
         assert_eq!(response.status(), 200);
         let mut body = response.into_body();
         first_event(&mut body).await;
         held.push(body);
     }
-    let mut ready = send.clone().ready().await.expect("ready");
-    let (response, _) = ready.send_request(sse(), true).expect("send");
-    let response = tokio::time::timeout(Duration::from_secs(10), response)
-        .await
-        .expect("answered in time")
-        .expect("response");
+    let response = open_sse(&send, path).await;
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(open_streams(&stack, "sse").await, 2.0);
