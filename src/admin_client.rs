@@ -1,5 +1,6 @@
-//! One plain-HTTP/1.1 `GET` with a deadline, for the commands that ask a running Tether's admin
-//! listener (`tether probe`, `tether top`): containers and operators' shells have no curl.
+//! One plain-HTTP/1.1 request with a deadline, for the commands that ask a running Tether's
+//! admin listener (`tether probe`, `tether top`, `tether pin`): containers and operators'
+//! shells have no curl.
 
 use anyhow::{bail, Result};
 use std::io::{Read, Write};
@@ -16,14 +17,35 @@ pub fn get(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>)> {
+    request("GET", address, path, token, None, timeout)
+}
+
+/// The status and body of `method path` at `address` with a JSON `body`, if any.
+pub fn request(
+    method: &str,
+    address: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>)> {
     let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let framing = body.map_or(String::new(), |b| {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        )
+    });
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{auth}{framing}Connection: close\r\n\r\n"
     )?;
+    if let Some(body) = body {
+        stream.write_all(body)?;
+    }
     let mut answer = Vec::new();
     stream.take(MAX_ANSWER).read_to_end(&mut answer)?;
     let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -54,4 +76,55 @@ pub fn split_url(url: &str) -> Result<(SocketAddr, &str)> {
         .parse()
         .map_err(|_| anyhow::anyhow!("{url}: expected http://ip:port/path"))?;
     Ok((address, path))
+}
+
+/// The admin token of `config` (read from `admin.token_file`), if it has one.
+pub fn token(config: &tether_config::Config) -> Result<Option<String>> {
+    use anyhow::Context;
+    match &config.admin.token_file {
+        Some(path) => Ok(Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("admin token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// `text` percent-encoded as one path segment (every byte but unreserved ones escaped).
+pub fn encode_segment(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// The JSON answer to `method path` (with `body`) at `address`; an error that carries the
+/// admin API's own message unless it answered 200.
+pub fn json(
+    method: &str,
+    address: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    use anyhow::Context;
+    let (status, answer) = request(method, address, path, token, body, timeout)
+        .with_context(|| format!("admin listener {address}"))?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer).context("admin answer")?;
+    if status != 200 {
+        bail!(
+            "admin listener answered {status}: {}",
+            answer["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(answer)
 }

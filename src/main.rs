@@ -2,6 +2,7 @@
 
 mod admin_client;
 mod demo;
+mod pin;
 mod top;
 
 use anyhow::{bail, Result};
@@ -54,6 +55,11 @@ enum Command {
     /// Show an upstream's hottest documents (by open streams, requests/s or bytes/s) from the
     /// running proxy's admin listener; `--watch` refreshes it like `top`.
     Top(top::TopArgs),
+    /// Pin a document to a backend through the running proxy's admin listener: its streams on
+    /// the old owner close (1012) and it stays there while the backend is available.
+    Pin(pin::PinArgs),
+    /// Remove a document's pin: it goes back to its owner on the ring.
+    Unpin(pin::UnpinArgs),
 }
 
 #[derive(Args)]
@@ -165,6 +171,13 @@ fn check(args: CheckArgs) -> Result<()> {
     // Certificates are files the proxy reads at start; a config naming a bad one would not run.
     tether_proxy::tls::TlsListeners::load(&config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    // So is the state file: one the proxy could not read would stop it at start.
+    if let Some(path) = &config.server.state_file {
+        let state = tether_proxy::control::pins::read(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+        let pins: usize = state.pins.values().map(|p| p.len()).sum();
+        println!("{}: {pins} pinned documents", path.display());
+    }
     println!("{}: ok: {}", args.config.display(), config.summary());
     if let Some(old_path) = &args.against {
         let old = load(old_path)?;
@@ -179,6 +192,16 @@ fn check(args: CheckArgs) -> Result<()> {
 fn route(args: RouteArgs) -> Result<()> {
     let config = load(&args.config)?;
     let router = Router::new(&config);
+    // Pins in the state file are in force on a proxy running this config (etcd upstreams take
+    // their members, and so their pins, from etcd: the file cannot route those anyway).
+    if let Some(path) = &config.server.state_file {
+        let state = tether_proxy::control::pins::read(path)?;
+        for upstream in router.upstreams() {
+            if let Some(pins) = state.pins.get(&upstream.name) {
+                upstream.pins.replace(pins);
+            }
+        }
+    }
     let mut request = DescribedRequest::new(&args.method, args.host.as_deref(), &args.path);
     for h in &args.headers {
         request.header(h).map_err(anyhow::Error::msg)?;
@@ -203,6 +226,7 @@ fn route(args: RouteArgs) -> Result<()> {
             println!("key_source: {}", d.key_source.as_str());
             println!("upstream: {}", upstream.name);
             println!("backend: {}", d.address);
+            println!("reason: {}", d.reason());
             Ok(())
         }
         Err(reject) => bail!("{} {reject}", reject.status()),
@@ -309,6 +333,8 @@ fn main() -> ExitCode {
         Command::Man(args) => man(&args),
         Command::Probe(args) => probe(&args),
         Command::Top(args) => top::run(&args),
+        Command::Pin(args) => pin::pin(&args),
+        Command::Unpin(args) => pin::unpin(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

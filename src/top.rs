@@ -2,7 +2,7 @@
 //! (`GET /documents/top`) and printed as a table; `--watch` redraws it like `top`.
 
 use crate::admin_client;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -55,34 +55,20 @@ pub struct TopArgs {
 /// Prints the table once, or redraws it every `interval` with `--watch`.
 pub fn run(args: &TopArgs) -> Result<()> {
     let config = tether_config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let token = match &config.admin.token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("admin token file {}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = admin_client::token(&config)?;
     let mut path = format!("/documents/top?by={}&n={}", args.by.as_str(), args.n);
     if let Some(upstream) = &args.upstream {
         let _ = write!(path, "&upstream={upstream}");
     }
     loop {
-        let (status, body) = admin_client::get(
+        let answer = admin_client::json(
+            "GET",
             config.admin.address,
             &path,
             token.as_deref(),
+            None,
             Duration::from_secs(2),
-        )
-        .with_context(|| format!("admin listener {}", config.admin.address))?;
-        let answer: Value = serde_json::from_slice(&body).context("admin answer")?;
-        if status != 200 {
-            bail!(
-                "admin listener answered {status}: {}",
-                answer["error"].as_str().unwrap_or("")
-            );
-        }
+        )?;
         let table = render(&answer);
         if !args.watch {
             print!("{table}");

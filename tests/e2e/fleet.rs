@@ -5,7 +5,7 @@
 //!
 //! `scripts/setup-tests.sh` installs `etcd-server` and `dnsmasq-base`.
 
-use crate::support::{series_value, tether_binary};
+use crate::support::{pin_request, series_value, tether_binary, Socket};
 use futures_util::{stream, StreamExt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -14,11 +14,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_testkit::{
-    free_addr, free_port, http_get, wait_until_async, ws_connect, Message, TestBackend,
-    TetherProcess,
+    free_addr, free_port, http_get, wait_until_async, TestBackend, TetherProcess,
 };
 use tokio::process::{Child, Command};
 
@@ -263,53 +262,6 @@ async fn wait_for_members(
     started.elapsed()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Open WebSockets that remember how they ended.
-
-struct Socket {
-    key: String,
-    backend: String,
-    /// Close code (None: no close frame) once the socket ended.
-    ended: Arc<Mutex<Option<Option<u16>>>>,
-    _keep: tokio::task::JoinHandle<()>,
-}
-
-impl Socket {
-    async fn open(url: &str, key: &str) -> Socket {
-        let (ws, headers) = ws_connect(url, &[])
-            .await
-            .unwrap_or_else(|e| panic!("open {url}: {e}"));
-        let backend = headers
-            .get("x-backend")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("?")
-            .to_string();
-        let ended = Arc::new(Mutex::new(None));
-        let ended_by_reader = ended.clone();
-        let keep = tokio::spawn(async move {
-            let (_sink, mut stream) = ws.split();
-            let code = loop {
-                match stream.next().await {
-                    Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-                    Some(Ok(_)) => {}
-                    None | Some(Err(_)) => break None,
-                }
-            };
-            *ended_by_reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
-        });
-        Socket {
-            key: key.to_string(),
-            backend,
-            ended,
-            _keep: keep,
-        }
-    }
-
-    fn ended(&self) -> Option<Option<u16>> {
-        *self.ended.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// Keys of the sockets that ended so far.
 fn ended_keys(sockets: &[Socket]) -> BTreeSet<String> {
     sockets
@@ -437,6 +389,90 @@ async fn two_proxies_agree_on_every_owner_and_follow_announcements_and_lease_exp
     let left = wait_for_members(&[&a, &b], &addr[..2], Duration::from_secs(3)).await;
     eprintln!("SIGTERMed announcer: its backend left both proxies after {left:?}");
     assert!(left < Duration::from_secs(1), "revoke took {left:?}");
+}
+
+/// `POST` (Some) or `DELETE` (None) the pin of `key` through `proxy`'s admin API.
+async fn set_pin(proxy: &Proxy, key: &str, backend: Option<SocketAddr>) -> serde_json::Value {
+    let backend = backend.map(|b| b.to_string());
+    let (status, answer) = pin_request(&proxy.tether, key, backend.as_deref()).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// Waits until every proxy routes `key` to `backend` for `reason`; returns how long it took.
+async fn wait_for_route(proxies: &[&Proxy], key: &str, backend: &str, reason: &str) -> Duration {
+    let started = Instant::now();
+    let agreed = wait_until_async(Duration::from_secs(5), || async move {
+        for p in proxies {
+            let route = p.admin_json(&format!("/route?path=/docs/{key}")).await;
+            if route["backend"] != backend || route["reason"] != reason {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        agreed,
+        "{key} not routed to {backend} ({reason}) everywhere"
+    );
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_set_through_one_proxy_holds_on_every_proxy_within_a_second_and_after_a_restart() {
+    let etcd = Etcd::start().await;
+    let mut backends = Vec::new();
+    for i in 0..3 {
+        backends.push(TestBackend::start(&format!("b{i}")).await);
+    }
+    let addr: Vec<SocketAddr> = backends.iter().map(TestBackend::addr).collect();
+    let _announcers: Vec<Announcer> = addr
+        .iter()
+        .map(|a| Announcer::start(&etcd, PREFIX, *a, "5s"))
+        .collect();
+    let (a, mut b) = (Proxy::etcd(&etcd).await, Proxy::etcd(&etcd).await);
+    wait_for_members(&[&a, &b], &addr, Duration::from_secs(10)).await;
+    let key = "big-doc";
+    let owner = a.owner(key).await;
+    let target = *addr
+        .iter()
+        .find(|x| x.to_string() != owner)
+        .expect("another backend");
+    let on_b = Socket::open(&b.ws_url(key), key).await;
+
+    // Pinned through a: in force on both within 1 s, and b closes its stream on the old owner.
+    let answer = set_pin(&a, key, Some(target)).await;
+    assert_eq!(answer["stored"], "etcd", "{answer}");
+    assert_eq!(answer["in_force"], true, "{answer}");
+    let took = wait_for_route(&[&a, &b], key, &target.to_string(), "pinned").await;
+    eprintln!("pin through one proxy: in force on both after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let closed = wait_until_async(Duration::from_secs(5), || {
+        let ended = on_b.ended();
+        async move { ended.is_some() }
+    })
+    .await;
+    assert!(
+        closed && on_b.ended() == Some(Some(1012)),
+        "{:?}",
+        on_b.ended()
+    );
+
+    // A restarted proxy reads the pin from etcd.
+    b.tether.kill().await.expect("kill b");
+    b = Proxy::etcd(&etcd).await;
+    wait_for_members(&[&b], &addr, Duration::from_secs(10)).await;
+    wait_for_route(&[&b], key, &target.to_string(), "pinned").await;
+
+    // Unpinned through the new b: back to the ring's owner on both within 1 s.
+    let answer = set_pin(&b, key, None).await;
+    assert_eq!(answer["stored"], "etcd", "{answer}");
+    let took = wait_for_route(&[&a, &b], key, &owner, "ring").await;
+    eprintln!("unpin: back to the ring's owner on both after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // The pin never became a member.
+    assert_eq!(a.members().await.len(), 3);
 }
 
 /// A GET load through every proxy over 60 documents until stopped: (requests, failures).

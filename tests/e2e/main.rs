@@ -25,6 +25,7 @@ mod http2;
 mod image;
 mod lifecycle;
 mod nginx_compat;
+mod pins;
 mod prometheus;
 mod proxy_http;
 mod proxy_streams;

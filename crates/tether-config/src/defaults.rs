@@ -40,6 +40,7 @@ impl Default for Server {
             access_log: AccessLog::default(),
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
+            state_file: None,
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct Server {
     /// Networks whose `X-Forwarded-For` and `Forwarded` headers are believed and appended to;
     /// from anyone else they are replaced. Default: none.
     pub trusted_proxies: Vec<Cidr>,
+    /// Where runtime state an operator set through the admin API (pins of keys to backends)
+    /// is kept across restarts. None: such state of upstreams without etcd discovery lives in
+    /// memory only.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 /// An IP network, `10.0.0.0/8` or `::1/128` (a bare address means a single host).

@@ -84,6 +84,7 @@ pub(crate) mod fields {
         "access_log",
         "limits",
         "trusted_proxies",
+        "state_file",
     ];
     pub const LIMITS: &[&str] = &[
         "max_uri",

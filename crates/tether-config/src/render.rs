@@ -32,6 +32,16 @@ pub fn to_yaml(config: &Config) -> String {
             out.line(4, &format!("- {}", scalar(&cidr.to_string())));
         }
     }
+    match &config.server.state_file {
+        Some(path) => out.line(
+            2,
+            &format!("state_file: {}", scalar(&path.display().to_string())),
+        ),
+        None => out.line(
+            2,
+            "# state_file: not set, so pins of upstreams without etcd are kept in memory only",
+        ),
+    }
     let l = &config.server.limits;
     out.line(2, "limits:");
     out.line(4, &format!("max_uri: {}", l.max_uri));

@@ -97,6 +97,11 @@ struct ServerFile {
     /// `Forwarded` headers are believed and extended; from anyone else they are replaced.
     #[schemars(default, skip_serializing_if = "unset", length(min = 1))]
     trusted_proxies: Vec<Network>,
+    /// A file where state set through the admin API (pins of documents to backends) is kept
+    /// across restarts; rewritten whole (write, then rename) on every change. Upstreams with
+    /// etcd discovery keep theirs in etcd instead.
+    #[schemars(default, skip_serializing_if = "unset")]
+    state_file: FileName,
 }
 
 /// `server.limits`: a request over a limit is answered locally (414, 431, 408) and never

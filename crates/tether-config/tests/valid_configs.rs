@@ -79,6 +79,7 @@ fn the_annotated_example_parses_into_the_documented_model() {
             access_log: AccessLog::default(),
             limits: tether_config::Limits::default(),
             trusted_proxies: Vec::new(),
+            state_file: None,
         }
     );
     assert_eq!(
@@ -164,6 +165,7 @@ fn omitted_fields_take_their_defaults() {
             access_log: AccessLog::default(),
             limits: tether_config::Limits::default(),
             trusted_proxies: Vec::new(),
+            state_file: None,
         }
     );
     assert_eq!(config.admin.address, addr("127.0.0.1:9901"));
@@ -476,4 +478,26 @@ fn the_kubernetes_example_config_parses() {
         parse_ok(&etcd).upstreams[0].discovery,
         Some(Discovery::Etcd(_))
     ));
+}
+
+#[test]
+fn a_state_file_parses_round_trips_and_must_name_a_file() {
+    let text = BASE.replace(
+        "listeners:",
+        "server:\n  state_file: /var/lib/tether/state.json\nlisteners:",
+    );
+    let config = parse_ok(&text);
+    assert_eq!(
+        config.server.state_file.as_deref(),
+        Some(std::path::Path::new("/var/lib/tether/state.json"))
+    );
+    assert_eq!(parse_ok(&tether_config::to_yaml(&config)), config);
+    let bad = BASE.replace("listeners:", "server:\n  state_file: \"\"\nlisteners:");
+    let errors = tether_config::parse(&bad, "t.yaml")
+        .expect_err("empty file name")
+        .to_string();
+    assert!(
+        errors.contains("server.state_file: must name a file"),
+        "{errors}"
+    );
 }

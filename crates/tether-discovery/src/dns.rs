@@ -85,7 +85,7 @@ pub(crate) async fn run(spec: DnsDiscovery, publish: Publisher) {
     loop {
         ticks.tick().await;
         match resolve(&resolver, &spec).await {
-            Ok(members) => publish.members(members, true),
+            Ok(members) => publish.members(members, Default::default(), true),
             Err(e) => {
                 if publish.down(e.to_string()) {
                     tracing::warn!("DNS discovery: {e}; serving the last known membership");

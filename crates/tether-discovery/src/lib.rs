@@ -21,6 +21,7 @@ mod dns;
 mod error;
 pub mod etcd;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use tether_config::Discovery;
@@ -45,6 +46,8 @@ pub struct Member {
 pub struct Snapshot {
     /// The members, sorted by address, one per address. Empty until `loaded`.
     pub members: Vec<Member>,
+    /// Documents pinned to a backend (etcd: the keys under `<prefix>/pins/`; DNS: none).
+    pub pins: BTreeMap<String, SocketAddr>,
     /// True once a membership has been read at least once.
     pub loaded: bool,
     /// True while the source answers; when false, `members` is the last known set.
@@ -96,12 +99,18 @@ impl Drop for Source {
 pub(crate) struct Publisher(watch::Sender<Snapshot>);
 
 impl Publisher {
-    /// Publishes a new member set read from a source that answered.
-    pub(crate) fn members(&self, members: Vec<Member>, full_load: bool) {
+    /// Publishes a new member set (and pins) read from a source that answered.
+    pub(crate) fn members(
+        &self,
+        members: Vec<Member>,
+        pins: BTreeMap<String, SocketAddr>,
+        full_load: bool,
+    ) {
         let members = canonical(members);
         self.0.send_if_modified(|s| {
             let before = s.clone();
             s.members = members;
+            s.pins = pins;
             s.loaded = true;
             s.up = true;
             s.problem = None;

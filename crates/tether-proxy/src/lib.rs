@@ -74,6 +74,9 @@ pub enum StartError {
     /// A TLS listener's certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// `server.state_file` exists but cannot be read or is not a state file.
+    #[error(transparent)]
+    StateFile(#[from] control::pins::StateFileError),
 }
 
 /// Starts the proxy, health checks and admin listener for `config` and serves until the
@@ -176,6 +179,10 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
     server.bootstrap();
 
     let state = Arc::new(ProxyState::new(&config));
+    if let Some(path) = &config.server.state_file {
+        let pins = control::pins::load(&state, path)?;
+        tracing::info!(state_file = %path.display(), pins, "state file read");
+    }
 
     let limits = &config.server.limits;
     let mut h2 = pingora::proxy::http_proxy(&server.configuration, h2::H2Proxy::new(state.clone()));

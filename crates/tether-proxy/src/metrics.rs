@@ -187,7 +187,7 @@ impl Metrics {
             ),
             ring_changes: counter(
                 "tether_ring_changes_total",
-                "Changes of an upstream's key owners, by cause (health|passive|drain|config|discovery)",
+                "Changes of an upstream's key owners, by cause (health|passive|drain|config|discovery|pin)",
                 &["upstream", "cause"],
             ),
             split_keys: gauge(
@@ -300,7 +300,7 @@ impl Metrics {
     /// Creates every series an upstream can have at 0, so `increase()` and alerts see the first
     /// event too (a series born at 1 looks like no change).
     pub fn touch_upstream(&self, upstream: &str) {
-        for cause in ["health", "passive", "drain", "config", "discovery"] {
+        for cause in ["health", "passive", "drain", "config", "discovery", "pin"] {
             self.ring_changes.with_label_values(&[upstream, cause]);
         }
         for reason in ["ended", "rebalance", "shutdown"] {

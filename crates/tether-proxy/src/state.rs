@@ -11,11 +11,12 @@ use crate::documents::{DocumentBook, UpstreamDocuments};
 use crate::metrics::{Metrics, RouterCounters};
 use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tether_config::{Backend, Config, Discovery};
-use tether_routing::{BackendState, Router};
+use tether_routing::{BackendState, PinBook, Router};
 use tokio::sync::Notify;
 
 /// A router together with everything derived from it.
@@ -33,11 +34,6 @@ pub struct Installed {
 }
 
 impl Installed {
-    /// Builds the routing state for `config`, counting documents into `book`.
-    pub fn new(config: &Config, book: &DocumentBook) -> Installed {
-        Installed::from_router(config, Router::new(config), book)
-    }
-
     fn from_router(config: &Config, router: Router, book: &DocumentBook) -> Installed {
         let metrics = Metrics::global();
         for upstream in &config.upstreams {
@@ -140,6 +136,9 @@ pub struct ProxyState {
     pub(crate) closing: Arc<crate::closing::Closing>,
     /// Every upstream's hot documents, kept across reloads.
     pub documents: DocumentBook,
+    /// Every upstream's pinned documents, kept across reloads; changed only through
+    /// [`ProxyState::set_pin`] and [`ProxyState::replace_pins`].
+    pins: PinBook,
 }
 
 /// Counts one request or tunnel in a backend's `active` (least-connections) while it lives.
@@ -172,7 +171,9 @@ impl ProxyState {
     /// State serving `config`.
     pub fn new(config: &Config) -> ProxyState {
         let documents = DocumentBook::default();
-        let installed = Installed::new(config, &documents);
+        let pins = PinBook::default();
+        let router = Router::with_pins(config, None, &pins);
+        let installed = Installed::from_router(config, router, &documents);
         Metrics::global().refresh_backend_up(&installed.router);
         ProxyState {
             current: ArcSwap::from_pointee(installed),
@@ -187,6 +188,7 @@ impl ProxyState {
             pool: crate::pool::UpstreamPool::default(),
             closing: Arc::default(),
             documents,
+            pins,
         }
     }
 
@@ -272,7 +274,7 @@ impl ProxyState {
     /// Builds and installs `config` (already merged); `cause` labels the ring changes.
     fn swap(&self, config: &Config, cause: Cause) {
         let old = self.current();
-        let router = Router::with_previous(config, &old.router);
+        let router = Router::with_pins(config, Some(&old.router), &self.pins);
         let installed = Installed::from_router(config, router, &self.documents);
         let changed: Vec<String> = config
             .upstreams
@@ -316,6 +318,38 @@ impl ProxyState {
         changed
     }
 
+    /// The one way a single pin changes: pins `key` of `upstream` to `backend` (`None`
+    /// unpins it) and, when that changed anything, counts a `pin` ring change and wakes
+    /// convergence, which closes the key's streams if its owner moved. Returns whether it
+    /// changed. (Storing the pin, in a state file or etcd, is `control::pins`'s job.)
+    pub fn set_pin(&self, upstream: &str, key: &str, backend: Option<SocketAddr>) -> bool {
+        let changed = self.pins.upstream(upstream).set(key, backend);
+        if changed {
+            self.owner_changed(upstream, Cause::Pin);
+        }
+        changed
+    }
+
+    /// Replaces every pin of `upstream` (a source, such as etcd, reported its whole set), as
+    /// [`ProxyState::set_pin`] does for one.
+    pub fn replace_pins(&self, upstream: &str, pins: &BTreeMap<String, SocketAddr>) -> bool {
+        let changed = self.pins.upstream(upstream).replace(pins);
+        if changed {
+            self.owner_changed(upstream, Cause::Pin);
+        }
+        changed
+    }
+
+    /// The pins of `upstream`, by key.
+    pub fn pins(&self, upstream: &str) -> BTreeMap<String, SocketAddr> {
+        self.pins.upstream(upstream).all()
+    }
+
+    /// Every pin, by upstream then key (upstreams without pins left out).
+    pub fn all_pins(&self) -> BTreeMap<String, BTreeMap<String, SocketAddr>> {
+        self.pins.all()
+    }
+
     /// Records that the key owners of `upstream` changed (counted in `ring_changes_total`) and
     /// wakes convergence.
     pub fn owner_changed(&self, upstream: &str, cause: Cause) {
@@ -352,6 +386,8 @@ pub enum Cause {
     Config,
     /// A discovery source (etcd, DNS) reported another member set.
     Discovery,
+    /// A document was pinned to a backend or unpinned.
+    Pin,
 }
 
 impl Cause {
@@ -363,6 +399,7 @@ impl Cause {
             Cause::Drain => "drain",
             Cause::Config => "config",
             Cause::Discovery => "discovery",
+            Cause::Pin => "pin",
         }
     }
 }

@@ -95,6 +95,7 @@ mod key;
 mod keys;
 pub mod normalize;
 mod percent;
+pub mod pins;
 mod ring;
 mod router;
 pub mod share;
@@ -103,6 +104,7 @@ mod upstream;
 
 pub use headers::{Headers, Values};
 pub use key::Key;
+pub use pins::{PinBook, Pins};
 pub use router::Router;
 pub use upstream::{BackendState, UpstreamState};
 
@@ -173,6 +175,9 @@ pub struct Decision {
     pub upstream: usize,
     /// Index of the chosen backend within the upstream.
     pub backend: usize,
+    /// True when the key is pinned to that backend (an operator's pin), false when the ring
+    /// or the balance chose it.
+    pub pinned: bool,
     /// The chosen backend's address (same as `upstreams()[upstream].backends[backend].address`).
     pub address: SocketAddr,
     /// The normalised path the route matched on, when normalising changed the request's path;
@@ -185,6 +190,16 @@ impl Decision {
     /// The normalised path the route matched on, given the request's raw `path`.
     pub fn path<'a>(&'a self, raw_path: &'a str) -> &'a str {
         self.normalized_path.as_deref().unwrap_or(raw_path)
+    }
+
+    /// Why this backend: `pinned` (an operator's pin), `ring` (the key's owner on the ring)
+    /// or `balance` (no key: the upstream's balance).
+    pub fn reason(&self) -> &'static str {
+        match (self.pinned, &self.key) {
+            (true, _) => "pinned",
+            (false, Some(_)) => "ring",
+            (false, None) => "balance",
+        }
     }
 }
 

@@ -6,8 +6,9 @@ use std::borrow::Cow;
 use std::fmt::Write;
 
 use crate::normalize::normalize_path_cow;
+use crate::pins::PinBook;
 use crate::table::Table;
-use crate::upstream::UpstreamState;
+use crate::upstream::{Owner, UpstreamState};
 use crate::{balance, Decision, Key, KeySourceKind, Reject, RequestView};
 
 /// The immutable routing table built from a `Config`.
@@ -20,7 +21,7 @@ pub struct Router {
 impl Router {
     /// Builds a router with fresh backend states (all up).
     pub fn new(config: &Config) -> Router {
-        Router::build(config, None)
+        Router::build(config, None, &PinBook::default())
     }
 
     /// Builds a router reusing `BackendState`s of `previous` for backends (same upstream name and
@@ -29,17 +30,28 @@ impl Router {
     /// A backend whose weight changed gets a new state with the new weight that keeps its `up`
     /// flag (its `active` count starts again at 0).
     pub fn with_previous(config: &Config, previous: &Router) -> Router {
-        Router::build(config, Some(previous))
+        let pins = PinBook::default();
+        for upstream in &previous.upstreams {
+            pins.upstream(&upstream.name).replace(&upstream.pins.all());
+        }
+        Router::build(config, Some(previous), &pins)
     }
 
-    fn build(config: &Config, previous: Option<&Router>) -> Router {
+    /// Builds a router whose upstreams keep their pins in `pins` (the proxy's book, which
+    /// outlives every router), reusing `previous`'s backend states as
+    /// [`Router::with_previous`] does.
+    pub fn with_pins(config: &Config, previous: Option<&Router>, pins: &PinBook) -> Router {
+        Router::build(config, previous, pins)
+    }
+
+    fn build(config: &Config, previous: Option<&Router>, pins: &PinBook) -> Router {
         let upstreams: Vec<UpstreamState> = config
             .upstreams
             .iter()
             .map(|upstream| {
                 let old =
                     previous.and_then(|p| p.upstreams.iter().find(|u| u.name == upstream.name));
-                UpstreamState::new(upstream, old)
+                UpstreamState::new(upstream, old, pins.upstream(&upstream.name))
             })
             .collect();
         Router {
@@ -64,16 +76,18 @@ impl Router {
         let up = |i: usize| upstream.backends.get(i).is_some_and(|b| b.is_available());
 
         let (key, key_source, backend) = match &compiled.sticky {
-            None => (None, KeySourceKind::None, balance::keyless(upstream, up)),
+            None => (
+                None,
+                KeySourceKind::None,
+                unpinned(balance::keyless(upstream, up)),
+            ),
             Some(sticky) => match sticky
                 .extract(req, &normalized_path)
                 .map_err(|_| Reject::BadKey { route })?
             {
                 Some((key, source)) => {
-                    let backend = upstream
-                        .ring
-                        .owner(key.as_bytes(), upstream.backends.len(), up);
-                    (Some(key), source, backend)
+                    let owner = upstream.owner(&key, up);
+                    (Some(key), source, owner)
                 }
                 None => match (sticky.on_missing, req.client_ip) {
                     (OnMissing::Reject, _) => return Err(Reject::MissingKey { route }),
@@ -82,21 +96,20 @@ impl Router {
                         let mut text = arrayvec::ArrayString::<64>::new();
                         let _ = write!(text, "{ip}");
                         let key = Key::new(&text);
-                        let backend =
-                            upstream
-                                .ring
-                                .owner(key.as_bytes(), upstream.backends.len(), up);
-                        (Some(key), KeySourceKind::ClientIp, backend)
+                        let owner = upstream.owner(&key, up);
+                        (Some(key), KeySourceKind::ClientIp, owner)
                     }
                     // `client_ip` without a client IP behaves as `random`.
-                    (OnMissing::Random | OnMissing::ClientIp, _) => {
-                        (None, KeySourceKind::Random, balance::random(upstream, up))
-                    }
+                    (OnMissing::Random | OnMissing::ClientIp, _) => (
+                        None,
+                        KeySourceKind::Random,
+                        unpinned(balance::random(upstream, up)),
+                    ),
                 },
             },
         };
 
-        let backend = backend.ok_or(Reject::NoHealthyBackend {
+        let Owner { backend, pinned } = backend.ok_or(Reject::NoHealthyBackend {
             route,
             upstream: upstream_index,
         })?;
@@ -106,6 +119,7 @@ impl Router {
             key_source,
             upstream: upstream_index,
             backend,
+            pinned,
             address: upstream.backends[backend].address,
             normalized_path: match normalized_path {
                 Cow::Borrowed(_) => None,
@@ -139,14 +153,15 @@ impl Router {
     /// Owner of `key` in upstream `upstream` considering health (ketama: ring walk past down
     /// backends). None if every backend is down. Used by the CLI and convergence.
     ///
-    /// This is the ring owner for every balance, since keyed requests always use the ring.
+    /// This is the pinned backend or the ring owner for every balance, since keyed requests
+    /// always use the ring.
     pub fn owner(&self, upstream: usize, key: &str) -> Option<usize> {
         let upstream = self.upstreams.get(upstream)?;
         upstream
-            .ring
-            .owner(key.as_bytes(), upstream.backends.len(), |i| {
+            .owner(key, |i| {
                 upstream.backends.get(i).is_some_and(|b| b.is_available())
             })
+            .map(|owner| owner.backend)
     }
 
     /// Routes in file order (the validated config entries).
@@ -158,4 +173,12 @@ impl Router {
     pub fn upstreams(&self) -> &[UpstreamState] {
         &self.upstreams
     }
+}
+
+/// A backend chosen without a key: never pinned.
+fn unpinned(backend: Option<usize>) -> Option<Owner> {
+    backend.map(|backend| Owner {
+        backend,
+        pinned: false,
+    })
 }

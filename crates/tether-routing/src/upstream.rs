@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::balance::RoundRobin;
+use crate::pins::Pins;
 use crate::ring::Ring;
 use crate::Balance;
 
@@ -75,6 +76,17 @@ pub struct UpstreamState {
     pub(crate) ring: Ring,
     /// Weighted round robin for keyless requests.
     pub(crate) round_robin: RoundRobin,
+    /// Keys an operator pinned to a backend (the same table across reloads).
+    pub pins: Arc<Pins>,
+}
+
+/// Who owns a key, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Owner {
+    /// The backend index.
+    pub(crate) backend: usize,
+    /// True when the key is pinned to it; false when the ring chose it.
+    pub(crate) pinned: bool,
 }
 
 impl UpstreamState {
@@ -83,6 +95,7 @@ impl UpstreamState {
     pub(crate) fn new(
         config: &tether_config::Upstream,
         previous: Option<&UpstreamState>,
+        pins: Arc<Pins>,
     ) -> UpstreamState {
         let backends: Vec<Arc<BackendState>> = config
             .backends
@@ -105,6 +118,27 @@ impl UpstreamState {
             ring: Ring::new(&backends),
             round_robin: RoundRobin::new(&backends),
             backends,
+            pins,
         }
+    }
+
+    /// The owner of `key` among the backends `usable` allows: its pinned backend when it has
+    /// one that is usable, else the first usable backend of its ring walk.
+    pub(crate) fn owner(&self, key: &str, usable: impl Fn(usize) -> bool) -> Option<Owner> {
+        if let Some(address) = self.pins.get(key) {
+            let pinned = self.backends.iter().position(|b| b.address == address);
+            if let Some(backend) = pinned.filter(|&i| usable(i)) {
+                return Some(Owner {
+                    backend,
+                    pinned: true,
+                });
+            }
+        }
+        self.ring
+            .owner(key.as_bytes(), self.backends.len(), usable)
+            .map(|backend| Owner {
+                backend,
+                pinned: false,
+            })
     }
 }

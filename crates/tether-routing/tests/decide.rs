@@ -170,12 +170,16 @@ fn a_path_escaping_the_root_is_a_bad_path() {
 }
 
 fn sticky_router(on_missing: OnMissing, balance: Balance) -> Router {
+    Router::new(&sticky_config(on_missing, balance))
+}
+
+fn sticky_config(on_missing: OnMissing, balance: Balance) -> tether_config::Config {
     let mut chain = doc_chain(on_missing);
     chain.keys.push(KeySource::Path("/docs/{key}".into()));
-    Router::new(&config(
+    config(
         vec![upstream("docs", backends(5), balance)],
         vec![route("docs", prefix("/"), Some(chain), "docs")],
-    ))
+    )
 }
 
 #[test]
@@ -466,4 +470,45 @@ fn a_draining_or_ejected_backend_owns_no_keys_and_its_keys_go_where_a_down_ones_
         let after: Vec<Option<usize>> = keys.iter().map(|k| router.owner(0, k)).collect();
         assert_eq!(after, before, "{flag}: undoing restores every owner");
     }
+}
+
+#[test]
+fn a_pinned_key_goes_to_its_backend_while_it_is_available_and_no_other_key_moves() {
+    let router = sticky_router(OnMissing::Reject, Balance::Ketama);
+    let keys: Vec<String> = (0..300).map(|i| format!("doc-{i}")).collect();
+    let before: Vec<Option<usize>> = keys.iter().map(|k| router.owner(0, k)).collect();
+    let ring_owner = before[7].expect("an owner");
+    let pinned = (ring_owner + 1) % 5;
+    let address = router.upstreams()[0].backends[pinned].address;
+    assert!(router.upstreams()[0].pins.set(&keys[7], Some(address)));
+
+    let headers = header("x-doc-id", &keys[7]);
+    let d = router.decide(&request(&headers, "/docs/x")).unwrap();
+    assert_eq!((d.backend, d.pinned, d.address), (pinned, true, address));
+    for (i, key) in keys.iter().enumerate() {
+        let expected = if i == 7 { Some(pinned) } else { before[i] };
+        assert_eq!(router.owner(0, key), expected, "{key}");
+    }
+    // A retry after the pinned backend failed walks the ring as for any key.
+    let retry = router.next_backend(&d, &[]).expect("another backend");
+    assert_ne!(retry, pinned);
+
+    // Unavailable: the ring's owner (not pinned); back: the pin again.
+    mark_down(&router, pinned);
+    let d = router.decide(&request(&headers, "/docs/x")).unwrap();
+    assert_eq!((d.backend, d.pinned), (ring_owner, false));
+    router.upstreams()[0].backends[pinned]
+        .up
+        .store(true, Ordering::Relaxed);
+    assert_eq!(router.owner(0, &keys[7]), Some(pinned));
+
+    // A reload keeps the pin; a pin to an address that left the upstream is not in force.
+    let reloaded =
+        Router::with_previous(&sticky_config(OnMissing::Reject, Balance::Ketama), &router);
+    assert_eq!(reloaded.owner(0, &keys[7]), Some(pinned));
+    let outsider = "10.9.9.9:80".parse().unwrap();
+    reloaded.upstreams()[0].pins.set(&keys[7], Some(outsider));
+    assert_eq!(reloaded.owner(0, &keys[7]), before[7]);
+    assert!(reloaded.upstreams()[0].pins.set(&keys[7], None));
+    assert_eq!(reloaded.owner(0, &keys[7]), before[7]);
 }

@@ -361,3 +361,76 @@ pub async fn start_faulty(
     assert!(listening, "proxy listener never accepted");
     (tether, proxy)
 }
+
+/// An open WebSocket of one document that remembers how it ended, read in the background.
+pub struct Socket {
+    /// The document.
+    pub key: String,
+    /// The backend that answered the upgrade (`x-backend`).
+    pub backend: String,
+    /// Close code (None: no close frame) once the socket ended.
+    ended: std::sync::Arc<std::sync::Mutex<Option<Option<u16>>>>,
+    _keep: tokio::task::JoinHandle<()>,
+}
+
+impl Socket {
+    /// Opens `url` for document `key`.
+    pub async fn open(url: &str, key: &str) -> Socket {
+        use futures_util::StreamExt;
+        let (ws, headers) = tether_testkit::ws_connect(url, &[])
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
+        let backend = headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_string();
+        let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let ended_by_reader = ended.clone();
+        let keep = tokio::spawn(async move {
+            let (_sink, mut stream) = ws.split();
+            let code = loop {
+                match stream.next().await {
+                    Some(Ok(tether_testkit::Message::Close(frame))) => {
+                        break frame.map(|f| u16::from(f.code))
+                    }
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => break None,
+                }
+            };
+            *ended_by_reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
+        });
+        Socket {
+            key: key.to_string(),
+            backend,
+            ended,
+            _keep: keep,
+        }
+    }
+
+    /// How it ended: `Some(close code)` once it did.
+    pub fn ended(&self) -> Option<Option<u16>> {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// `POST` (Some backend) or `DELETE` (None) the pin of document `key` of upstream `docs`
+/// through `tether`'s admin API: the status and the JSON answer.
+pub async fn pin_request(
+    tether: &TetherProcess,
+    key: &str,
+    backend: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let url = tether.admin_url(&format!("/upstreams/docs/keys/{key}/pin"));
+    let (method, body) = match backend {
+        Some(b) => (http::Method::POST, format!("{{\"backend\":\"{b}\"}}")),
+        None => (http::Method::DELETE, String::new()),
+    };
+    let r = http_request(method, &url, &[], body.into_bytes())
+        .await
+        .expect("pin request");
+    (
+        r.status.as_u16(),
+        r.json().unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -91,6 +91,13 @@ fn server(cx: &mut Cx, node: &Node) -> Server {
             }
         }
     }
+    if let Some(n) = f.get("state_file") {
+        match cx.string(n, "server.state_file") {
+            Some(path) if !path.trim().is_empty() => server.state_file = Some(path.into()),
+            Some(_) => cx.error(n.mark, "server.state_file", "must name a file"),
+            None => {}
+        }
+    }
     if let Some(n) = f.get("limits") {
         server.limits = limits(cx, n).unwrap_or(server.limits);
     }

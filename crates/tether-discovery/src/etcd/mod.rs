@@ -4,7 +4,10 @@ pub mod announce;
 pub mod client;
 pub(crate) mod source;
 
-use crate::Member;
+use std::net::SocketAddr;
+
+use crate::{DiscoveryError, Member};
+use client::EtcdClient;
 
 /// The JSON value of one backend key: `{"address": "ip:port", "weight": 1}`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -44,6 +47,59 @@ impl MemberValue {
             address,
             weight: value.weight,
         })
+    }
+}
+
+/// Where the pins of the upstream watching `prefix` live: `<prefix>/pins/` (one `/` between
+/// them). Keys there are not members: each is `<pins prefix><document key>` with a
+/// [`PinValue`], so every proxy watching the prefix sees every pin.
+pub fn pins_prefix(prefix: &str) -> String {
+    if prefix.ends_with('/') {
+        format!("{prefix}pins/")
+    } else {
+        format!("{prefix}/pins/")
+    }
+}
+
+/// The JSON value of one pin: `{"backend": "ip:port"}`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinValue {
+    /// `ip:port` of the backend the document is pinned to.
+    pub backend: String,
+}
+
+impl PinValue {
+    /// The backend this value names, or why it is unusable.
+    pub fn parse(bytes: &[u8]) -> Result<SocketAddr, String> {
+        let value: PinValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a pin value: {e}"))?;
+        value
+            .backend
+            .trim()
+            .parse()
+            .map_err(|_| format!("backend `{}` is not ip:port", value.backend))
+    }
+}
+
+/// Pins `key` of the upstream watching `prefix` to `backend` in etcd (no lease: a pin stays
+/// until it is removed), or removes its pin (`None`).
+pub async fn set_pin(
+    client: &EtcdClient,
+    prefix: &str,
+    key: &str,
+    backend: Option<SocketAddr>,
+) -> Result<(), DiscoveryError> {
+    let name = format!("{}{key}", pins_prefix(prefix));
+    match backend {
+        Some(backend) => {
+            let value = PinValue {
+                backend: backend.to_string(),
+            };
+            let value = serde_json::to_vec(&value).unwrap_or_default();
+            client.put(name.as_bytes(), &value, 0).await
+        }
+        None => client.delete(name.as_bytes()).await,
     }
 }
 

@@ -2,12 +2,13 @@
 //! resuming from the last revision seen whenever the connection comes back.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_config::EtcdDiscovery;
 
 use super::client::{EtcdClient, Event, WatchStream};
-use super::MemberValue;
+use super::{pins_prefix, MemberValue, PinValue};
 use crate::{DiscoveryError, Member, Publisher};
 
 /// How often a live watch is backed by a probe read: a watch on a silent prefix cannot tell a
@@ -19,9 +20,12 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What the source holds between connections.
+#[derive(Default)]
 struct Known {
     /// Member value of every key under the prefix, by key (`Err` for unusable values).
     keys: BTreeMap<Vec<u8>, Result<Member, String>>,
+    /// The pins under `<prefix>/pins/`: document key → backend.
+    pins: BTreeMap<String, SocketAddr>,
     /// The revision every change up to which is reflected in `keys`; 0 before the first load.
     revision: i64,
 }
@@ -37,6 +41,15 @@ impl Known {
     }
 
     fn apply(&mut self, prefix: &str, event: &Event) {
+        let kv = match event {
+            Event::Put(kv) | Event::Delete(kv) => kv,
+        };
+        let pins = pins_prefix(prefix);
+        if let Some(key) = kv.key.strip_prefix(pins.as_bytes()) {
+            self.apply_pin(prefix, key, event);
+            self.revision = self.revision.max(event.revision());
+            return;
+        }
         match event {
             Event::Put(kv) => {
                 let member = MemberValue::parse(&kv.value);
@@ -55,16 +68,35 @@ impl Known {
         }
         self.revision = self.revision.max(event.revision());
     }
+
+    /// A put or delete of the pin of document `key`.
+    fn apply_pin(&mut self, prefix: &str, key: &[u8], event: &Event) {
+        let Ok(key) = std::str::from_utf8(key) else {
+            tracing::warn!(prefix, "ignoring an etcd pin whose key is not UTF-8");
+            return;
+        };
+        match event {
+            Event::Put(kv) => match PinValue::parse(&kv.value) {
+                Ok(backend) => {
+                    self.pins.insert(key.to_string(), backend);
+                }
+                Err(reason) => {
+                    tracing::warn!(prefix, key, "ignoring etcd pin: {reason}");
+                    self.pins.remove(key);
+                }
+            },
+            Event::Delete(_) => {
+                self.pins.remove(key);
+            }
+        }
+    }
 }
 
 /// Runs the source until the task is aborted.
 pub(crate) async fn run(spec: EtcdDiscovery, publish: Publisher) {
     let client = EtcdClient::new(spec.endpoints.clone());
     let prefix = spec.prefix.as_bytes();
-    let mut known = Known {
-        keys: BTreeMap::new(),
-        revision: 0,
-    };
+    let mut known = Known::default();
     let mut backoff = MIN_BACKOFF;
     // Set after the first watch ends, so the next one counts as a resumption.
     let mut disconnected = false;
@@ -73,12 +105,13 @@ pub(crate) async fn run(spec: EtcdDiscovery, publish: Publisher) {
             match client.range_prefix(prefix).await {
                 Ok(range) => {
                     known.keys.clear();
+                    known.pins.clear();
                     for kv in range.kvs {
                         let event = Event::Put(kv);
                         known.apply(&spec.prefix, &event);
                     }
                     known.revision = range.revision.max(known.revision).max(1);
-                    publish.members(known.members(), true);
+                    publish.members(known.members(), known.pins.clone(), true);
                     tracing::info!(
                         prefix = %spec.prefix,
                         revision = known.revision,
@@ -156,7 +189,7 @@ async fn follow(
                         known.apply(&spec.prefix, event);
                     }
                 }
-                publish.members(known.members(), false);
+                publish.members(known.members(), known.pins.clone(), false);
             }
             _ = probe.tick() => {
                 client.probe(spec.prefix.as_bytes()).await?;
@@ -199,10 +232,7 @@ mod tests {
 
     #[test]
     fn members_follow_puts_and_deletes_and_the_smaller_key_wins_an_address() {
-        let mut known = Known {
-            keys: BTreeMap::new(),
-            revision: 0,
-        };
+        let mut known = Known::default();
         known.apply(
             "/p/",
             &put("/p/b", r#"{"address":"10.0.0.1:80","weight":5}"#, 3),
@@ -240,5 +270,47 @@ mod tests {
             members[1].weight, 5,
             "the other key for the address takes over"
         );
+    }
+
+    #[test]
+    fn keys_under_pins_are_pins_not_members() {
+        let mut known = Known::default();
+        known.apply(
+            "/p/",
+            &put("/p/10.0.0.1:80", r#"{"address":"10.0.0.1:80"}"#, 1),
+        );
+        known.apply(
+            "/p/",
+            &put("/p/pins/doc-1", r#"{"backend":"10.0.0.1:80"}"#, 2),
+        );
+        known.apply(
+            "/p/",
+            &put("/p/pins/doc 2", r#"{"backend":"10.0.0.2:80"}"#, 3),
+        );
+        known.apply("/p/", &put("/p/pins/bad", r#"{"backend":"nowhere"}"#, 4));
+        assert_eq!(known.members().len(), 1, "a pin is never a member");
+        let shown: Vec<(&str, String)> = known
+            .pins
+            .iter()
+            .map(|(k, b)| (k.as_str(), b.to_string()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("doc 2", "10.0.0.2:80".to_string()),
+                ("doc-1", "10.0.0.1:80".to_string())
+            ]
+        );
+        known.apply(
+            "/p/",
+            &Event::Delete(KeyValue {
+                key: b"/p/pins/doc-1".to_vec(),
+                value: Vec::new(),
+                mod_revision: 5,
+            }),
+        );
+        assert_eq!(known.pins.len(), 1);
+        assert_eq!(known.revision, 5);
+        assert_eq!(super::pins_prefix("/p"), "/p/pins/");
     }
 }

@@ -1,7 +1,9 @@
 //! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text format),
-//! `GET /upstreams`, `POST|DELETE /upstreams/{name}/backends/{address}/drain`, and
-//! `GET /documents/top` (the hottest documents of an upstream).
+//! `GET /upstreams`, `POST|DELETE /upstreams/{name}/backends/{address}/drain`,
+//! `GET|POST|DELETE /upstreams/{name}/keys/{key}/pin` and `GET /upstreams/{name}/pins` (documents
+//! pinned to a backend), and `GET /documents/top` (the hottest documents of an upstream).
 
+use crate::control::pins;
 use crate::control::reload::{Reloader, Trigger};
 use crate::documents::{self, Measure};
 use crate::state::{Availability, ProxyState};
@@ -159,6 +161,83 @@ impl AdminApp {
         }
     }
 
+    /// `GET /upstreams/{name}/keys/{key}/pin`: the key's pin, and who owns it now.
+    fn pin(&self, upstream: &str, key: &str) -> Response<Vec<u8>> {
+        let installed = self.state.current();
+        let router = &installed.router;
+        let Some(index) = router.upstreams().iter().position(|u| u.name == upstream) else {
+            return json_error(StatusCode::NOT_FOUND, "no such upstream");
+        };
+        let pinned = self.state.pins(upstream).get(key).copied();
+        let owner = router
+            .owner(index, key)
+            .map(|b| router.upstreams()[index].backends[b].address);
+        json_reply(
+            StatusCode::OK,
+            &json!({
+                "upstream": upstream,
+                "key": key,
+                "pinned": pinned.map(|b| b.to_string()),
+                "owner": owner.map(|b| b.to_string()),
+                "in_force": pinned.is_some() && pinned == owner,
+            }),
+        )
+    }
+
+    /// `GET /upstreams/{name}/pins`: every pinned key of the upstream.
+    fn pins(&self, upstream: &str) -> Response<Vec<u8>> {
+        let installed = self.state.current();
+        let router = &installed.router;
+        let Some(index) = router.upstreams().iter().position(|u| u.name == upstream) else {
+            return json_error(StatusCode::NOT_FOUND, "no such upstream");
+        };
+        let pins: Vec<_> = self
+            .state
+            .pins(upstream)
+            .into_iter()
+            .map(|(key, backend)| {
+                let owner = router.owner(index, &key);
+                let in_force =
+                    owner.is_some_and(|b| router.upstreams()[index].backends[b].address == backend);
+                json!({ "key": key, "backend": backend.to_string(), "in_force": in_force })
+            })
+            .collect();
+        json_reply(
+            StatusCode::OK,
+            &json!({ "upstream": upstream, "pins": pins }),
+        )
+    }
+
+    /// `POST /upstreams/{name}/keys/{key}/pin` with `{"backend": "ip:port"}` (`backend` None:
+    /// `DELETE`, unpin): stores the pin and puts it in force; convergence then closes the
+    /// key's streams on its old owner.
+    async fn set_pin(
+        &self,
+        upstream: &str,
+        key: &str,
+        backend: Option<SocketAddr>,
+    ) -> Response<Vec<u8>> {
+        match pins::set(&self.state, upstream, key, backend).await {
+            Ok((stored, in_force)) => {
+                tracing::info!(upstream, key, backend = ?backend, stored = stored.as_str(), "pin changed");
+                json_reply(
+                    StatusCode::OK,
+                    &json!({
+                        "upstream": upstream,
+                        "key": key,
+                        "pinned": backend.map(|b| b.to_string()),
+                        "stored": stored.as_str(),
+                        "in_force": in_force,
+                    }),
+                )
+            }
+            Err(e) => json_error(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                &e.to_string(),
+            ),
+        }
+    }
+
     /// `GET /route?method=&host=&path=&header=Name:Value&cookie=name=value&query=name=value`:
     /// the routing decision for a described request, as the proxy would make it now.
     fn route(&self, query: &str) -> Response<Vec<u8>> {
@@ -209,6 +288,7 @@ impl AdminApp {
                     "key_source": d.key_source.as_str(),
                     "upstream": router.upstreams()[d.upstream].name,
                     "backend": d.address.to_string(),
+                    "reason": d.reason(),
                 }),
             ),
             Err(reject) => json_reply(
@@ -433,6 +513,41 @@ impl AdminApp {
     }
 }
 
+/// The `backend` of a pin request's JSON body.
+fn pin_backend(body: &[u8]) -> Result<SocketAddr, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PinBody {
+        backend: String,
+    }
+    let body: PinBody = serde_json::from_slice(body)
+        .map_err(|e| format!("expected {{\"backend\": \"ip:port\"}}: {e}"))?;
+    body.backend
+        .trim()
+        .parse()
+        .map_err(|_| format!("backend {:?} is not ip:port", body.backend))
+}
+
+/// The largest admin request body read (a pin is a few dozen bytes).
+const MAX_ADMIN_BODY: usize = 4096;
+
+/// Reads the request body, up to [`MAX_ADMIN_BODY`] bytes.
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    return Err(format!("body over {MAX_ADMIN_BODY} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(format!("reading the body: {e}")),
+        }
+    }
+}
+
 fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<Vec<u8>> {
     let mut body = value.to_string().into_bytes();
     body.push(b'\n');
@@ -508,6 +623,24 @@ impl ServeHttp for AdminApp {
         let method = req.method.as_str();
         let path = req.uri.path();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["upstreams", name, "keys", key, "pin"] = segments.as_slice() {
+            let (name, key) = (decode_segment(name), decode_segment(key));
+            return match method {
+                "GET" => self.pin(&name, &key),
+                "POST" => match read_body(session).await.and_then(|b| pin_backend(&b)) {
+                    Ok(backend) => self.set_pin(&name, &key, Some(backend)).await,
+                    Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
+                },
+                "DELETE" => self.set_pin(&name, &key, None).await,
+                _ => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET, POST or DELETE"),
+            };
+        }
+        if let ["upstreams", name, "pins"] = segments.as_slice() {
+            return match method {
+                "GET" => self.pins(&decode_segment(name)),
+                _ => json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+            };
+        }
         if let ["upstreams", name, "backends", address, "drain"] = segments.as_slice() {
             let (name, address) = (decode_segment(name), decode_segment(address));
             return match method {

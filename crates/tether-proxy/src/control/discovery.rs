@@ -80,6 +80,9 @@ fn apply(state: &ProxyState, upstream: &str, spec: &Discovery, seen: &Snapshot, 
                 weight: m.weight,
             })
             .collect();
+        if matches!(spec, Discovery::Etcd(_)) && state.replace_pins(upstream, &now.pins) {
+            tracing::info!(upstream, pins = now.pins.len(), "pins changed in etcd");
+        }
         if state.set_members(upstream, spec, members) {
             tracing::info!(
                 upstream,

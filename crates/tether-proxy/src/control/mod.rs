@@ -7,4 +7,5 @@ pub mod convergence;
 pub mod discovery;
 pub mod health;
 pub mod lifecycle;
+pub mod pins;
 pub mod reload;
