@@ -17,6 +17,7 @@ mod convergence;
 mod differential;
 mod documents;
 mod edge_cases;
+mod failback;
 mod fleet;
 mod hardening;
 mod health;

@@ -80,12 +80,14 @@ impl HealthCheck {
 }
 
 impl Default for Rebalance {
-    /// Enabled, 200 closes per second, close code 1012.
+    /// Enabled, 200 closes per second, close code 1012, keys back at once.
     fn default() -> Self {
         Rebalance {
             enabled: true,
             max_per_second: 200,
             websocket_close_code: 1012,
+            failback_after: std::time::Duration::ZERO,
+            ramp: std::time::Duration::ZERO,
         }
     }
 }

@@ -277,6 +277,12 @@ pub struct Rebalance {
     pub max_per_second: u32,
     /// Close code sent to WebSocket clients. Default 1012 (service restart).
     pub websocket_close_code: u16,
+    /// A backend that becomes available again (health, end of ejection, undrain, a new member)
+    /// owns no keys until it has stayed available this long. Default 0s.
+    pub failback_after: std::time::Duration,
+    /// After `failback_after`, the backend takes its keys back over this long, a growing share
+    /// chosen by key hash (the same keys on every instance). Default 0s: all at once.
+    pub ramp: std::time::Duration,
 }
 
 /// One backend of an upstream.

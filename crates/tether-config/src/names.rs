@@ -127,7 +127,13 @@ pub(crate) mod fields {
     pub const HTTP_PROBE: &[&str] = &["path", "expect_status"];
     pub const TCP_PROBE: &[&str] = &[];
     pub const PASSIVE: &[&str] = &["failures", "eject_for", "timeouts"];
-    pub const REBALANCE: &[&str] = &["enabled", "max_per_second", "websocket_close_code"];
+    pub const REBALANCE: &[&str] = &[
+        "enabled",
+        "max_per_second",
+        "websocket_close_code",
+        "failback_after",
+        "ramp",
+    ];
     pub const ROUTE: &[&str] = &[
         "name",
         "match",

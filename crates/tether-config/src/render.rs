@@ -154,6 +154,11 @@ fn render_upstream(out: &mut Out, upstream: &Upstream) {
         6,
         &format!("websocket_close_code: {}", r.websocket_close_code),
     );
+    out.line(
+        6,
+        &format!("failback_after: {}", duration(r.failback_after)),
+    );
+    out.line(6, &format!("ramp: {}", duration(r.ramp)));
     match &upstream.passive {
         Some(p) => {
             out.line(4, "passive:");

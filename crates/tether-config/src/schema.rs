@@ -394,6 +394,15 @@ struct RebalanceFile {
         extend("default" = Rebalance::default().websocket_close_code, "not" = { "enum": [1004, 1005, 1006, 1015] })
     )]
     websocket_close_code: u32,
+    /// A backend that becomes available again (health, end of ejection, undrain, a new
+    /// member) owns no keys until it has stayed available this long (at most 1h), so a
+    /// flapping backend does not pull its documents back and forth.
+    #[schemars(default, skip_serializing_if = "unset", extend("default" = "0s"))]
+    failback_after: DurationText,
+    /// After `failback_after`, the backend takes its keys back over this long (at most 1h): a
+    /// growing share, chosen by key hash so every instance moves the same documents.
+    #[schemars(default, skip_serializing_if = "unset", extend("default" = "0s"))]
+    ramp: DurationText,
 }
 
 /// One route: a match, an optional sticky-key policy and an upstream.

@@ -501,3 +501,23 @@ fn a_state_file_parses_round_trips_and_must_name_a_file() {
         "{errors}"
     );
 }
+
+#[test]
+fn failback_and_ramp_parse_round_trip_and_are_bounded() {
+    let text = BASE.replace(
+        "9101\n",
+        "9101\n    rebalance: { failback_after: 30s, ramp: 1m }\n",
+    );
+    let config = parse_ok(&text);
+    let rebalance = &config.upstreams[0].rebalance;
+    assert_eq!(rebalance.failback_after, Duration::from_secs(30));
+    assert_eq!(rebalance.ramp, Duration::from_secs(60));
+    assert_eq!(parse_ok(&tether_config::to_yaml(&config)), config);
+    let errors = tether_config::parse(&text.replace("ramp: 1m", "ramp: 2h"), "t.yaml")
+        .expect_err("2h ramp")
+        .to_string();
+    assert!(
+        errors.contains("rebalance.ramp: must be at most 1h"),
+        "{errors}"
+    );
+}

@@ -311,8 +311,14 @@ impl ProxyState {
             Availability::Ejected(ejected) => (&backend.ejected, ejected, Cause::Passive),
             Availability::Draining(draining) => (&backend.draining, draining, Cause::Drain),
         };
+        let was_available = backend.is_available();
         let changed = flag.swap(value, Ordering::AcqRel) != value;
         if changed {
+            if !was_available && backend.is_available() {
+                // Back: under `rebalance.failback_after` and `ramp` it takes its keys back
+                // gradually from now, and convergence follows as it does.
+                backend.mark_returned();
+            }
             self.owner_changed(upstream, cause);
         }
         changed

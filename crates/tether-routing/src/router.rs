@@ -142,9 +142,7 @@ impl Router {
                 && upstream.backends.get(i).is_some_and(|b| b.is_available())
         };
         match (&decision.key, decision.key_source) {
-            (Some(key), _) => upstream
-                .ring
-                .owner(key.as_bytes(), upstream.backends.len(), usable),
+            (Some(key), _) => upstream.owner(key, usable).map(|owner| owner.backend),
             (None, KeySourceKind::Random) => balance::random(upstream, usable),
             (None, _) => balance::keyless(upstream, usable),
         }

@@ -1,8 +1,10 @@
 //! Runtime state of upstreams and backends: what survives a reload and what the proxy updates.
 
+use std::cell::OnceCell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::balance::RoundRobin;
 use crate::pins::Pins;
@@ -26,6 +28,34 @@ pub struct BackendState {
     pub failures: AtomicU32,
     /// In-flight requests + open streams (maintained by the proxy; used by least_connections).
     pub active: AtomicUsize,
+    /// When the backend last became available again ([`clock`] milliseconds), while it is
+    /// taking its keys back under `rebalance.failback_after` and `ramp`; 0 once it owns all
+    /// of them. Set by [`BackendState::mark_returned`]; cleared by the first lookup after the
+    /// ramp ends.
+    returned_at: AtomicU64,
+}
+
+/// Milliseconds on this process's monotonic clock, never 0 (0 marks "not returning").
+pub fn clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// A key's place in every returning backend's ramp, in [0, 1): FNV-1a of the key, mixed by
+/// MurmurHash3's finaliser (FNV alone leaves the top bits of keys that differ only at the end,
+/// such as `doc-17` and `doc-18`, close together), so the same documents go back first on
+/// every instance, spread evenly and independent of the ring's CRC32 points.
+fn ramp_point(key: &str) -> f64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^= hash >> 33;
+    (hash >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl BackendState {
@@ -39,6 +69,22 @@ impl BackendState {
             draining: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             active: AtomicUsize::new(0),
+            returned_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that the backend became available again just now (after being down, ejected
+    /// or drained, or as a new member of a serving upstream): under `failback_after` and
+    /// `ramp` it takes its keys back gradually from now on.
+    pub fn mark_returned(&self) {
+        self.returned_at.store(clock(), Ordering::Release);
+    }
+
+    /// Since when ([`clock`] ms) it has been returning; None once it owns all its keys.
+    pub fn returned_at(&self) -> Option<u64> {
+        match self.returned_at.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(at),
         }
     }
 
@@ -52,6 +98,8 @@ impl BackendState {
         ] {
             to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        let returned = old.returned_at.load(Ordering::Relaxed);
+        state.returned_at.store(returned, Ordering::Relaxed);
         state
     }
 
@@ -78,6 +126,10 @@ pub struct UpstreamState {
     pub(crate) round_robin: RoundRobin,
     /// Keys an operator pinned to a backend (the same table across reloads).
     pub pins: Arc<Pins>,
+    /// `rebalance.failback_after`, in milliseconds.
+    failback_after: u64,
+    /// `rebalance.ramp`, in milliseconds.
+    ramp: u64,
 }
 
 /// Who owns a key, and why.
@@ -108,10 +160,19 @@ impl UpstreamState {
                 match old {
                     Some(old) if old.weight == weight => Arc::clone(old),
                     Some(old) => Arc::new(BackendState::reweighted(old, weight)),
-                    None => Arc::new(BackendState::new(backend.address, weight)),
+                    None => {
+                        let state = BackendState::new(backend.address, weight);
+                        // A member joining an upstream that serves takes keys from the others:
+                        // it returns. (The first members of an upstream take nobody's keys.)
+                        if previous.is_some_and(|p| !p.backends.is_empty()) {
+                            state.mark_returned();
+                        }
+                        Arc::new(state)
+                    }
                 }
             })
             .collect();
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         UpstreamState {
             name: config.name.clone(),
             balance: config.balance,
@@ -119,26 +180,227 @@ impl UpstreamState {
             round_robin: RoundRobin::new(&backends),
             backends,
             pins,
+            failback_after: millis(config.rebalance.failback_after),
+            ramp: millis(config.rebalance.ramp),
         }
     }
 
+    /// The share of its keys backend `index` owns now, in [0, 1]: 0 within `failback_after` of
+    /// its return, then growing linearly over `ramp`, 1 after (and for a backend that never
+    /// left). Availability is not considered.
+    pub fn share_in_force(&self, index: usize) -> f64 {
+        self.backends
+            .get(index)
+            .map_or(0.0, |backend| self.share(backend, clock()))
+    }
+
+    fn share(&self, backend: &BackendState, now: u64) -> f64 {
+        let Some(since) = backend.returned_at() else {
+            return 1.0;
+        };
+        let elapsed = now.saturating_sub(since);
+        let Some(ramping) = elapsed.checked_sub(self.failback_after) else {
+            return 0.0;
+        };
+        if ramping >= self.ramp {
+            // Fully back: later lookups skip the clock. Only a newer return may replace it.
+            let _ =
+                backend
+                    .returned_at
+                    .compare_exchange(since, 0, Ordering::AcqRel, Ordering::Relaxed);
+            return 1.0;
+        }
+        ramping as f64 / self.ramp as f64
+    }
+
     /// The owner of `key` among the backends `usable` allows: its pinned backend when it has
-    /// one that is usable, else the first usable backend of its ring walk.
+    /// one that is usable and back past `failback_after`, else the first backend of its ring
+    /// walk that is usable and has taken `key` back (see [`UpstreamState::share_in_force`]);
+    /// when every usable backend is still returning, the first usable one.
     pub(crate) fn owner(&self, key: &str, usable: impl Fn(usize) -> bool) -> Option<Owner> {
+        self.owner_at(key, usable, clock)
+    }
+
+    /// [`UpstreamState::owner`] with the time read from `now` (tests choose it).
+    fn owner_at(
+        &self,
+        key: &str,
+        usable: impl Fn(usize) -> bool,
+        read_clock: impl Fn() -> u64,
+    ) -> Option<Owner> {
+        // The clock and the key's ramp point only when a returning backend is met.
+        let now = OnceCell::new();
+        let now = || *now.get_or_init(&read_clock);
+        let point = OnceCell::new();
+        // `pin`: a pinned backend takes its document at any share above 0.
+        let takes = |i: usize, pin: bool| {
+            let backend = &self.backends[i];
+            if backend.returned_at().is_none() {
+                return true;
+            }
+            let share = self.share(backend, now());
+            share >= 1.0 || (pin && share > 0.0) || *point.get_or_init(|| ramp_point(key)) < share
+        };
         if let Some(address) = self.pins.get(key) {
             let pinned = self.backends.iter().position(|b| b.address == address);
-            if let Some(backend) = pinned.filter(|&i| usable(i)) {
+            // A pin takes its document back as soon as `failback_after` has passed.
+            let back = |i: usize| usable(i) && takes(i, true);
+            if let Some(backend) = pinned.filter(|&i| back(i)) {
                 return Some(Owner {
                     backend,
                     pinned: true,
                 });
             }
         }
+        let owns = |i: usize| usable(i) && takes(i, false);
+        let n = self.backends.len();
         self.ring
-            .owner(key.as_bytes(), self.backends.len(), usable)
+            .owner(key.as_bytes(), n, owns)
+            .or_else(|| self.ring.owner(key.as_bytes(), n, &usable))
             .map(|backend| Owner {
                 backend,
                 pinned: false,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_config::{Backend, Rebalance, Upstream};
+
+    const KEYS: usize = 4000;
+
+    fn config(backends: usize, failback_after: u64, ramp: u64) -> Upstream {
+        Upstream {
+            name: "docs".into(),
+            backends: (0..backends)
+                .map(|i| Backend {
+                    address: SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
+                    weight: 1,
+                })
+                .collect(),
+            discovery: None,
+            balance: crate::Balance::Ketama,
+            connect_timeout: Duration::from_secs(1),
+            health_check: None,
+            passive: None,
+            rebalance: Rebalance {
+                failback_after: Duration::from_secs(failback_after),
+                ramp: Duration::from_secs(ramp),
+                ..Rebalance::default()
+            },
+        }
+    }
+
+    fn upstream(backends: usize, failback_after: u64, ramp: u64) -> UpstreamState {
+        UpstreamState::new(
+            &config(backends, failback_after, ramp),
+            None,
+            Arc::default(),
+        )
+    }
+
+    fn owners(upstream: &UpstreamState) -> Vec<usize> {
+        owners_at(upstream, clock())
+    }
+
+    fn owners_at(upstream: &UpstreamState, now: u64) -> Vec<usize> {
+        let available = |i: usize| upstream.backends[i].is_available();
+        (0..KEYS)
+            .map(|k| {
+                let key = format!("doc-{k}");
+                upstream.owner_at(&key, available, || now).unwrap().backend
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_returning_backend_takes_no_key_within_failback_after_then_a_growing_share_by_key_hash() {
+        let up = upstream(4, 30, 60);
+        let all_in = owners(&up);
+        let mine: Vec<usize> = (0..KEYS).filter(|&k| all_in[k] == 0).collect();
+        up.backends[0].up.store(false, Ordering::Release);
+        let while_down = owners(&up);
+        up.backends[0].up.store(true, Ordering::Release);
+
+        // Back just now, failback_after 30 s: its keys stay where they went.
+        up.backends[0].mark_returned();
+        assert_eq!(owners(&up), while_down);
+        assert_eq!(up.share_in_force(0), 0.0);
+
+        // Half-way through the ramp: about half of its keys are back, exactly those with the
+        // lowest ramp points (the same on every instance), and no other key moved.
+        let since = up.backends[0].returned_at().expect("returning");
+        let half = since + 30_000 + 30_000;
+        assert!((up.share(&up.backends[0], half) - 0.5).abs() < 1e-9);
+        let now = owners_at(&up, half);
+        for k in 0..KEYS {
+            let back = all_in[k] == 0 && ramp_point(&format!("doc-{k}")) < 0.5;
+            let expected = if back { 0 } else { while_down[k] };
+            assert_eq!(now[k], expected, "doc-{k}");
+        }
+        let back = mine.iter().filter(|&&k| now[k] == 0).count();
+        assert!(
+            back * 10 > mine.len() * 3 && back * 10 < mine.len() * 7,
+            "{back} of {}",
+            mine.len()
+        );
+        // Later in the ramp, more; a key once back stays back.
+        let later = owners_at(&up, half + 20_000);
+        let more = mine.iter().filter(|&&k| later[k] == 0).count();
+        assert!(more > back, "{more} after {back}");
+        assert!(mine.iter().all(|&k| now[k] != 0 || later[k] == 0));
+        // After the ramp it owns them all again, and the mark is cleared.
+        assert_eq!(owners_at(&up, since + 90_001), all_in);
+        assert_eq!(up.backends[0].returned_at(), None);
+        assert_eq!(owners(&up), all_in);
+    }
+
+    #[test]
+    fn without_failback_or_ramp_a_returning_backend_takes_its_keys_at_once() {
+        let up = upstream(3, 0, 0);
+        let all_in = owners(&up);
+        up.backends[1].mark_returned();
+        assert_eq!(owners(&up), all_in);
+        assert_eq!(
+            up.backends[1].returned_at(),
+            None,
+            "cleared at the first lookup"
+        );
+    }
+
+    #[test]
+    fn when_every_backend_is_returning_keys_keep_their_ring_owner() {
+        let up = upstream(3, 30, 0);
+        let all_in = owners(&up);
+        for b in &up.backends {
+            b.mark_returned();
+        }
+        assert_eq!(owners(&up), all_in);
+    }
+
+    #[test]
+    fn a_new_member_of_a_serving_upstream_returns_but_the_first_members_do_not() {
+        let first = upstream(2, 30, 0);
+        assert!(first.backends.iter().all(|b| b.returned_at().is_none()));
+        let grown = UpstreamState::new(&config(3, 30, 0), Some(&first), Arc::default());
+        assert!(grown.backends[..2]
+            .iter()
+            .all(|b| b.returned_at().is_none()));
+        assert!(grown.backends[2].returned_at().is_some());
+        // Within failback_after it owns nothing: every key stays with the first two.
+        assert_eq!(owners(&grown), owners(&first));
+    }
+
+    #[test]
+    fn ramp_points_of_similar_keys_spread_evenly() {
+        // 120 keys that differ only in their last characters: every tenth of [0, 1) holds
+        // some, none holds more than twice its share.
+        let mut tenths = [0usize; 10];
+        for k in 0..120 {
+            tenths[(ramp_point(&format!("doc-{k}")) * 10.0) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| (1..=24).contains(&n)), "{tenths:?}");
     }
 }

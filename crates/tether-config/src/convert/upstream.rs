@@ -354,6 +354,10 @@ fn passive(cx: &mut Cx, node: &Node, path: &str) -> Option<Passive> {
     Some(passive)
 }
 
+/// The longest `failback_after` and `ramp`: a backend kept out for longer is an operator's
+/// drain, not hysteresis.
+const MAX_FAILBACK: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn rebalance(cx: &mut Cx, node: &Node, path: &str) -> Option<Rebalance> {
     let f = cx.map(node, path, fields::REBALANCE, &[])?;
     let mut rebalance = Rebalance::default();
@@ -378,6 +382,17 @@ fn rebalance(cx: &mut Cx, node: &Node, path: &str) -> Option<Rebalance> {
                 "1004, 1005, 1006 and 1015 must not be sent in a close frame",
             ),
             Some(c) => rebalance.websocket_close_code = c as u16,
+            None => {}
+        }
+    }
+    for (name, slot) in [
+        ("failback_after", &mut rebalance.failback_after),
+        ("ramp", &mut rebalance.ramp),
+    ] {
+        let Some(n) = f.get(name) else { continue };
+        match cx.duration(n, &field(path, name)) {
+            Some(d) if d <= MAX_FAILBACK => *slot = d,
+            Some(_) => cx.error(n.mark, &field(path, name), "must be at most 1h"),
             None => {}
         }
     }

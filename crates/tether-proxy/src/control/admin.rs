@@ -462,6 +462,9 @@ impl AdminApp {
                             "healthy": b.up.load(Ordering::Relaxed),
                             "ejected": b.ejected.load(Ordering::Relaxed),
                             "draining": b.draining.load(Ordering::Relaxed),
+                            // Under rebalance.failback_after / ramp: the share of its keys
+                            // it has taken back (1 when it never left).
+                            "keys_back": u.share_in_force(i),
                             "active": b.active.load(Ordering::Relaxed),
                             "open_streams": streams.get(&(u.name.clone(), b.address)).copied().unwrap_or(0),
                         })
