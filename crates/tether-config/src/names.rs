@@ -151,5 +151,5 @@ pub(crate) mod fields {
     pub const KEY_SOURCE: &[&str] = &super::KEY_SOURCES;
     pub const TIMEOUTS: &[&str] = &["read", "idle"];
     pub const RATE_LIMIT: &[&str] = &["by", "per_second", "burst"];
-    pub const ROUTE_LIMITS: &[&str] = &["streams_per_key"];
+    pub const ROUTE_LIMITS: &[&str] = &["streams_per_key", "requests_per_second_per_key"];
 }

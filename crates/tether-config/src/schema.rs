@@ -539,6 +539,14 @@ struct RouteLimitsFile {
         range(min = 1, max = 1_000_000)
     )]
     streams_per_key: u32,
+    /// Most requests per second of one key on this route (429 with `Retry-After` beyond):
+    /// the same as `rate_limit: { by: key, per_second: N }`, which the route must not have too.
+    #[schemars(
+        default,
+        skip_serializing_if = "unset",
+        range(min = 1, max = 10_000_000)
+    )]
+    requests_per_second_per_key: u32,
 }
 
 /// `rate_limit:` of a route.

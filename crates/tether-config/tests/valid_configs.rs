@@ -8,7 +8,7 @@ use tether_config::AccessLog;
 use tether_config::*;
 
 mod common;
-use common::BASE;
+use common::{base_with, BASE};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -518,6 +518,27 @@ fn failback_and_ramp_parse_round_trip_and_are_bounded() {
         .to_string();
     assert!(
         errors.contains("rebalance.ramp: must be at most 1h"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn requests_per_second_per_key_is_a_rate_limit_by_key() {
+    let with_limits = base_with("    limits: { requests_per_second_per_key: 50 }\n");
+    let with_rate_limit = base_with("    rate_limit: { by: key, per_second: 50 }\n");
+    let a = parse_ok(&with_limits);
+    assert_eq!(a, parse_ok(&with_rate_limit));
+    assert_eq!(parse_ok(&tether_config::to_yaml(&a)), a);
+    let both = base_with(
+        "    rate_limit: { by: client_ip, per_second: 5 }\n    limits: { requests_per_second_per_key: 50 }\n",
+    );
+    let errors = tether_config::parse(&both, "t.yaml")
+        .expect_err("both")
+        .to_string();
+    assert!(
+        errors.contains(
+            "routes[0].limits.requests_per_second_per_key: the route has a rate_limit too"
+        ),
         "{errors}"
     );
 }

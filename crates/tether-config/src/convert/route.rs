@@ -5,7 +5,7 @@ use crate::defaults;
 use crate::model::*;
 use crate::names::{fields, KEY_SOURCES, ON_MISSING, RATE_LIMIT_BY};
 use crate::read::{field, item, Cx};
-use crate::yaml::Node;
+use crate::yaml::{Mark, Node};
 
 pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> Route {
     let mut route = Route {
@@ -55,7 +55,25 @@ pub(super) fn route(cx: &mut Cx, node: &Node, path: &str, spots: &mut Spots) -> 
             route.rate_limit = rate_limit(cx, n, &field(path, "rate_limit"));
         }
         if let Some(n) = f.get("limits") {
-            route.limits = limits(cx, n, &field(path, "limits"));
+            let (limits, per_key_rate) = limits(cx, n, &field(path, "limits"));
+            route.limits = limits;
+            // `limits.requests_per_second_per_key: R` is `rate_limit: { by: key,
+            // per_second: R }` written where the other per-document limit is; one limiter.
+            if let Some((rate, mark)) = per_key_rate {
+                if route.rate_limit.is_some() {
+                    cx.error(
+                        mark,
+                        &field(path, "limits.requests_per_second_per_key"),
+                        "the route has a rate_limit too; keep one of the two",
+                    );
+                } else {
+                    route.rate_limit = Some(RateLimit {
+                        by: RateLimitBy::Key,
+                        per_second: rate,
+                        burst: 0,
+                    });
+                }
+            }
         }
         if let Some(n) = f.get("max_body") {
             route.max_body = cx
@@ -206,17 +224,23 @@ fn path_pattern(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
     None
 }
 
-fn limits(cx: &mut Cx, node: &Node, path: &str) -> RouteLimits {
+/// A route's `limits`, and its `requests_per_second_per_key` with where it was written.
+fn limits(cx: &mut Cx, node: &Node, path: &str) -> (RouteLimits, Option<(u32, Mark)>) {
     let mut l = RouteLimits::default();
     let Some(f) = cx.map(node, path, fields::ROUTE_LIMITS, &[]) else {
-        return l;
+        return (l, None);
     };
     if let Some(n) = f.get("streams_per_key") {
         l.streams_per_key = cx
             .integer(n, &field(path, "streams_per_key"), 1, 1_000_000)
             .map(|v| v as u32);
     }
-    l
+    let rate = f.get("requests_per_second_per_key").and_then(|n| {
+        let name = field(path, "requests_per_second_per_key");
+        let rate = cx.integer(n, &name, 1, 10_000_000)? as u32;
+        Some((rate, n.mark))
+    });
+    (l, rate)
 }
 
 fn timeouts(cx: &mut Cx, node: &Node, path: &str) -> Timeouts {
