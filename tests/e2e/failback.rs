@@ -9,7 +9,7 @@
 //! `failback_after: 3s`); `FLAP_SCALE=1` runs them at full length (5 s, 1 min, 30 s) for the
 //! figure in BENCHMARKS.md.
 
-use crate::support::{metric, Stack};
+use crate::support::{backend_lines, metric, Stack};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,10 +17,7 @@ use std::time::{Duration, Instant};
 use tether_testkit::{http_get, wait_until_async, ws_connect, Message};
 
 fn config(rebalance: &str, backends: &[&str]) -> String {
-    let backends: String = backends
-        .iter()
-        .map(|b| format!("      - address: {b}\n"))
-        .collect();
+    let backends = backend_lines(backends);
     format!(
         r#"
 listeners:

@@ -27,6 +27,7 @@ mod image;
 mod lifecycle;
 mod nginx_compat;
 mod pins;
+mod placement;
 mod prometheus;
 mod proxy_http;
 mod proxy_streams;

@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::model::{
-    AccessLog, AccessLogFormat, Admin, HealthCheck, HealthCheckKind, Limits, OnMissing, Passive,
-    Rebalance, Server, Timeouts,
+    AccessLog, AccessLogFormat, Admin, BoundedLoad, HealthCheck, HealthCheckKind, Limits,
+    OnMissing, Passive, Rebalance, Server, Timeouts,
 };
 
 /// `server.grace_period` when not given.
@@ -75,6 +75,16 @@ impl HealthCheck {
             timeout: Duration::from_secs(1),
             healthy_after: 2,
             unhealthy_after: 3,
+        }
+    }
+}
+
+impl Default for BoundedLoad {
+    /// Factor 1.25, linger 30s.
+    fn default() -> Self {
+        BoundedLoad {
+            factor: 1.25,
+            linger: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -211,6 +211,18 @@ pub struct Upstream {
     pub passive: Option<Passive>,
     /// How open streams whose key changed owner are moved.
     pub rebalance: Rebalance,
+    /// Placement of new documents by load (`balance: ketama` only); None = the ring alone.
+    pub bounded_load: Option<BoundedLoad>,
+}
+
+/// `bounded_load:` of an upstream: consistent hashing with bounded loads, per document.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BoundedLoad {
+    /// A document with no placement goes to the first available backend of its ring walk
+    /// whose open streams are below ⌈factor × mean⌉. Default 1.25.
+    pub factor: f64,
+    /// How long a placement outlives its document's last open stream. Default 30s.
+    pub linger: Duration,
 }
 
 /// `discovery:` of an upstream: a membership source that replaces the static backend list.

@@ -111,7 +111,9 @@ pub(crate) mod fields {
         "health_check",
         "passive",
         "rebalance",
+        "bounded_load",
     ];
+    pub const BOUNDED_LOAD: &[&str] = &["factor", "linger"];
     pub const BACKEND: &[&str] = &["address", "weight"];
     pub const DISCOVERY: &[&str] = &["etcd", "dns"];
     pub const ETCD: &[&str] = &["endpoints", "prefix"];

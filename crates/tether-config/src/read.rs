@@ -211,6 +211,22 @@ impl Cx {
     }
 
     /// Reads a decimal integer within `min..=max`.
+    /// Reads a number from `min` to `max` (say so otherwise).
+    pub fn number(&mut self, node: &Node, path: &str, min: f64, max: f64) -> Option<f64> {
+        match self.string(node, path).as_deref().map(str::parse::<f64>) {
+            Some(Ok(v)) if (min..=max).contains(&v) => Some(v),
+            Some(_) => {
+                self.error(
+                    node.mark,
+                    path,
+                    format!("must be a number from {min:?} to {max:?}"),
+                );
+                None
+            }
+            None => None,
+        }
+    }
+
     pub fn integer(&mut self, node: &Node, path: &str, min: u64, max: u64) -> Option<u64> {
         let parsed = match &node.value {
             Value::Scalar { text, plain: true } => text.parse::<i128>().ok(),

@@ -159,6 +159,17 @@ fn render_upstream(out: &mut Out, upstream: &Upstream) {
         &format!("failback_after: {}", duration(r.failback_after)),
     );
     out.line(6, &format!("ramp: {}", duration(r.ramp)));
+    match &upstream.bounded_load {
+        Some(b) => {
+            out.line(4, "bounded_load:");
+            out.line(6, &format!("factor: {}", b.factor));
+            out.line(6, &format!("linger: {}", duration(b.linger)));
+        }
+        None => out.line(
+            4,
+            "# bounded_load: not set, so every document goes to its owner on the ring",
+        ),
+    }
     match &upstream.passive {
         Some(p) => {
             out.line(4, "passive:");

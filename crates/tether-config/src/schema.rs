@@ -239,6 +239,24 @@ struct UpstreamFile {
     /// How open streams whose key changed owner are moved.
     #[schemars(default, skip_serializing_if = "unset")]
     rebalance: RebalanceFile,
+    /// Place each new document by load (consistent hashing with bounded loads, per document,
+    /// never per request); needs `balance: ketama`.
+    #[schemars(default, skip_serializing_if = "unset")]
+    bounded_load: BoundedLoadFile,
+}
+
+/// `bounded_load:`: a document with no open streams goes to the first available backend of
+/// its ring walk whose open streams are below ⌈factor × mean⌉, and stays there while it has
+/// open streams (and for `linger` after), so it is never split.
+#[derive(JsonSchema, Default)]
+#[schemars(deny_unknown_fields)]
+struct BoundedLoadFile {
+    /// How far above the mean a backend may be loaded and still take new documents.
+    #[schemars(default, skip_serializing_if = "unset", range(min = 1.0, max = 100.0), extend("default" = 1.25))]
+    factor: f64,
+    /// How long a placement outlives its document's last open stream (at most 1h).
+    #[schemars(default, skip_serializing_if = "unset", extend("default" = "30s"))]
+    linger: DurationText,
 }
 
 /// One backend of an upstream.
@@ -736,6 +754,7 @@ mod tests {
         ),
         (&["upstreams", "{}", "passive"], fields::PASSIVE),
         (&["upstreams", "{}", "rebalance"], fields::REBALANCE),
+        (&["upstreams", "{}", "bounded_load"], fields::BOUNDED_LOAD),
         (&["routes", "[]"], fields::ROUTE),
         (&["routes", "[]", "match"], fields::MATCH),
         (&["routes", "[]", "sticky"], fields::STICKY),

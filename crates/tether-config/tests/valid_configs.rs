@@ -542,3 +542,44 @@ fn requests_per_second_per_key_is_a_rate_limit_by_key() {
         "{errors}"
     );
 }
+
+#[test]
+fn bounded_load_parses_round_trips_and_needs_ketama() {
+    let text = BASE.replace(
+        "9101\n",
+        "9101\n    bounded_load: { factor: 1.5, linger: 10s }\n",
+    );
+    let config = parse_ok(&text);
+    let bounded = config.upstreams[0].bounded_load.expect("bounded_load");
+    assert_eq!(
+        (bounded.factor, bounded.linger),
+        (1.5, Duration::from_secs(10))
+    );
+    assert_eq!(parse_ok(&tether_config::to_yaml(&config)), config);
+    let defaults = parse_ok(&BASE.replace("9101\n", "9101\n    bounded_load: {}\n"));
+    assert_eq!(
+        defaults.upstreams[0].bounded_load,
+        Some(tether_config::BoundedLoad::default())
+    );
+    for (bad, says) in [
+        (
+            "{ factor: 0.9 }",
+            "bounded_load.factor: must be a number from 1.0 to 100.0",
+        ),
+        ("{ linger: 2h }", "bounded_load.linger: must be at most 1h"),
+    ] {
+        let text = BASE.replace("9101\n", &format!("9101\n    bounded_load: {bad}\n"));
+        let errors = tether_config::parse(&text, "t.yaml")
+            .expect_err(bad)
+            .to_string();
+        assert!(errors.contains(says), "{errors}");
+    }
+    let text = BASE.replace(
+        "9101\n",
+        "9101\n    balance: round_robin\n    bounded_load: {}\n",
+    );
+    let errors = tether_config::parse(&text, "t.yaml")
+        .expect_err("round robin")
+        .to_string();
+    assert!(errors.contains("needs balance: ketama"), "{errors}");
+}

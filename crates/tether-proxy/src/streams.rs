@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Instant;
+use tether_routing::BackendState;
 
 /// The kind of an open stream (the `kind` metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -175,6 +176,8 @@ pub struct Registration {
     open_gauge: IntGauge,
     /// The document this stream counts for.
     counted: Option<Document>,
+    /// The backend whose open streams it counts in (`BackendState::streams`).
+    backend: Arc<BackendState>,
 }
 
 impl Registration {
@@ -187,6 +190,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(self.registry.shard(self.id)).remove(&self.id);
+        self.backend.streams.fetch_sub(1, Ordering::Relaxed);
         if let Some(counted) = self.counted.take() {
             let mut per_key = lock(&self.registry.per_key);
             if let Some(n) = per_key.get_mut(&counted) {
@@ -218,7 +222,7 @@ impl StreamRegistry {
         route: Arc<str>,
         upstream: Arc<str>,
         key: Option<Arc<str>>,
-        backend: SocketAddr,
+        backend: &Arc<BackendState>,
         kind: StreamKind,
         limit: Option<u32>,
     ) -> Result<Registration, AtLimit> {
@@ -237,6 +241,9 @@ impl StreamRegistry {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(StreamControl::default());
+        backend.streams.fetch_add(1, Ordering::Relaxed);
+        let backend_state = Arc::clone(backend);
+        let backend = backend.address;
         let backend_label = backend.to_string();
         let open_gauge = Metrics::global().streams_open.with_label_values(&[
             &*route,
@@ -263,6 +270,7 @@ impl StreamRegistry {
             upstream,
             open_gauge,
             counted,
+            backend: backend_state,
         })
     }
 
@@ -302,7 +310,7 @@ mod tests {
             "r".into(),
             "u".into(),
             Some(key.into()),
-            "127.0.0.1:1".parse().expect("addr"),
+            &Arc::new(BackendState::new("127.0.0.1:1".parse().expect("addr"), 1)),
             StreamKind::WebSocket,
             None,
         )
@@ -337,12 +345,13 @@ mod tests {
     #[test]
     fn a_key_at_its_limit_is_refused_until_one_of_its_streams_ends() {
         let reg = Arc::new(StreamRegistry::default());
+        let backend = Arc::new(BackendState::new("127.0.0.1:1".parse().expect("addr"), 1));
         let open = |key: &str| {
             reg.register(
                 "r".into(),
                 "u".into(),
                 Some(key.into()),
-                "127.0.0.1:1".parse().expect("addr"),
+                &backend,
                 StreamKind::Sse,
                 Some(2),
             )
@@ -352,8 +361,14 @@ mod tests {
         assert_eq!(open("a").err(), Some(AtLimit));
         assert!(open("b").is_ok(), "another key is not limited");
         assert_eq!(reg.open_of("u", "a"), 2);
+        assert_eq!(
+            backend.streams.load(Ordering::Relaxed),
+            2,
+            "counted on the backend (the refused one not, the ended one no more)"
+        );
         drop(a1);
         assert_eq!(reg.open_of("u", "a"), 1);
+        assert_eq!(backend.streams.load(Ordering::Relaxed), 1);
         assert!(open("a").is_ok());
     }
 }

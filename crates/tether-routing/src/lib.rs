@@ -40,6 +40,7 @@
 //!         health_check: None,
 //!         passive: None,
 //!         rebalance: Rebalance::default(),
+//!         bounded_load: None,
 //!     }],
 //!     routes: vec![Route {
 //!         name: "doc-live".into(),
@@ -96,6 +97,7 @@ mod keys;
 pub mod normalize;
 mod percent;
 pub mod pins;
+pub mod placements;
 mod ring;
 mod router;
 pub mod share;
@@ -159,6 +161,31 @@ impl KeySourceKind {
     }
 }
 
+/// What chose a decision's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    /// An operator pinned the key to it.
+    Pin,
+    /// `bounded_load` placed the document there.
+    Placement,
+    /// The key's owner on the ring.
+    Ring,
+    /// No key: the upstream's balance.
+    Balance,
+}
+
+impl Chosen {
+    /// `pinned`, `placed`, `ring` or `balance`: the `reason` of `/route` and `tether route`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Chosen::Pin => "pinned",
+            Chosen::Placement => "placed",
+            Chosen::Ring => "ring",
+            Chosen::Balance => "balance",
+        }
+    }
+}
+
 /// Keys longer than this many bytes are bad keys (400).
 pub const MAX_KEY_LEN: usize = 256;
 
@@ -175,9 +202,8 @@ pub struct Decision {
     pub upstream: usize,
     /// Index of the chosen backend within the upstream.
     pub backend: usize,
-    /// True when the key is pinned to that backend (an operator's pin), false when the ring
-    /// or the balance chose it.
-    pub pinned: bool,
+    /// What chose the backend: a pin, a placement, the ring or the balance.
+    pub chosen: Chosen,
     /// The chosen backend's address (same as `upstreams()[upstream].backends[backend].address`).
     pub address: SocketAddr,
     /// The normalised path the route matched on, when normalising changed the request's path;
@@ -192,14 +218,9 @@ impl Decision {
         self.normalized_path.as_deref().unwrap_or(raw_path)
     }
 
-    /// Why this backend: `pinned` (an operator's pin), `ring` (the key's owner on the ring)
-    /// or `balance` (no key: the upstream's balance).
+    /// Why this backend: `pinned`, `placed`, `ring` or `balance` (see [`Chosen`]).
     pub fn reason(&self) -> &'static str {
-        match (self.pinned, &self.key) {
-            (true, _) => "pinned",
-            (false, Some(_)) => "ring",
-            (false, None) => "balance",
-        }
+        self.chosen.as_str()
     }
 }
 

@@ -9,7 +9,7 @@ use crate::normalize::normalize_path_cow;
 use crate::pins::PinBook;
 use crate::table::Table;
 use crate::upstream::{Owner, UpstreamState};
-use crate::{balance, Decision, Key, KeySourceKind, Reject, RequestView};
+use crate::{balance, Chosen, Decision, Key, KeySourceKind, Reject, RequestView};
 
 /// The immutable routing table built from a `Config`.
 #[derive(Debug)]
@@ -109,7 +109,7 @@ impl Router {
             },
         };
 
-        let Owner { backend, pinned } = backend.ok_or(Reject::NoHealthyBackend {
+        let Owner { backend, chosen } = backend.ok_or(Reject::NoHealthyBackend {
             route,
             upstream: upstream_index,
         })?;
@@ -119,7 +119,7 @@ impl Router {
             key_source,
             upstream: upstream_index,
             backend,
-            pinned,
+            chosen,
             address: upstream.backends[backend].address,
             normalized_path: match normalized_path {
                 Cow::Borrowed(_) => None,
@@ -173,10 +173,10 @@ impl Router {
     }
 }
 
-/// A backend chosen without a key: never pinned.
+/// A backend chosen without a key, by the upstream's balance.
 fn unpinned(backend: Option<usize>) -> Option<Owner> {
     backend.map(|backend| Owner {
         backend,
-        pinned: false,
+        chosen: Chosen::Balance,
     })
 }

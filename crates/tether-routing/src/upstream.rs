@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::balance::RoundRobin;
 use crate::pins::Pins;
+use crate::placements::{Placed, Placements};
 use crate::ring::Ring;
 use crate::Balance;
+use crate::Chosen;
 
 /// Runtime state of one backend, shared between the router and the proxy (health, load).
 #[derive(Debug)]
@@ -28,6 +30,9 @@ pub struct BackendState {
     pub failures: AtomicU32,
     /// In-flight requests + open streams (maintained by the proxy; used by least_connections).
     pub active: AtomicUsize,
+    /// Open WebSocket, SSE and long-poll streams (maintained by the proxy's stream registry;
+    /// what `bounded_load` compares).
+    pub streams: AtomicUsize,
     /// When the backend last became available again ([`clock`] milliseconds), while it is
     /// taking its keys back under `rebalance.failback_after` and `ramp`; 0 once it owns all
     /// of them. Set by [`BackendState::mark_returned`]; cleared by the first lookup after the
@@ -69,6 +74,7 @@ impl BackendState {
             draining: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             active: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
             returned_at: AtomicU64::new(0),
         }
     }
@@ -126,6 +132,10 @@ pub struct UpstreamState {
     pub(crate) round_robin: RoundRobin,
     /// Keys an operator pinned to a backend (the same table across reloads).
     pub pins: Arc<Pins>,
+    /// Where `bounded_load` placed each document lately (the same table across reloads).
+    pub placements: Arc<Placements>,
+    /// `bounded_load`, if set.
+    bounded: Option<Bounded>,
     /// `rebalance.failback_after`, in milliseconds.
     failback_after: u64,
     /// `rebalance.ramp`, in milliseconds.
@@ -137,8 +147,16 @@ pub struct UpstreamState {
 pub(crate) struct Owner {
     /// The backend index.
     pub(crate) backend: usize,
-    /// True when the key is pinned to it; false when the ring chose it.
-    pub(crate) pinned: bool,
+    /// What chose it.
+    pub(crate) chosen: Chosen,
+}
+
+/// `bounded_load` of an upstream, in the units the lookup uses.
+#[derive(Debug, Clone, Copy)]
+struct Bounded {
+    factor: f64,
+    /// Milliseconds.
+    linger: u64,
 }
 
 impl UpstreamState {
@@ -180,6 +198,11 @@ impl UpstreamState {
             round_robin: RoundRobin::new(&backends),
             backends,
             pins,
+            placements: previous.map_or_else(Arc::default, |p| Arc::clone(&p.placements)),
+            bounded: config.bounded_load.map(|b| Bounded {
+                factor: b.factor,
+                linger: millis(b.linger),
+            }),
             failback_after: millis(config.rebalance.failback_after),
             ramp: millis(config.rebalance.ramp),
         }
@@ -248,19 +271,75 @@ impl UpstreamState {
             if let Some(backend) = pinned.filter(|&i| back(i)) {
                 return Some(Owner {
                     backend,
-                    pinned: true,
+                    chosen: Chosen::Pin,
                 });
             }
         }
         let owns = |i: usize| usable(i) && takes(i, false);
         let n = self.backends.len();
-        self.ring
-            .owner(key.as_bytes(), n, owns)
-            .or_else(|| self.ring.owner(key.as_bytes(), n, &usable))
-            .map(|backend| Owner {
-                backend,
-                pinned: false,
-            })
+        let Some(bounded) = &self.bounded else {
+            return self
+                .ring
+                .owner(key.as_bytes(), n, owns)
+                .or_else(|| self.ring.owner(key.as_bytes(), n, &usable))
+                .map(|backend| Owner {
+                    backend,
+                    chosen: Chosen::Ring,
+                });
+        };
+        // Bounded load: the document's placement while its backend is usable; otherwise a
+        // new one, made under the shard's lock so two requests cannot place it twice.
+        let mut shard = self.placements.shard(key);
+        if let Some(placed) = shard.get_mut(key) {
+            let at = self
+                .backends
+                .iter()
+                .position(|b| b.address == placed.backend);
+            if let Some(backend) = at.filter(|&i| usable(i)) {
+                placed.seen = now();
+                return Some(Owner {
+                    backend,
+                    chosen: Chosen::Placement,
+                });
+            }
+        }
+        let (mut total, mut count) = (0usize, 0usize);
+        for (i, b) in self.backends.iter().enumerate() {
+            if usable(i) {
+                total += b.streams.load(Ordering::Relaxed);
+                count += 1;
+            }
+        }
+        // ⌈factor × mean⌉, the mean counting the stream about to open.
+        let bound = (bounded.factor * (total + 1) as f64 / count.max(1) as f64).ceil() as usize;
+        let light = |i: usize| owns(i) && self.backends[i].streams.load(Ordering::Relaxed) < bound;
+        let backend = self
+            .ring
+            .owner(key.as_bytes(), n, light)
+            .or_else(|| self.ring.owner(key.as_bytes(), n, owns))
+            .or_else(|| self.ring.owner(key.as_bytes(), n, &usable))?;
+        let placed = Placed {
+            backend: self.backends[backend].address,
+            seen: now(),
+        };
+        shard.insert(key.into(), placed);
+        Some(Owner {
+            backend,
+            chosen: Chosen::Placement,
+        })
+    }
+
+    /// Renews the placements of documents with open streams (`keys`) and forgets those idle
+    /// for longer than `bounded_load.linger`. Nothing to do without `bounded_load`.
+    pub fn hold_placements<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let Some(bounded) = &self.bounded else {
+            return;
+        };
+        let now = clock();
+        for key in keys {
+            self.placements.hold(key, now);
+        }
+        self.placements.expire(now, bounded.linger);
     }
 }
 
@@ -290,6 +369,7 @@ mod tests {
                 ramp: Duration::from_secs(ramp),
                 ..Rebalance::default()
             },
+            bounded_load: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use http::{HeaderMap, HeaderValue};
 use tether_config::{Balance, KeySource, OnMissing, PathMatch, RouteMatch};
-use tether_routing::{Decision, KeySourceKind, Reject, RequestView, Router};
+use tether_routing::{Chosen, Decision, KeySourceKind, Reject, RequestView, Router};
 
 fn request<'a>(headers: &'a HeaderMap, path: &'a str) -> RequestView<'a> {
     RequestView {
@@ -484,7 +484,10 @@ fn a_pinned_key_goes_to_its_backend_while_it_is_available_and_no_other_key_moves
 
     let headers = header("x-doc-id", &keys[7]);
     let d = router.decide(&request(&headers, "/docs/x")).unwrap();
-    assert_eq!((d.backend, d.pinned, d.address), (pinned, true, address));
+    assert_eq!(
+        (d.backend, d.chosen, d.address),
+        (pinned, Chosen::Pin, address)
+    );
     for (i, key) in keys.iter().enumerate() {
         let expected = if i == 7 { Some(pinned) } else { before[i] };
         assert_eq!(router.owner(0, key), expected, "{key}");
@@ -496,7 +499,7 @@ fn a_pinned_key_goes_to_its_backend_while_it_is_available_and_no_other_key_moves
     // Unavailable: the ring's owner (not pinned); back: the pin again.
     mark_down(&router, pinned);
     let d = router.decide(&request(&headers, "/docs/x")).unwrap();
-    assert_eq!((d.backend, d.pinned), (ring_owner, false));
+    assert_eq!((d.backend, d.chosen), (ring_owner, Chosen::Ring));
     router.upstreams()[0].backends[pinned]
         .up
         .store(true, Ordering::Relaxed);

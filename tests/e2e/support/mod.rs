@@ -434,3 +434,11 @@ pub async fn pin_request(
         r.json().unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// `backends:` list entries (`      - address: A`, one line each) for a config template.
+pub fn backend_lines<A: std::fmt::Display>(addresses: &[A]) -> String {
+    addresses
+        .iter()
+        .map(|a| format!("      - address: {a}\n"))
+        .collect()
+}

@@ -168,16 +168,9 @@ fn access_log(cx: &mut Cx, node: &Node) -> Option<AccessLog> {
             .unwrap_or(log.format);
     }
     if let Some(n) = f.get("sample") {
-        let text = cx.string(n, &field(path, "sample"));
-        match text.as_deref().map(str::parse::<f64>) {
-            Some(Ok(v)) if (0.0..=1.0).contains(&v) => log.sample = v,
-            Some(_) => cx.error(
-                n.mark,
-                &field(path, "sample"),
-                "must be a number from 0.0 to 1.0",
-            ),
-            None => {}
-        }
+        log.sample = cx
+            .number(n, &field(path, "sample"), 0.0, 1.0)
+            .unwrap_or(log.sample);
     }
     if let Some(n) = f.get("log_keys") {
         log.log_keys = cx.boolean(n, &field(path, "log_keys")).unwrap_or(false);

@@ -36,6 +36,7 @@ fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<
         health_check: None,
         passive: None,
         rebalance: Rebalance::default(),
+        bounded_load: None,
     };
     let mut spots = Vec::new();
     let Some(f) = cx.map(node, path, fields::UPSTREAM, &[]) else {
@@ -83,6 +84,16 @@ fn upstream(cx: &mut Cx, name: &str, node: &Node, path: &str) -> (Upstream, Vec<
     }
     if let Some(n) = f.get("rebalance") {
         up.rebalance = rebalance(cx, n, &field(path, "rebalance")).unwrap_or(up.rebalance);
+    }
+    if let Some(n) = f.get("bounded_load") {
+        up.bounded_load = bounded_load(cx, n, &field(path, "bounded_load"));
+        if up.bounded_load.is_some() && up.balance != Balance::Ketama {
+            cx.error(
+                n.mark,
+                &field(path, "bounded_load"),
+                "places documents on the ketama ring: needs balance: ketama",
+            );
+        }
     }
     (up, spots)
 }
@@ -354,8 +365,26 @@ fn passive(cx: &mut Cx, node: &Node, path: &str) -> Option<Passive> {
     Some(passive)
 }
 
-/// The longest `failback_after` and `ramp`: a backend kept out for longer is an operator's
-/// drain, not hysteresis.
+fn bounded_load(cx: &mut Cx, node: &Node, path: &str) -> Option<BoundedLoad> {
+    let f = cx.map(node, path, fields::BOUNDED_LOAD, &[])?;
+    let mut bounded = BoundedLoad::default();
+    if let Some(n) = f.get("factor") {
+        bounded.factor = cx
+            .number(n, &field(path, "factor"), 1.0, 100.0)
+            .unwrap_or(bounded.factor);
+    }
+    if let Some(n) = f.get("linger") {
+        match cx.duration(n, &field(path, "linger")) {
+            Some(d) if d <= MAX_FAILBACK => bounded.linger = d,
+            Some(_) => cx.error(n.mark, &field(path, "linger"), "must be at most 1h"),
+            None => {}
+        }
+    }
+    Some(bounded)
+}
+
+/// The longest `failback_after`, `ramp` and `linger`: a backend kept out for longer is an
+/// operator's drain, not hysteresis.
 const MAX_FAILBACK: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn rebalance(cx: &mut Cx, node: &Node, path: &str) -> Option<Rebalance> {

@@ -471,6 +471,9 @@ impl AdminApp {
                     })
                     .collect();
                 let mut entry = json!({ "name": u.name, "balance": format!("{:?}", u.balance), "backends": backends });
+                if installed.config_upstream(index).is_some_and(|c| c.bounded_load.is_some()) {
+                    entry["placed_documents"] = json!(u.placements.len());
+                }
                 if let Some(d) = discovery.get(&u.name) {
                     entry["discovery"] = json!({
                         "source": d.source,

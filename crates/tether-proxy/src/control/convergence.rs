@@ -124,6 +124,19 @@ impl Convergence {
         wait
     }
 
+    /// Renews the `bounded_load` placements of documents with open streams, so a placement
+    /// holds while its document has streams, and forgets the ones idle past `linger`.
+    fn hold_placements(&self, streams: &[StreamInfo]) {
+        let installed = self.state.current();
+        for upstream in installed.router.upstreams() {
+            let keys = streams
+                .iter()
+                .filter(|s| *s.upstream == *upstream.name)
+                .filter_map(|s| s.key.as_deref());
+            upstream.hold_placements(keys);
+        }
+    }
+
     /// Sets `split_keys{upstream}`: keys with open streams on more than one backend.
     fn update_split_keys(&self, streams: &[StreamInfo], known_upstreams: &mut HashSet<Arc<str>>) {
         let mut backends_of: HashMap<(Arc<str>, Arc<str>), HashSet<SocketAddr>> = HashMap::new();
@@ -162,6 +175,7 @@ impl BackgroundService for Convergence {
         loop {
             // One copy of the registry per round serves both jobs.
             let streams = self.state.registry.snapshot();
+            self.hold_placements(&streams);
             let retry_in = self.close_moved(&streams, &mut budgets);
             self.update_split_keys(&streams, &mut known_upstreams);
             let sleep = retry_in.unwrap_or(GAUGE_INTERVAL).min(GAUGE_INTERVAL);

@@ -7,7 +7,6 @@ use crate::passive;
 use crate::state::{Active, Installed, ProxyState};
 use crate::streams::{AtLimit, Registration, StreamKind};
 use smallvec::SmallVec;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_routing::{BackendState, Decision};
@@ -131,7 +130,7 @@ impl Attempt {
         &self,
         state: &ProxyState,
         kind: StreamKind,
-        backend: SocketAddr,
+        backend: &Arc<BackendState>,
     ) -> Result<Registration, AtLimit> {
         let router = &self.installed.router;
         let route = &router.routes()[self.decision.route];

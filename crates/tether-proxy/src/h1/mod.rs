@@ -798,7 +798,7 @@ async fn proxy(
             // Refused before anything is sent (a WebSocket before its 101).
             Some(stream_kind) => Some(
                 attempt
-                    .register_stream(conn.state, stream_kind, backend.address)
+                    .register_stream(conn.state, stream_kind, &backend)
                     .map_err(|_| Failure::Refused(STREAMS_PER_KEY))?,
             ),
             None => None,

@@ -342,7 +342,7 @@ pub(super) async fn forward(
         // A retry replaces the registration of the failed attempt.
         *registration = None;
         if let Some(stream_kind) = kind.stream_kind() {
-            match attempt.register_stream(state, stream_kind, backend.address) {
+            match attempt.register_stream(state, stream_kind, &backend) {
                 Ok(r) => *registration = Some(r),
                 Err(_) => {
                     crate::metrics::refused("streams_per_key", 429);

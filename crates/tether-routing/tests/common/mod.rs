@@ -33,6 +33,7 @@ pub fn upstream(name: &str, backends: Vec<Backend>, balance: Balance) -> Upstrea
         health_check: None,
         passive: None,
         rebalance: tether_config::Rebalance::default(),
+        bounded_load: None,
     }
 }
 
