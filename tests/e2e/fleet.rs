@@ -5,7 +5,9 @@
 //!
 //! `scripts/setup-tests.sh` installs `etcd-server` and `dnsmasq-base`.
 
-use crate::support::{pin_request, series_value, tether_binary, Socket};
+use crate::support::{
+    open_tagged, pin_request, series_value, shuffle, spread, tether_binary, zipf_streams, Socket,
+};
 use futures_util::{stream, StreamExt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -142,7 +144,7 @@ struct Proxy {
 
 const PREFIX: &str = "/tether/upstreams/docs/";
 
-fn fleet_config(listener: SocketAddr, admin: SocketAddr, discovery: &str) -> String {
+fn fleet_config(listener: SocketAddr, admin: SocketAddr, discovery: &str, extra: &str) -> String {
     format!(
         r#"
 server:
@@ -157,7 +159,7 @@ upstreams:
       {discovery}
     rebalance:
       max_per_second: 1000
-routes:
+{extra}routes:
   - name: docs
     match: {{ path_prefix: /docs/ }}
     sticky: {{ keys: [ {{ path: "/docs/{{key}}" }} ] }}
@@ -168,8 +170,13 @@ routes:
 
 impl Proxy {
     async fn start(discovery: &str) -> Proxy {
+        Proxy::start_with(discovery, "").await
+    }
+
+    /// A proxy whose upstream has `extra` (upstream-level YAML lines) too.
+    async fn start_with(discovery: &str, extra: &str) -> Proxy {
         let (listener, admin) = (free_addr(), free_addr());
-        let config = fleet_config(listener, admin, discovery);
+        let config = fleet_config(listener, admin, discovery, extra);
         let tether = TetherProcess::start(tether_binary(), &config, admin)
             .await
             .unwrap_or_else(|e| panic!("tether did not start: {e}\n{config}"));
@@ -391,6 +398,23 @@ async fn two_proxies_agree_on_every_owner_and_follow_announcements_and_lease_exp
     assert!(left < Duration::from_secs(1), "revoke took {left:?}");
 }
 
+/// `count` backends `b0`.., each announced under [`PREFIX`] with a 5 s lease.
+async fn announced(
+    etcd: &Etcd,
+    count: usize,
+) -> (Vec<TestBackend>, Vec<SocketAddr>, Vec<Announcer>) {
+    let mut backends = Vec::new();
+    for i in 0..count {
+        backends.push(TestBackend::start(&format!("b{i}")).await);
+    }
+    let addr: Vec<SocketAddr> = backends.iter().map(TestBackend::addr).collect();
+    let announcers = addr
+        .iter()
+        .map(|a| Announcer::start(etcd, PREFIX, *a, "5s"))
+        .collect();
+    (backends, addr, announcers)
+}
+
 /// `POST` (Some) or `DELETE` (None) the pin of `key` through `proxy`'s admin API.
 async fn set_pin(proxy: &Proxy, key: &str, backend: Option<SocketAddr>) -> serde_json::Value {
     let backend = backend.map(|b| b.to_string());
@@ -422,15 +446,7 @@ async fn wait_for_route(proxies: &[&Proxy], key: &str, backend: &str, reason: &s
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pin_set_through_one_proxy_holds_on_every_proxy_within_a_second_and_after_a_restart() {
     let etcd = Etcd::start().await;
-    let mut backends = Vec::new();
-    for i in 0..3 {
-        backends.push(TestBackend::start(&format!("b{i}")).await);
-    }
-    let addr: Vec<SocketAddr> = backends.iter().map(TestBackend::addr).collect();
-    let _announcers: Vec<Announcer> = addr
-        .iter()
-        .map(|a| Announcer::start(&etcd, PREFIX, *a, "5s"))
-        .collect();
+    let (_backends, addr, _announcers) = announced(&etcd, 3).await;
     let (a, mut b) = (Proxy::etcd(&etcd).await, Proxy::etcd(&etcd).await);
     wait_for_members(&[&a, &b], &addr, Duration::from_secs(10)).await;
     let key = "big-doc";
@@ -473,6 +489,83 @@ async fn a_pin_set_through_one_proxy_holds_on_every_proxy_within_a_second_and_af
     assert!(took < Duration::from_secs(1), "took {took:?}");
     // The pin never became a member.
     assert_eq!(a.members().await.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_proxies_sharing_etcd_place_zipf_documents_alike_within_the_bound() {
+    let etcd = Etcd::start().await;
+    let (_backends, addr, _announcers) = announced(&etcd, 8).await;
+    let discovery = format!("etcd: {{ endpoints: [{}], prefix: {PREFIX} }}", etcd.client);
+    let bounded = "    bounded_load: { factor: 1.25, linger: 30s }\n";
+    let a = Proxy::start_with(&discovery, bounded).await;
+    let b = Proxy::start_with(&discovery, bounded).await;
+    wait_for_members(&[&a, &b], &addr, Duration::from_secs(10)).await;
+
+    // 1,000 documents with Zipf(1.1) stream counts; each stream opens through a or b at
+    // random, 32 at a time, so both proxies see most documents first at about the same time.
+    let counts = zipf_streams(1000, 100.0);
+    let mut arrivals: Vec<(usize, bool)> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(doc, &n)| (0..n).map(move |i| (doc, (doc + i) % 2 == 0)))
+        .collect();
+    shuffle(&mut arrivals, 11);
+    let total = arrivals.len();
+    let watching = Arc::new(AtomicBool::new(true));
+    let split_watch = {
+        let watching = watching.clone();
+        let urls = [
+            a.tether.admin_url("/metrics"),
+            b.tether.admin_url("/metrics"),
+        ];
+        tokio::spawn(async move {
+            let mut worst = 0.0f64;
+            while watching.load(Ordering::Acquire) {
+                for url in &urls {
+                    if let Ok(r) = http_get(url, &[]).await {
+                        let split =
+                            series_value(&r.text(), r#"tether_split_keys{upstream="docs"}"#);
+                        worst = worst.max(split.unwrap_or(0.0));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            worst
+        })
+    };
+    let (a_listener, b_listener) = (a.listener, b.listener);
+    let opened: Vec<(usize, String, tether_testkit::WsClient)> = stream::iter(arrivals)
+        .map(|(doc, through_a)| async move {
+            let listener = if through_a { a_listener } else { b_listener };
+            let (backend, ws) = open_tagged(&format!("ws://{listener}/docs/doc-{doc}/live")).await;
+            (doc, backend, ws)
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    watching.store(false, Ordering::Release);
+    let worst_split = split_watch.await.expect("watcher");
+
+    let (split, per_backend) = spread(opened.iter().map(|(d, b, _)| (*d, b.as_str())));
+    let peak = *per_backend.values().max().expect("backends") as f64;
+    let ratio = peak / (total as f64 / 8.0);
+    eprintln!(
+        "two proxies sharing etcd, 1000 Zipf documents, {total} WebSockets, 8 backends, \
+         bounded_load 1.25: per backend {per_backend:?}, peak/mean {ratio:.3}, documents on \
+         two backends {}, split_keys max {worst_split}",
+        split.len()
+    );
+    assert!(
+        split.is_empty(),
+        "documents split across the fleet: {split:?}"
+    );
+    assert_eq!(worst_split, 0.0);
+    assert!(ratio <= 1.3, "peak/mean {ratio:.3}");
+    // Both proxies give the same placement.
+    for key in ["doc-0", "doc-1", "doc-500"] {
+        assert_eq!(a.owner(key).await, b.owner(key).await, "{key}");
+    }
 }
 
 /// A GET load through every proxy over 60 documents until stopped: (requests, failures).

@@ -5,14 +5,15 @@
 //! a document answered by one backend), and `/route` says `placed`. The 10,000-document
 //! figure against the plain ring is `crates/tether-routing/tests/bounded_load.rs`.
 
-use crate::support::{backend_lines, series_value, tether_binary};
+use crate::support::{
+    backend_lines, open_tagged, series_value, shuffle, spread, tether_binary, zipf_streams,
+};
 use futures_util::{stream, StreamExt};
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_testkit::{free_addr, http_get, ws_connect, TestBackend, TetherProcess, WsClient};
+use tether_testkit::{free_addr, http_get, TestBackend, TetherProcess, WsClient};
 
 const DOCUMENTS: usize = 1000;
 
@@ -49,9 +50,7 @@ async fn zipf_documents_are_placed_within_the_bound_and_never_split() {
         .await
         .expect("tether");
 
-    let counts: Vec<usize> = (1..=DOCUMENTS)
-        .map(|rank| ((100.0 / (rank as f64).powf(1.1)).round() as usize).max(1))
-        .collect();
+    let counts = zipf_streams(DOCUMENTS, 100.0);
     let mut arrivals: Vec<usize> = counts
         .iter()
         .enumerate()
@@ -82,13 +81,7 @@ async fn zipf_documents_are_placed_within_the_bound_and_never_split() {
     // Open them, 32 at a time, in the shuffled order; keep every socket open.
     let opened: Vec<(usize, String, WsClient)> = stream::iter(arrivals)
         .map(|doc| async move {
-            let url = format!("ws://{listener}/docs/doc-{doc}/live");
-            let (ws, headers) = ws_connect(&url, &[]).await.expect("open");
-            let backend = headers
-                .get("x-backend")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?")
-                .to_string();
+            let (backend, ws) = open_tagged(&format!("ws://{listener}/docs/doc-{doc}/live")).await;
             (doc, backend, ws)
         })
         .buffered(32)
@@ -99,13 +92,7 @@ async fn zipf_documents_are_placed_within_the_bound_and_never_split() {
     watching.store(false, Ordering::Release);
     let worst_split = watcher.await.expect("watcher");
 
-    let mut on: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
-    let mut per_backend: BTreeMap<&str, usize> = BTreeMap::new();
-    for (doc, backend, _) in &opened {
-        on.entry(*doc).or_default().insert(backend);
-        *per_backend.entry(backend).or_default() += 1;
-    }
-    let split: Vec<_> = on.iter().filter(|(_, b)| b.len() > 1).collect();
+    let (split, per_backend) = spread(opened.iter().map(|(d, b, _)| (*d, b.as_str())));
     assert!(split.is_empty(), "split documents: {split:?}");
     assert_eq!(worst_split, 0.0, "tether_split_keys rose above 0");
     let mean = total as f64 / 8.0;
@@ -133,15 +120,4 @@ async fn zipf_documents_are_placed_within_the_bound_and_never_split() {
         upstreams["upstreams"][0]["placed_documents"], DOCUMENTS,
         "{upstreams}"
     );
-}
-
-/// Fisher-Yates with a fixed-seed xorshift, so every run opens the streams in one order.
-fn shuffle<T>(items: &mut [T], seed: u64) {
-    let mut state = seed.max(1);
-    for i in (1..items.len()).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        items.swap(i, (state % (i as u64 + 1)) as usize);
-    }
 }

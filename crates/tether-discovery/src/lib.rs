@@ -25,12 +25,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use tether_config::Discovery;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use error::DiscoveryError;
 pub use etcd::announce::{announce, Announcement};
 pub use etcd::client::EtcdClient;
+pub use etcd::PlacementEvent;
 
 /// One backend as a membership source reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,6 +64,7 @@ pub struct Snapshot {
 /// A running membership source; stops when dropped.
 pub struct Source {
     snapshots: watch::Receiver<Snapshot>,
+    placements: Option<mpsc::UnboundedReceiver<PlacementEvent>>,
     task: JoinHandle<()>,
 }
 
@@ -70,12 +72,24 @@ impl Source {
     /// Starts the source described by `spec` on the current tokio runtime.
     pub fn start(spec: &Discovery) -> Source {
         let (publish, snapshots) = watch::channel(Snapshot::default());
-        let publisher = Publisher(publish);
+        let (placed, placements) = mpsc::unbounded_channel();
+        let publisher = Publisher(publish, placed);
         let task = match spec.clone() {
             Discovery::Etcd(etcd) => tokio::spawn(etcd::source::run(etcd, publisher)),
             Discovery::Dns(dns) => tokio::spawn(dns::run(dns, publisher)),
         };
-        Source { snapshots, task }
+        Source {
+            snapshots,
+            placements: Some(placements),
+            task,
+        }
+    }
+
+    /// The placements the source reports (etcd: the keys under `<prefix>/placements/`), as
+    /// events in order: unlike members they can be many, so they are never copied whole
+    /// into a snapshot. Given to the first caller only.
+    pub fn take_placements(&mut self) -> Option<mpsc::UnboundedReceiver<PlacementEvent>> {
+        self.placements.take()
     }
 
     /// A receiver that sees every new snapshot.
@@ -96,7 +110,10 @@ impl Drop for Source {
 }
 
 /// The sending side, with the one rule every source follows: members are sorted and unique.
-pub(crate) struct Publisher(watch::Sender<Snapshot>);
+pub(crate) struct Publisher(
+    watch::Sender<Snapshot>,
+    mpsc::UnboundedSender<PlacementEvent>,
+);
 
 impl Publisher {
     /// Publishes a new member set (and pins) read from a source that answered.
@@ -119,6 +136,12 @@ impl Publisher {
             }
             *s != before
         });
+    }
+
+    /// Reports a change of the placements.
+    pub(crate) fn placement(&self, event: PlacementEvent) {
+        // Nobody listening (the proxy did not ask) is fine.
+        let _ = self.1.send(event);
     }
 
     /// The source answered again (e.g. a watch was re-established); members unchanged.

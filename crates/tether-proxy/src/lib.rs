@@ -13,6 +13,7 @@ mod closing;
 pub mod control;
 pub mod core;
 pub mod documents;
+pub mod fleet;
 pub mod h1;
 pub mod h2;
 pub mod listener;

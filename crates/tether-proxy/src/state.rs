@@ -8,6 +8,7 @@
 //! path, so health state, metrics and convergence behave the same for either.
 
 use crate::documents::{DocumentBook, UpstreamDocuments};
+use crate::fleet::Fleet;
 use crate::metrics::{Metrics, RouterCounters};
 use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
@@ -139,6 +140,8 @@ pub struct ProxyState {
     /// Every upstream's pinned documents, kept across reloads; changed only through
     /// [`ProxyState::set_pin`] and [`ProxyState::replace_pins`].
     pins: PinBook,
+    /// Per upstream that shares bounded-load placements through etcd, its side of that.
+    fleets: Mutex<HashMap<String, Arc<Fleet>>>,
 }
 
 /// Counts one request or tunnel in a backend's `active` (least-connections) while it lives.
@@ -189,6 +192,32 @@ impl ProxyState {
             closing: Arc::default(),
             documents,
             pins,
+            fleets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The placement agreement of `upstream` when it shares placements through etcd
+    /// (`discovery: etcd` and `bounded_load`), started on first use; None otherwise.
+    /// Must be called on a tokio runtime.
+    pub fn fleet(&self, upstream: &str) -> Option<Arc<Fleet>> {
+        let installed = self.current();
+        let config = installed
+            .config
+            .upstreams
+            .iter()
+            .find(|u| u.name == upstream)?;
+        let (Some(Discovery::Etcd(spec)), Some(_)) = (&config.discovery, &config.bounded_load)
+        else {
+            return None;
+        };
+        let mut fleets = self.fleets.lock().unwrap_or_else(|p| p.into_inner());
+        match fleets.get(upstream) {
+            Some(fleet) if fleet.spec == *spec => Some(Arc::clone(fleet)),
+            _ => {
+                let fleet = Fleet::start(spec);
+                fleets.insert(upstream.to_string(), Arc::clone(&fleet));
+                Some(fleet)
+            }
         }
     }
 
@@ -365,6 +394,12 @@ impl ProxyState {
             .with_label_values(&[upstream, cause.as_str()])
             .inc();
         metrics.refresh_backend_up(&self.current().router);
+        self.owners_changed.notify_one();
+    }
+
+    /// Wakes convergence after placements came from the fleet (no ring changed, so nothing is
+    /// counted): streams of documents this instance had placed elsewhere move.
+    pub fn placements_changed(&self) {
         self.owners_changed.notify_one();
     }
 

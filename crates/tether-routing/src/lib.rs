@@ -108,7 +108,7 @@ pub use headers::{Headers, Values};
 pub use key::Key;
 pub use pins::{PinBook, Pins};
 pub use router::Router;
-pub use upstream::{BackendState, UpstreamState};
+pub use upstream::{clock, BackendState, UpstreamState};
 
 /// A request as the router sees it: borrowed parts, no sockets.
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +168,9 @@ pub enum Chosen {
     Pin,
     /// `bounded_load` placed the document there.
     Placement,
+    /// `bounded_load` placed the document there just now, and the upstream's fleet has yet to
+    /// agree (see [`UpstreamState::shares_placements`]).
+    NewPlacement,
     /// The key's owner on the ring.
     Ring,
     /// No key: the upstream's balance.
@@ -179,7 +182,7 @@ impl Chosen {
     pub fn as_str(self) -> &'static str {
         match self {
             Chosen::Pin => "pinned",
-            Chosen::Placement => "placed",
+            Chosen::Placement | Chosen::NewPlacement => "placed",
             Chosen::Ring => "ring",
             Chosen::Balance => "balance",
         }

@@ -23,6 +23,8 @@ pub(crate) struct Placed {
     pub(crate) backend: SocketAddr,
     /// When it was last used or held ([`crate::upstream::clock`] milliseconds).
     pub(crate) seen: u64,
+    /// False while a fleet has yet to agree to it (see `UpstreamState::shares_placements`).
+    pub(crate) agreed: bool,
 }
 
 /// The placements of one upstream, by document key; kept across reloads.
@@ -55,14 +57,58 @@ impl Placements {
         }
     }
 
-    /// Forgets placements not used or held for longer than `linger_ms` before `now`.
-    pub fn expire(&self, now: u64, linger_ms: u64) {
+    /// Forgets placements not used or held for longer than `linger_ms` before `now`; returns
+    /// their keys.
+    pub fn expire(&self, now: u64, linger_ms: u64) -> Vec<Box<str>> {
+        let mut gone = Vec::new();
         for shard in &self.shards {
             shard
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .retain(|_, placed| now.saturating_sub(placed.seen) <= linger_ms);
+                .retain(|key, placed| {
+                    let keep = now.saturating_sub(placed.seen) <= linger_ms;
+                    if !keep {
+                        gone.push(key.clone());
+                    }
+                    keep
+                });
         }
+        gone
+    }
+
+    /// Takes the placement a fleet agreed on for `key` (it replaces this instance's own, if
+    /// another); returns whether the document's backend changed.
+    pub fn adopt(&self, key: &str, backend: SocketAddr, now: u64) -> bool {
+        let mut shard = self.shard(key);
+        match shard.get_mut(key) {
+            Some(placed) if placed.backend == backend => {
+                placed.seen = now;
+                placed.agreed = true;
+                false
+            }
+            Some(placed) => {
+                *placed = Placed {
+                    backend,
+                    seen: now,
+                    agreed: true,
+                };
+                true
+            }
+            None => {
+                let placed = Placed {
+                    backend,
+                    seen: now,
+                    agreed: true,
+                };
+                shard.insert(key.into(), placed);
+                true
+            }
+        }
+    }
+
+    /// Forgets the placement of `key`.
+    pub fn remove(&self, key: &str) {
+        self.shard(key).remove(key);
     }
 
     /// The backend `key` is placed on, if it has a placement.
@@ -98,6 +144,7 @@ mod tests {
                 Placed {
                     backend,
                     seen: 1_000,
+                    agreed: true,
                 },
             );
         }

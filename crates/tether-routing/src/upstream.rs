@@ -136,6 +136,8 @@ pub struct UpstreamState {
     pub placements: Arc<Placements>,
     /// `bounded_load`, if set.
     bounded: Option<Bounded>,
+    /// Placements are agreed through etcd (see [`UpstreamState::shares_placements`]).
+    shared: bool,
     /// `rebalance.failback_after`, in milliseconds.
     failback_after: u64,
     /// `rebalance.ramp`, in milliseconds.
@@ -203,6 +205,8 @@ impl UpstreamState {
                 factor: b.factor,
                 linger: millis(b.linger),
             }),
+            shared: config.bounded_load.is_some()
+                && matches!(config.discovery, Some(tether_config::Discovery::Etcd(_))),
             failback_after: millis(config.rebalance.failback_after),
             ramp: millis(config.rebalance.ramp),
         }
@@ -321,25 +325,37 @@ impl UpstreamState {
         let placed = Placed {
             backend: self.backends[backend].address,
             seen: now(),
+            agreed: !self.shared,
         };
         shard.insert(key.into(), placed);
         Some(Owner {
             backend,
-            chosen: Chosen::Placement,
+            chosen: if self.shared {
+                Chosen::NewPlacement
+            } else {
+                Chosen::Placement
+            },
         })
     }
 
     /// Renews the placements of documents with open streams (`keys`) and forgets those idle
-    /// for longer than `bounded_load.linger`. Nothing to do without `bounded_load`.
-    pub fn hold_placements<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+    /// for longer than `bounded_load.linger`, returning their keys. Nothing to do without
+    /// `bounded_load`.
+    pub fn hold_placements<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> Vec<Box<str>> {
         let Some(bounded) = &self.bounded else {
-            return;
+            return Vec::new();
         };
         let now = clock();
         for key in keys {
             self.placements.hold(key, now);
         }
-        self.placements.expire(now, bounded.linger);
+        self.placements.expire(now, bounded.linger)
+    }
+
+    /// Whether this upstream's placements are agreed with a fleet (etcd discovery and
+    /// `bounded_load`): a new placement is then only a proposal until the fleet confirms it.
+    pub fn shares_placements(&self) -> bool {
+        self.shared
     }
 }
 

@@ -442,3 +442,55 @@ pub fn backend_lines<A: std::fmt::Display>(addresses: &[A]) -> String {
         .map(|a| format!("      - address: {a}\n"))
         .collect()
 }
+
+/// Fisher-Yates with a fixed-seed xorshift, so every run opens streams in one order.
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed.max(1);
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Open streams of `documents` documents following a Zipf(1.1) law: `max(1, round(top /
+/// rank^1.1))` for ranks 1, 2, ...
+pub fn zipf_streams(documents: usize, top: f64) -> Vec<usize> {
+    (1..=documents)
+        .map(|rank| ((top / (rank as f64).powf(1.1)).round() as usize).max(1))
+        .collect()
+}
+
+/// Opens a WebSocket at `url`: the backend that answered (`x-backend`) and the socket.
+pub async fn open_tagged(url: &str) -> (String, tether_testkit::WsClient) {
+    let (ws, headers) = tether_testkit::ws_connect(url, &[])
+        .await
+        .unwrap_or_else(|e| panic!("open {url}: {e}"));
+    let backend = headers
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    (backend, ws)
+}
+
+/// Where streams of documents landed, as (document, backend) pairs: the documents found on
+/// more than one backend, and the streams per backend.
+pub fn spread<'a>(
+    streams: impl IntoIterator<Item = (usize, &'a str)>,
+) -> (Vec<usize>, std::collections::BTreeMap<&'a str, usize>) {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut on: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
+    let mut per_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for (doc, backend) in streams {
+        on.entry(doc).or_default().insert(backend);
+        *per_backend.entry(backend).or_default() += 1;
+    }
+    let split = on
+        .into_iter()
+        .filter(|(_, b)| b.len() > 1)
+        .map(|(doc, _)| doc)
+        .collect();
+    (split, per_backend)
+}

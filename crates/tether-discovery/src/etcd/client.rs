@@ -114,6 +114,20 @@ struct RawKv {
 }
 
 #[derive(Deserialize)]
+struct TxnReply {
+    #[serde(default)]
+    succeeded: bool,
+    #[serde(default)]
+    responses: Vec<TxnResponse>,
+}
+
+#[derive(Deserialize)]
+struct TxnResponse {
+    #[serde(default)]
+    response_range: Option<RangeReply>,
+}
+
+#[derive(Deserialize)]
 struct RangeReply {
     #[serde(default)]
     header: Header,
@@ -363,6 +377,47 @@ impl EtcdClient {
             "lease": lease.to_string(),
         });
         self.post_any("/v3/kv/put", &body).await.map(|_| ())
+    }
+
+    /// Writes `key` = `value` bound to `lease` if `key` does not exist (one transaction).
+    /// Returns None when it was written, else the value already there.
+    pub async fn create_if_absent(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Option<Vec<u8>>, DiscoveryError> {
+        let key = B64.encode(key);
+        let body = json!({
+            "compare": [{
+                "key": key,
+                "result": "EQUAL",
+                "target": "CREATE",
+                "create_revision": "0",
+            }],
+            "success": [{ "request_put": {
+                "key": key,
+                "value": B64.encode(value),
+                "lease": lease.to_string(),
+            }}],
+            "failure": [{ "request_range": { "key": key } }],
+        });
+        let (bytes, endpoint) = self.post_any("/v3/kv/txn", &body).await?;
+        let reply: TxnReply = parse(&bytes, &endpoint)?;
+        if reply.succeeded {
+            return Ok(None);
+        }
+        let existing = reply
+            .responses
+            .into_iter()
+            .filter_map(|r| r.response_range)
+            .flat_map(|r| r.kvs)
+            .next();
+        match existing {
+            Some(kv) => Ok(Some(decode_kv(kv, &endpoint)?.value)),
+            // Deleted between the compare and the read: nobody holds it now.
+            None => Ok(Some(Vec::new())),
+        }
     }
 
     /// Deletes `key`.

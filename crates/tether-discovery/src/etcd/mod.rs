@@ -52,7 +52,7 @@ impl MemberValue {
 
 /// Where the pins of the upstream watching `prefix` live: `<prefix>/pins/` (one `/` between
 /// them). Keys there are not members: each is `<pins prefix><document key>` with a
-/// [`PinValue`], so every proxy watching the prefix sees every pin.
+/// [`BackendValue`], so every proxy watching the prefix sees every pin.
 pub fn pins_prefix(prefix: &str) -> String {
     if prefix.ends_with('/') {
         format!("{prefix}pins/")
@@ -61,24 +61,73 @@ pub fn pins_prefix(prefix: &str) -> String {
     }
 }
 
-/// The JSON value of one pin: `{"backend": "ip:port"}`.
+/// The JSON value of one pin or placement: `{"backend": "ip:port"}`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PinValue {
+pub struct BackendValue {
     /// `ip:port` of the backend the document is pinned to.
     pub backend: String,
 }
 
-impl PinValue {
+impl BackendValue {
     /// The backend this value names, or why it is unusable.
     pub fn parse(bytes: &[u8]) -> Result<SocketAddr, String> {
-        let value: PinValue =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a pin value: {e}"))?;
+        let value: BackendValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a backend value: {e}"))?;
         value
             .backend
             .trim()
             .parse()
             .map_err(|_| format!("backend `{}` is not ip:port", value.backend))
+    }
+}
+
+/// Where the bounded-load placements of the upstream watching `prefix` live:
+/// `<prefix>/placements/`, one key per document with a [`BackendValue`], each bound to the
+/// lease of the instance that placed it.
+pub fn placements_prefix(prefix: &str) -> String {
+    if prefix.ends_with('/') {
+        format!("{prefix}placements/")
+    } else {
+        format!("{prefix}/placements/")
+    }
+}
+
+/// What the watch saw of an upstream's placements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementEvent {
+    /// The whole set, after a full read of the prefix.
+    Loaded(std::collections::BTreeMap<String, SocketAddr>),
+    /// A document was placed (or placed again).
+    Placed(String, SocketAddr),
+    /// A placement was deleted (or its lease ended).
+    Removed(String),
+}
+
+/// Places document `key` of the upstream watching `prefix` on `backend` unless another
+/// instance placed it first: one etcd transaction (create if absent, bound to `lease`).
+/// Returns the placement in force: `backend`, or the one that was there.
+pub async fn place(
+    client: &EtcdClient,
+    prefix: &str,
+    key: &str,
+    backend: SocketAddr,
+    lease: i64,
+) -> Result<SocketAddr, DiscoveryError> {
+    let name = format!("{}{key}", placements_prefix(prefix));
+    let value = serde_json::to_vec(&BackendValue {
+        backend: backend.to_string(),
+    })
+    .unwrap_or_default();
+    match client
+        .create_if_absent(name.as_bytes(), &value, lease)
+        .await?
+    {
+        None => Ok(backend),
+        Some(existing) => BackendValue::parse(&existing).map_err(|reason| DiscoveryError::Decode {
+            endpoint: name,
+            reason,
+        }),
     }
 }
 
@@ -93,7 +142,7 @@ pub async fn set_pin(
     let name = format!("{}{key}", pins_prefix(prefix));
     match backend {
         Some(backend) => {
-            let value = PinValue {
+            let value = BackendValue {
                 backend: backend.to_string(),
             };
             let value = serde_json::to_vec(&value).unwrap_or_default();

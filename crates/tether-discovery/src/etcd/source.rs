@@ -8,7 +8,7 @@ use std::time::Duration;
 use tether_config::EtcdDiscovery;
 
 use super::client::{EtcdClient, Event, WatchStream};
-use super::{pins_prefix, MemberValue, PinValue};
+use super::{pins_prefix, placements_prefix, BackendValue, MemberValue, PlacementEvent};
 use crate::{DiscoveryError, Member, Publisher};
 
 /// How often a live watch is backed by a probe read: a watch on a silent prefix cannot tell a
@@ -40,15 +40,31 @@ impl Known {
             .collect()
     }
 
-    fn apply(&mut self, prefix: &str, event: &Event) {
+    /// Applies one change under the prefix; a placement is not kept but returned, for the
+    /// caller to report.
+    fn apply(&mut self, prefix: &str, event: &Event) -> Option<PlacementEvent> {
         let kv = match event {
             Event::Put(kv) | Event::Delete(kv) => kv,
         };
+        self.revision = self.revision.max(event.revision());
         let pins = pins_prefix(prefix);
         if let Some(key) = kv.key.strip_prefix(pins.as_bytes()) {
             self.apply_pin(prefix, key, event);
-            self.revision = self.revision.max(event.revision());
-            return;
+            return None;
+        }
+        let placements = placements_prefix(prefix);
+        if let Some(key) = kv.key.strip_prefix(placements.as_bytes()) {
+            let key = std::str::from_utf8(key).ok()?.to_string();
+            return match event {
+                Event::Put(kv) => match BackendValue::parse(&kv.value) {
+                    Ok(backend) => Some(PlacementEvent::Placed(key, backend)),
+                    Err(reason) => {
+                        tracing::warn!(prefix, key, "ignoring etcd placement: {reason}");
+                        None
+                    }
+                },
+                Event::Delete(_) => Some(PlacementEvent::Removed(key)),
+            };
         }
         match event {
             Event::Put(kv) => {
@@ -66,7 +82,7 @@ impl Known {
                 self.keys.remove(&kv.key);
             }
         }
-        self.revision = self.revision.max(event.revision());
+        None
     }
 
     /// A put or delete of the pin of document `key`.
@@ -76,7 +92,7 @@ impl Known {
             return;
         };
         match event {
-            Event::Put(kv) => match PinValue::parse(&kv.value) {
+            Event::Put(kv) => match BackendValue::parse(&kv.value) {
                 Ok(backend) => {
                     self.pins.insert(key.to_string(), backend);
                 }
@@ -106,10 +122,16 @@ pub(crate) async fn run(spec: EtcdDiscovery, publish: Publisher) {
                 Ok(range) => {
                     known.keys.clear();
                     known.pins.clear();
+                    let mut placements = BTreeMap::new();
                     for kv in range.kvs {
                         let event = Event::Put(kv);
-                        known.apply(&spec.prefix, &event);
+                        if let Some(PlacementEvent::Placed(key, backend)) =
+                            known.apply(&spec.prefix, &event)
+                        {
+                            placements.insert(key, backend);
+                        }
                     }
+                    publish.placement(PlacementEvent::Loaded(placements));
                     known.revision = range.revision.max(known.revision).max(1);
                     publish.members(known.members(), known.pins.clone(), true);
                     tracing::info!(
@@ -186,7 +208,9 @@ async fn follow(
                 for event in &events {
                     // A resumed watch can repeat what a load already reflected.
                     if event.revision() > known.revision || event.revision() == 0 {
-                        known.apply(&spec.prefix, event);
+                        if let Some(placement) = known.apply(&spec.prefix, event) {
+                            publish.placement(placement);
+                        }
                     }
                 }
                 publish.members(known.members(), known.pins.clone(), false);
@@ -312,5 +336,32 @@ mod tests {
         assert_eq!(known.pins.len(), 1);
         assert_eq!(known.revision, 5);
         assert_eq!(super::pins_prefix("/p"), "/p/pins/");
+    }
+
+    #[test]
+    fn keys_under_placements_are_reported_as_events_not_kept_as_members() {
+        let mut known = Known::default();
+        let placed = known.apply(
+            "/p/",
+            &put("/p/placements/doc-1", r#"{"backend":"10.0.0.1:80"}"#, 1),
+        );
+        assert_eq!(
+            placed,
+            Some(PlacementEvent::Placed(
+                "doc-1".into(),
+                "10.0.0.1:80".parse().unwrap()
+            ))
+        );
+        let removed = known.apply(
+            "/p/",
+            &Event::Delete(KeyValue {
+                key: b"/p/placements/doc-1".to_vec(),
+                value: Vec::new(),
+                mod_revision: 2,
+            }),
+        );
+        assert_eq!(removed, Some(PlacementEvent::Removed("doc-1".into())));
+        assert!(known.members().is_empty() && known.pins.is_empty());
+        assert_eq!(known.revision, 2);
     }
 }

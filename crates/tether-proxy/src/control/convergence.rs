@@ -133,7 +133,14 @@ impl Convergence {
                 .iter()
                 .filter(|s| *s.upstream == *upstream.name)
                 .filter_map(|s| s.key.as_deref());
-            upstream.hold_placements(keys);
+            let expired = upstream.hold_placements(keys);
+            if expired.is_empty() || !upstream.shares_placements() {
+                continue;
+            }
+            // The ones this instance made leave etcd too.
+            if let Some(fleet) = self.state.fleet(&upstream.name) {
+                tokio::spawn(async move { fleet.forget(expired).await });
+            }
         }
     }
 

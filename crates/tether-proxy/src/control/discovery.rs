@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_config::{Backend, Discovery};
-use tether_discovery::{Snapshot, Source};
+use tether_discovery::{PlacementEvent, Snapshot, Source};
 use tokio::task::JoinHandle;
 
 /// How often the config in force is compared with the running sources (reloads are rare).
@@ -37,7 +37,78 @@ impl DiscoveryService {
 }
 
 /// Applies each snapshot of `source` to `upstream` until aborted.
-async fn follow(state: Arc<ProxyState>, upstream: String, spec: Discovery, source: Source) {
+async fn follow(state: Arc<ProxyState>, upstream: String, spec: Discovery, mut source: Source) {
+    if let Some(placements) = source.take_placements() {
+        let task = tokio::spawn(follow_placements(
+            state.clone(),
+            upstream.clone(),
+            placements,
+        ));
+        // Ends with this follower (an aborted follower drops the guard).
+        let _placements = AbortOnDrop(task);
+        follow_members(state, upstream, spec, source).await
+    } else {
+        follow_members(state, upstream, spec, source).await
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Takes the fleet's placements of `upstream` as its watch reports them: each is adopted (a
+/// document this instance placed otherwise moves to the agreed backend, and convergence moves
+/// its streams); a removed one this instance still has streams of is placed again.
+async fn follow_placements(
+    state: Arc<ProxyState>,
+    upstream: String,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<PlacementEvent>,
+) {
+    while let Some(event) = events.recv().await {
+        let installed = state.current();
+        let Some(up) = installed
+            .router
+            .upstreams()
+            .iter()
+            .find(|u| u.name == upstream)
+        else {
+            continue;
+        };
+        let now = tether_routing::clock();
+        let mut moved = false;
+        match event {
+            PlacementEvent::Loaded(all) => {
+                for (key, backend) in &all {
+                    moved |= up.placements.adopt(key, *backend, now);
+                }
+            }
+            PlacementEvent::Placed(key, backend) => moved = up.placements.adopt(&key, backend, now),
+            PlacementEvent::Removed(key) => {
+                let held = up.placements.get(&key);
+                match (held, state.fleet(&upstream)) {
+                    (Some(backend), Some(fleet)) if state.registry.open_of(&upstream, &key) > 0 => {
+                        if let Ok(agreed) = fleet.place(&key, backend).await {
+                            moved = up.placements.adopt(&key, agreed, now);
+                        }
+                    }
+                    _ => up.placements.remove(&key),
+                }
+            }
+        }
+        if moved {
+            // Streams this instance opened elsewhere follow the agreed placement.
+            state.placements_changed();
+        }
+    }
+}
+
+/// Applies each snapshot of `source` to `upstream` until aborted.
+async fn follow_members(state: Arc<ProxyState>, upstream: String, spec: Discovery, source: Source) {
     let mut snapshots = source.subscribe();
     let mut seen = Snapshot::default();
     loop {

@@ -5,8 +5,10 @@
 //! - [`admission`]: a router's refusal as a status, the body and rate limits of a route;
 //! - [`attempt`]: the backend attempt (owner walk, retry budget, connect, what counts as a
 //!   backend's fault for passive health);
+//! - [`placement`]: a new document's placement agreed with the fleet (bounded load over etcd);
 //! - [`record`]: the exchange's kind (one classification) and its record (metrics, access log).
 
 pub mod admission;
 pub mod attempt;
+pub mod placement;
 pub mod record;

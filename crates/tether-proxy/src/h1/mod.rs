@@ -22,9 +22,9 @@ pub(crate) mod stream;
 pub mod tunnel;
 
 use crate::closing::Waiter;
-use crate::core::admission;
 use crate::core::attempt::{Attempt, Fault};
 use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished, Ongoing};
+use crate::core::{admission, placement};
 use crate::metrics::Metrics;
 use crate::state::{InFlight, Installed, ProxyState};
 use crate::streams::Registration;
@@ -511,6 +511,7 @@ async fn exchange<'b>(
             return answer_locally(conn, &installed, &local, status, &reject.to_string()).await;
         }
     };
+    let decision = placement::settle(conn.state, &installed, decision).await;
     installed
         .counters
         .route(Some(decision.route))

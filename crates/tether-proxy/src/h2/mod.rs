@@ -8,9 +8,9 @@
 
 mod forward;
 
-use crate::core::admission;
 use crate::core::attempt::Attempt;
 use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished};
+use crate::core::{admission, placement};
 use crate::state::{InFlight, ProxyState};
 use crate::streams::Registration;
 use async_trait::async_trait;
@@ -207,6 +207,7 @@ impl ProxyHttp for H2Proxy {
                 return answer(session, ctx, status, &why).await;
             }
         };
+        let decision = placement::settle(&self.state, &installed, decision).await;
         installed
             .counters
             .route(Some(decision.route))
