@@ -568,6 +568,146 @@ async fn two_proxies_sharing_etcd_place_zipf_documents_alike_within_the_bound() 
     }
 }
 
+/// `GET /docs/doc-{i}/x` for every `i` in `docs` over `connections` keep-alive connections
+/// to `listener`; how long it took. Panics on any answer but 200.
+async fn get_documents(
+    listener: SocketAddr,
+    docs: std::ops::Range<usize>,
+    connections: usize,
+) -> Duration {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(docs.start as u64));
+    let end = docs.end as u64;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(listener)
+                .await
+                .expect("connect");
+            let mut stream = BufReader::new(stream);
+            loop {
+                let doc = next.fetch_add(1, Ordering::Relaxed);
+                if doc >= end {
+                    return;
+                }
+                let request = format!("GET /docs/doc-{doc}/x HTTP/1.1\r\nHost: docs\r\n\r\n");
+                stream
+                    .get_mut()
+                    .write_all(request.as_bytes())
+                    .await
+                    .expect("write");
+                let mut status = String::new();
+                stream.read_line(&mut status).await.expect("status");
+                assert!(status.starts_with("HTTP/1.1 200"), "doc-{doc}: {status}");
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    stream.read_line(&mut line).await.expect("header");
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().expect("length");
+                    }
+                }
+                let mut body = vec![0; length];
+                stream.read_exact(&mut body).await.expect("body");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+    started.elapsed()
+}
+
+/// Resident memory of process `pid` in KB.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The cost of fleet placement at 100,000 documents: a measurement for BENCHMARKS.md, not a
+/// check (`cargo test --test e2e -- --ignored placing_100000 --nocapture`). Two proxies share
+/// etcd; 100,000 new documents get one GET each through proxy a (each one etcd transaction),
+/// then the same GETs again (placed: no transaction); proxy b learns every placement from its
+/// watch.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement (about a minute), run by hand for BENCHMARKS.md"]
+async fn placing_100000_documents_through_a_fleet() {
+    const DOCS: usize = 100_000;
+    let etcd = Etcd::start().await;
+    let (_backends, addr, _announcers) = announced(&etcd, 8).await;
+    let discovery = format!("etcd: {{ endpoints: [{}], prefix: {PREFIX} }}", etcd.client);
+    let bounded = "    bounded_load: { factor: 1.25, linger: 10m }\n";
+    let a = Proxy::start_with(&discovery, bounded).await;
+    let b = Proxy::start_with(&discovery, bounded).await;
+    wait_for_members(&[&a, &b], &addr, Duration::from_secs(10)).await;
+    let pids = (a.tether.pid().expect("a"), b.tether.pid().expect("b"));
+    let before = (rss_kb(pids.0), rss_kb(pids.1));
+
+    let started = Instant::now();
+    let first = get_documents(a.listener, 0..DOCS, 64).await;
+    let placed_b = |b: &Proxy| {
+        let url = b.tether.admin_url("/upstreams");
+        async move {
+            http_get(&url, &[])
+                .await
+                .ok()
+                .and_then(|r| r.json().ok())
+                .and_then(|v| v["upstreams"][0]["placed_documents"].as_u64())
+                .unwrap_or(0)
+        }
+    };
+    let all_on_b = wait_until_async(Duration::from_secs(120), || async {
+        placed_b(&b).await >= DOCS as u64
+    })
+    .await;
+    let on_b_after = started.elapsed();
+    let again = get_documents(a.listener, 0..DOCS, 64).await;
+    let after = (rss_kb(pids.0), rss_kb(pids.1));
+    let etcd_bytes: u64 = walk_size(&etcd.dir.path().join("data"));
+    eprintln!(
+        "{DOCS} new documents through one proxy, 64 connections: {first:?} ({:.0}/s, one etcd \
+         transaction each); the same {DOCS} again, placed: {again:?} ({:.0}/s); the other \
+         proxy had all {DOCS} placements {} after the first request ({on_b_after:?}); RSS \
+         a {} -> {} KB, b {} -> {} KB; etcd data dir {} MB",
+        DOCS as f64 / first.as_secs_f64(),
+        DOCS as f64 / again.as_secs_f64(),
+        if all_on_b { "at most" } else { "NOT within" },
+        before.0,
+        after.0,
+        before.1,
+        after.1,
+        etcd_bytes / (1 << 20),
+    );
+    assert!(all_on_b, "b saw {} placements", placed_b(&b).await);
+}
+
+fn walk_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let path = e.path();
+                    if path.is_dir() {
+                        walk_size(&path)
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// A GET load through every proxy over 60 documents until stopped: (requests, failures).
 fn start_load(urls: Vec<String>) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u64, u64)>) {
     let stop = Arc::new(AtomicBool::new(false));

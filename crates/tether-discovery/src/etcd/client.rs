@@ -5,8 +5,10 @@
 //! (Debian bookworm ships 3.4.23), it needs only an HTTP/1.1 client that Tether's dependency
 //! tree already has, and no `protoc` at build time. Keys and values travel base64-encoded and
 //! 64-bit integers as strings; a watch is one long POST whose response streams one JSON object
-//! per line. Every request opens its own connection (membership traffic is a few requests a
-//! second at most), so a dead connection never poisons later requests.
+//! per line. Unary requests reuse idle keep-alive connections (a fleet placing new documents
+//! makes one transaction per document, which one connection each would turn into a socket in
+//! TIME_WAIT per document); a watch has a connection of its own. A connection that failed is
+//! never put back, so a dead one does not poison later requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -36,7 +38,15 @@ pub struct EtcdClient {
     endpoints: Vec<String>,
     /// The endpoint that answered last; tried first next time.
     current: AtomicUsize,
+    /// Idle keep-alive connections for unary requests: (endpoint index, sender).
+    idle: std::sync::Mutex<Vec<(usize, Sender)>>,
 }
+
+/// The sending half of one HTTP/1.1 connection to an endpoint.
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Most idle connections kept (per client).
+const MAX_IDLE: usize = 16;
 
 /// One key-value pair from a range or a watch event (key and value decoded).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +229,7 @@ impl EtcdClient {
         EtcdClient {
             endpoints,
             current: AtomicUsize::new(0),
+            idle: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -242,8 +253,14 @@ impl EtcdClient {
         };
         for (at, endpoint) in self.rotation() {
             let attempt = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let response = open(endpoint, path, body).await?;
-                read_all(response, endpoint).await
+                let mut sender = match self.take_idle(at) {
+                    Some(sender) => sender,
+                    None => connect(endpoint).await?,
+                };
+                let response = send(&mut sender, endpoint, path, body).await?;
+                let bytes = read_all(response, endpoint).await?;
+                self.put_idle(at, sender);
+                Ok(bytes)
             })
             .await
             .unwrap_or_else(|_| {
@@ -262,6 +279,26 @@ impl EtcdClient {
             }
         }
         Err(last)
+    }
+
+    /// An idle connection to endpoint `at` that can take a request, if one is kept.
+    fn take_idle(&self, at: usize) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(i) = idle.iter().position(|(e, _)| *e == at) {
+            let (_, sender) = idle.swap_remove(i);
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose response was read to the end for the next request.
+    fn put_idle(&self, at: usize, sender: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE && !sender.is_closed() {
+            idle.push((at, sender));
+        }
     }
 
     /// Every key starting with `prefix`, and the revision of the read.
@@ -553,7 +590,43 @@ impl WatchStream {
 
 /// Connects to `endpoint`, sends `POST path` with the JSON `body`, and returns the response
 /// head once it arrived (status checked; the body still streaming).
+/// A request on a connection of its own (a watch).
 async fn open(
+    endpoint: &str,
+    path: &str,
+    body: &Value,
+) -> Result<http::Response<Incoming>, DiscoveryError> {
+    let mut sender = connect(endpoint).await?;
+    send(&mut sender, endpoint, path, body).await
+}
+
+/// A new HTTP/1.1 connection to `endpoint`.
+async fn connect(endpoint: &str) -> Result<Sender, DiscoveryError> {
+    let connect_error = |reason: String| DiscoveryError::Connect {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
+        .await
+        .map_err(|_| connect_error(format!("no connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| connect_error(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| DiscoveryError::Http {
+            endpoint: endpoint.to_string(),
+            reason: e.to_string(),
+        })?;
+    // The connection task ends when either side closes or every sender is dropped.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// `POST path` with `body` on `sender`'s connection; an error unless the status is 2xx.
+async fn send(
+    sender: &mut Sender,
     endpoint: &str,
     path: &str,
     body: &Value,
@@ -566,18 +639,7 @@ async fn open(
         endpoint: endpoint.to_string(),
         reason: e.to_string(),
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
-        .await
-        .map_err(|_| connect_error(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| connect_error(e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(http_error)?;
-    // The connection task ends when the response is read to the end or either side drops.
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    sender.ready().await.map_err(http_error)?;
     let request = http::Request::post(path)
         .header(http::header::HOST, endpoint)
         .header(http::header::CONTENT_TYPE, "application/json")
