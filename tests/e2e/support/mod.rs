@@ -377,14 +377,7 @@ impl Socket {
     /// Opens `url` for document `key`.
     pub async fn open(url: &str, key: &str) -> Socket {
         use futures_util::StreamExt;
-        let (ws, headers) = tether_testkit::ws_connect(url, &[])
-            .await
-            .unwrap_or_else(|e| panic!("open {url}: {e}"));
-        let backend = headers
-            .get("x-backend")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("?")
-            .to_string();
+        let (backend, ws) = open_tagged(url).await;
         let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
         let ended_by_reader = ended.clone();
         let keep = tokio::spawn(async move {
