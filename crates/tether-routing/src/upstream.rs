@@ -31,8 +31,9 @@ pub struct BackendState {
     /// In-flight requests + open streams (maintained by the proxy; used by least_connections).
     pub active: AtomicUsize,
     /// Open WebSocket, SSE and long-poll streams (maintained by the proxy's stream registry;
-    /// what `bounded_load` compares).
-    pub streams: AtomicUsize,
+    /// what `bounded_load` compares). Shared with the state that replaces this one when a
+    /// reload changes the backend's weight, so streams opened before still count.
+    pub streams: Arc<AtomicUsize>,
     /// When the backend last became available again ([`clock`] milliseconds), while it is
     /// taking its keys back under `rebalance.failback_after` and `ramp`; 0 once it owns all
     /// of them. Set by [`BackendState::mark_returned`]; cleared by the first lookup after the
@@ -74,7 +75,7 @@ impl BackendState {
             draining: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             active: AtomicUsize::new(0),
-            streams: AtomicUsize::new(0),
+            streams: Arc::default(),
             returned_at: AtomicU64::new(0),
         }
     }
@@ -96,7 +97,8 @@ impl BackendState {
 
     /// A state for `address` with a new `weight` that keeps `old`'s health, ejection and drain.
     fn reweighted(old: &BackendState, weight: u32) -> BackendState {
-        let state = BackendState::new(old.address, weight);
+        let mut state = BackendState::new(old.address, weight);
+        state.streams = Arc::clone(&old.streams);
         for (to, from) in [
             (&state.up, &old.up),
             (&state.ejected, &old.ejected),

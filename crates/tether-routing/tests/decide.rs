@@ -402,6 +402,7 @@ fn reload_keeps_the_state_of_backends_that_remain() {
     let kept = &old.upstreams()[0].backends;
     kept[1].up.store(false, Ordering::Relaxed);
     kept[1].active.store(7, Ordering::Relaxed);
+    kept[2].streams.store(5, Ordering::Relaxed);
 
     let mut next = backends(4);
     next[2].weight = 3;
@@ -416,6 +417,10 @@ fn reload_keeps_the_state_of_backends_that_remain() {
     assert!(!Arc::ptr_eq(&states[1], &kept[2]));
     assert_eq!(states[1].weight, 3);
     assert!(states[1].up.load(Ordering::Relaxed));
+    // ...and the same open-stream count, which streams opened before go on decrementing.
+    assert_eq!(states[1].streams.load(Ordering::Relaxed), 5);
+    kept[2].streams.fetch_sub(1, Ordering::Relaxed);
+    assert_eq!(states[1].streams.load(Ordering::Relaxed), 4);
     // New backend: fresh and up.
     assert!(states[2].up.load(Ordering::Relaxed));
     // The down backend is still down after the reload: it owns no key.
