@@ -167,6 +167,16 @@ impl Router {
         &self.table.routes
     }
 
+    /// The index of the upstream named `name`.
+    pub fn upstream_index(&self, name: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.name == name)
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamState> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
     /// Upstreams in file order.
     pub fn upstreams(&self) -> &[UpstreamState] {
         &self.upstreams

@@ -132,6 +132,9 @@ pub struct UpstreamState {
     pub(crate) ring: Ring,
     /// Weighted round robin for keyless requests.
     pub(crate) round_robin: RoundRobin,
+    /// `(address, index)` of every backend, sorted by address: pins and placements name a
+    /// backend by address (indices change with reloads), and a keyed request may look one up.
+    by_address: Box<[(SocketAddr, usize)]>,
     /// Keys an operator pinned to a backend (the same table across reloads).
     pub pins: Arc<Pins>,
     /// Where `bounded_load` placed each document lately (the same table across reloads).
@@ -195,12 +198,19 @@ impl UpstreamState {
             })
             .collect();
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mut by_address: Box<[(SocketAddr, usize)]> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.address, i))
+            .collect();
+        by_address.sort_unstable();
         UpstreamState {
             name: config.name.clone(),
             balance: config.balance,
             ring: Ring::new(&backends),
             round_robin: RoundRobin::new(&backends),
             backends,
+            by_address,
             pins,
             placements: previous.map_or_else(Arc::default, |p| Arc::clone(&p.placements)),
             bounded: config.bounded_load.map(|b| Bounded {
@@ -212,6 +222,14 @@ impl UpstreamState {
             failback_after: millis(config.rebalance.failback_after),
             ramp: millis(config.rebalance.ramp),
         }
+    }
+
+    /// The index of the backend at `address`, if it is a member.
+    pub fn backend_index(&self, address: SocketAddr) -> Option<usize> {
+        self.by_address
+            .binary_search_by(|(a, _)| a.cmp(&address))
+            .ok()
+            .map(|at| self.by_address[at].1)
     }
 
     /// The share of its keys backend `index` owns now, in [0, 1]: 0 within `failback_after` of
@@ -271,7 +289,7 @@ impl UpstreamState {
             share >= 1.0 || (pin && share > 0.0) || *point.get_or_init(|| ramp_point(key)) < share
         };
         if let Some(address) = self.pins.get(key) {
-            let pinned = self.backends.iter().position(|b| b.address == address);
+            let pinned = self.backend_index(address);
             // A pin takes its document back as soon as `failback_after` has passed.
             let back = |i: usize| usable(i) && takes(i, true);
             if let Some(backend) = pinned.filter(|&i| back(i)) {
@@ -297,10 +315,7 @@ impl UpstreamState {
         // new one, made under the shard's lock so two requests cannot place it twice.
         let mut shard = self.placements.shard(key);
         if let Some(placed) = shard.get_mut(key) {
-            let at = self
-                .backends
-                .iter()
-                .position(|b| b.address == placed.backend);
+            let at = self.backend_index(placed.backend);
             if let Some(backend) = at.filter(|&i| usable(i)) {
                 placed.seen = now();
                 return Some(Owner {

@@ -165,7 +165,7 @@ impl AdminApp {
     fn pin(&self, upstream: &str, key: &str) -> Response<Vec<u8>> {
         let installed = self.state.current();
         let router = &installed.router;
-        let Some(index) = router.upstreams().iter().position(|u| u.name == upstream) else {
+        let Some(index) = router.upstream_index(upstream) else {
             return json_error(StatusCode::NOT_FOUND, "no such upstream");
         };
         let pinned = self.state.pins(upstream).get(key).copied();
@@ -188,7 +188,7 @@ impl AdminApp {
     fn pins(&self, upstream: &str) -> Response<Vec<u8>> {
         let installed = self.state.current();
         let router = &installed.router;
-        let Some(index) = router.upstreams().iter().position(|u| u.name == upstream) else {
+        let Some(index) = router.upstream_index(upstream) else {
             return json_error(StatusCode::NOT_FOUND, "no such upstream");
         };
         let pins: Vec<_> = self
@@ -495,15 +495,10 @@ impl AdminApp {
             return json_error(StatusCode::BAD_REQUEST, "backend address must be ip:port");
         };
         let installed = self.state.current();
-        let Some(up) = installed
-            .router
-            .upstreams()
-            .iter()
-            .find(|u| u.name == upstream)
-        else {
+        let Some(up) = installed.router.upstream(upstream) else {
             return json_error(StatusCode::NOT_FOUND, "no such upstream");
         };
-        let Some(backend) = up.backends.iter().find(|b| b.address == address) else {
+        let Some(backend) = up.backend_index(address).map(|i| &up.backends[i]) else {
             return json_error(StatusCode::NOT_FOUND, "no such backend in this upstream");
         };
         if self

@@ -67,11 +67,7 @@ impl Convergence {
             if stream.control.is_closing() {
                 continue;
             }
-            let Some(index) = router
-                .upstreams()
-                .iter()
-                .position(|u| *u.name == *stream.upstream)
-            else {
+            let Some(index) = router.upstream_index(&stream.upstream) else {
                 // Its upstream was removed by a reload: the key has no owner there any more.
                 let defaults = tether_config::Rebalance::default();
                 moved.push((stream, defaults.max_per_second));

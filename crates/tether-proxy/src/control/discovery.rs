@@ -71,12 +71,7 @@ async fn follow_placements(
 ) {
     while let Some(event) = events.recv().await {
         let installed = state.current();
-        let Some(up) = installed
-            .router
-            .upstreams()
-            .iter()
-            .find(|u| u.name == upstream)
-        else {
+        let Some(up) = installed.router.upstream(&upstream) else {
             continue;
         };
         let now = tether_routing::clock();

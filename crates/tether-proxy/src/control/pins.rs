@@ -106,13 +106,11 @@ pub async fn set(
     let installed = state.current();
     let index = installed
         .router
-        .upstreams()
-        .iter()
-        .position(|u| u.name == upstream)
+        .upstream_index(upstream)
         .ok_or_else(|| PinError::NoUpstream(upstream.to_string()))?;
     if let Some(backend) = backend {
-        let members = &installed.router.upstreams()[index].backends;
-        if !members.iter().any(|b| b.address == backend) {
+        let members = &installed.router.upstreams()[index];
+        if members.backend_index(backend).is_none() {
             return Err(PinError::NotABackend {
                 upstream: upstream.to_string(),
                 backend,

@@ -31,7 +31,7 @@ pub async fn settle(state: &ProxyState, installed: &Installed, mut decision: Dec
     match fleet.place(key, decision.address).await {
         Ok(agreed) => {
             upstream.placements.adopt(key, agreed, now);
-            let at = upstream.backends.iter().position(|b| b.address == agreed);
+            let at = upstream.backend_index(agreed);
             if let Some(index) = at.filter(|&i| upstream.backends[i].is_available()) {
                 decision.backend = index;
                 decision.address = agreed;
