@@ -13,6 +13,8 @@ use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
+use crate::Chosen;
+
 /// Shards of the table, so requests of different documents rarely wait for each other.
 const SHARDS: usize = 32;
 
@@ -25,6 +27,17 @@ pub(crate) struct Placed {
     pub(crate) seen: u64,
     /// False while a fleet has yet to agree to it (see `UpstreamState::shares_placements`).
     pub(crate) agreed: bool,
+}
+
+impl Placed {
+    /// What a lookup reports: a placement, or one the fleet has yet to agree to.
+    pub(crate) fn chosen(&self) -> Chosen {
+        if self.agreed {
+            Chosen::Placement
+        } else {
+            Chosen::NewPlacement
+        }
+    }
 }
 
 /// The placements of one upstream, by document key; kept across reloads.

@@ -318,9 +318,11 @@ impl UpstreamState {
             let at = self.backend_index(placed.backend);
             if let Some(backend) = at.filter(|&i| usable(i)) {
                 placed.seen = now();
+                // Until the fleet agreed, every request of the document asks it again (the
+                // answer is the same for all), so none goes ahead of the agreement.
                 return Some(Owner {
                     backend,
-                    chosen: Chosen::Placement,
+                    chosen: placed.chosen(),
                 });
             }
         }
@@ -347,11 +349,7 @@ impl UpstreamState {
         shard.insert(key.into(), placed);
         Some(Owner {
             backend,
-            chosen: if self.shared {
-                Chosen::NewPlacement
-            } else {
-                Chosen::Placement
-            },
+            chosen: placed.chosen(),
         })
     }
 
@@ -515,5 +513,35 @@ mod tests {
             tenths[(ramp_point(&format!("doc-{k}")) * 10.0) as usize] += 1;
         }
         assert!(tenths.iter().all(|&n| (1..=24).contains(&n)), "{tenths:?}");
+    }
+
+    #[test]
+    fn a_fleet_placement_stays_a_proposal_for_every_lookup_until_it_is_agreed() {
+        let mut shared = config(3, 0, 0);
+        shared.bounded_load = Some(tether_config::BoundedLoad::default());
+        shared.discovery = Some(tether_config::Discovery::Etcd(
+            tether_config::EtcdDiscovery {
+                endpoints: vec!["127.0.0.1:2379".into()],
+                prefix: "/p/".into(),
+            },
+        ));
+        let up = UpstreamState::new(&shared, None, Arc::default());
+        let all = |_: usize| true;
+        let first = up.owner("doc", all).expect("owner");
+        assert_eq!(first.chosen, Chosen::NewPlacement);
+        // A second request before the agreement must wait for it too.
+        assert_eq!(
+            up.owner("doc", all).expect("owner").chosen,
+            Chosen::NewPlacement
+        );
+        let address = up.backends[first.backend].address;
+        up.placements.adopt("doc", address, clock());
+        assert_eq!(
+            up.owner("doc", all),
+            Some(Owner {
+                backend: first.backend,
+                chosen: Chosen::Placement
+            })
+        );
     }
 }
