@@ -7,6 +7,7 @@
 
 use crate::support::{
     open_tagged, pin_request, series_value, shuffle, spread, tether_binary, zipf_streams, Socket,
+    SplitWatch,
 };
 use futures_util::{stream, StreamExt};
 use nix::sys::signal::{kill, Signal};
@@ -511,28 +512,10 @@ async fn two_proxies_sharing_etcd_place_zipf_documents_alike_within_the_bound() 
         .collect();
     shuffle(&mut arrivals, 11);
     let total = arrivals.len();
-    let watching = Arc::new(AtomicBool::new(true));
-    let split_watch = {
-        let watching = watching.clone();
-        let urls = [
-            a.tether.admin_url("/metrics"),
-            b.tether.admin_url("/metrics"),
-        ];
-        tokio::spawn(async move {
-            let mut worst = 0.0f64;
-            while watching.load(Ordering::Acquire) {
-                for url in &urls {
-                    if let Ok(r) = http_get(url, &[]).await {
-                        let split =
-                            series_value(&r.text(), r#"tether_split_keys{upstream="docs"}"#);
-                        worst = worst.max(split.unwrap_or(0.0));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            worst
-        })
-    };
+    let split_watch = SplitWatch::start(vec![
+        a.tether.admin_url("/metrics"),
+        b.tether.admin_url("/metrics"),
+    ]);
     let (a_listener, b_listener) = (a.listener, b.listener);
     let opened: Vec<(usize, String, tether_testkit::WsClient)> = stream::iter(arrivals)
         .map(|(doc, through_a)| async move {
@@ -544,8 +527,7 @@ async fn two_proxies_sharing_etcd_place_zipf_documents_alike_within_the_bound() 
         .collect()
         .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    watching.store(false, Ordering::Release);
-    let worst_split = split_watch.await.expect("watcher");
+    let worst_split = split_watch.worst().await;
 
     let (split, per_backend) = spread(opened.iter().map(|(d, b, _)| (*d, b.as_str())));
     let peak = *per_backend.values().max().expect("backends") as f64;

@@ -6,12 +6,10 @@
 //! figure against the plain ring is `crates/tether-routing/tests/bounded_load.rs`.
 
 use crate::support::{
-    backend_lines, open_tagged, series_value, shuffle, spread, tether_binary, zipf_streams,
+    backend_lines, open_tagged, shuffle, spread, tether_binary, zipf_streams, SplitWatch,
 };
 use futures_util::{stream, StreamExt};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tether_testkit::{free_addr, http_get, TestBackend, TetherProcess, WsClient};
 
@@ -60,23 +58,7 @@ async fn zipf_documents_are_placed_within_the_bound_and_never_split() {
     let total = arrivals.len();
 
     // Watch tether_split_keys while the streams open.
-    let watching = Arc::new(AtomicBool::new(true));
-    let admin_url = tether.admin_url("/metrics");
-    let watcher = {
-        let watching = watching.clone();
-        tokio::spawn(async move {
-            let mut worst = 0.0f64;
-            while watching.load(Ordering::Acquire) {
-                if let Ok(r) = http_get(&admin_url, &[]).await {
-                    let text = r.text();
-                    let value = series_value(&text, r#"tether_split_keys{upstream="docs"}"#);
-                    worst = worst.max(value.unwrap_or(0.0));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            worst
-        })
-    };
+    let split_watch = SplitWatch::start(vec![tether.admin_url("/metrics")]);
 
     // Open them, 32 at a time, in the shuffled order; keep every socket open.
     let opened: Vec<(usize, String, WsClient)> = stream::iter(arrivals)
@@ -89,8 +71,7 @@ async fn zipf_documents_are_placed_within_the_bound_and_never_split() {
         .await;
     // One more convergence pass sees them all.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    watching.store(false, Ordering::Release);
-    let worst_split = watcher.await.expect("watcher");
+    let worst_split = split_watch.worst().await;
 
     let (split, per_backend) = spread(opened.iter().map(|(d, b, _)| (*d, b.as_str())));
     assert!(split.is_empty(), "split documents: {split:?}");

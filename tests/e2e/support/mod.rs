@@ -487,3 +487,41 @@ pub fn spread<'a>(
         .collect();
     (split, per_backend)
 }
+
+/// Polls `tether_split_keys{upstream="docs"}` on every admin `/metrics` URL every 100 ms
+/// until [`SplitWatch::worst`] is asked for the highest value seen.
+pub struct SplitWatch {
+    watching: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<f64>,
+}
+
+impl SplitWatch {
+    /// Starts polling `metrics_urls`.
+    pub fn start(metrics_urls: Vec<String>) -> SplitWatch {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let watching = std::sync::Arc::new(AtomicBool::new(true));
+        let polling = watching.clone();
+        let task = tokio::spawn(async move {
+            let mut worst = 0.0f64;
+            while polling.load(Ordering::Acquire) {
+                for url in &metrics_urls {
+                    if let Ok(r) = tether_testkit::http_get(url, &[]).await {
+                        let split =
+                            series_value(&r.text(), r#"tether_split_keys{upstream="docs"}"#);
+                        worst = worst.max(split.unwrap_or(0.0));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            worst
+        });
+        SplitWatch { watching, task }
+    }
+
+    /// Stops polling: the highest value seen.
+    pub async fn worst(self) -> f64 {
+        self.watching
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.task.await.expect("split watcher")
+    }
+}
