@@ -12,3 +12,10 @@ pub mod admission;
 pub mod attempt;
 pub mod placement;
 pub mod record;
+
+/// Largest request body with a declared length that both engines read whole before sending
+/// anything, so it leaves with its head in one write (and can be sent again on a fresh
+/// connection when a kept one turns out stale), as HAProxy's 16 KiB buffer and nginx's
+/// `client_body_buffer_size` hold one. Larger bodies, and bodies behind `Expect:
+/// 100-continue`, stream.
+pub(crate) const GATHER_LIMIT: u64 = 16 * 1024;

@@ -9,8 +9,8 @@
 //! arrives. Backend connections are reused from the upstream pool (`crate::pool`).
 //!
 //! One exchange: read the head (`tether_http::request`) → checks → route → kind → connect or
-//! reuse → send the head and the body (streamed, `max_body`, `body_timeout`, `Expect:
-//! 100-continue`) → relay the response (`response`) → record. A WebSocket whose backend switched
+//! reuse → send the head and the body (a small one read whole and sent with the head, a
+//! larger one streamed: `max_body`, `body_timeout`, `Expect: 100-continue`) → relay the response (`response`) → record. A WebSocket whose backend switched
 //! protocols becomes a [`tunnel`]. Requests sent before the previous response (pipelining)
 //! are not served: the connection closes after the first, and nothing behind it is
 //! forwarded (the client retries them, RFC 9112 9.3.2).
@@ -28,6 +28,7 @@ use crate::core::{admission, placement};
 use crate::metrics::Metrics;
 use crate::state::{InFlight, Installed, ProxyState};
 use crate::streams::Registration;
+use bytes::BufMut;
 use client::ClientStream;
 use deadline::LazyDeadline;
 use response::{Relay, Relayed, UpstreamError};
@@ -777,14 +778,37 @@ async fn proxy(
         Some(body) => after_head.len() > body.len(),
         None => false,
     };
-    let replayable = inline_body.is_some_and(|b| b.len() <= REPLAY_LIMIT)
+    // A small body that did not all come in the head's read (sized for heads, so a 1 KiB
+    // POST's body is cut) is read whole before anything is sent (`core::GATHER_LIMIT`): head
+    // and body then leave in one write, as the client sent them, not a write per read.
+    let gather = match (inline_body, facts.body) {
+        (None, ReqBody::Length(n)) if !facts.expect_continue && n <= crate::core::GATHER_LIMIT => {
+            Some(n as usize)
+        }
+        _ => None,
+    };
+    let replayable = (inline_body.is_some_and(|b| b.len() <= REPLAY_LIMIT) || gather.is_some())
         && matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
     let Scratch {
         head, out, body, ..
     } = scratch;
-    let sent_inline = inline_body.is_some();
+    let sent_inline = inline_body.is_some() || gather.is_some();
     if let Some(inline) = inline_body {
         head.extend_from_slice(inline);
+    }
+    if let Some(length) = gather {
+        // `whole_in` found fewer than `length` bytes after the head.
+        head.extend_from_slice(after_head);
+        let mut missing = length.saturating_sub(after_head.len());
+        head.reserve(missing);
+        while missing > 0 {
+            let mut rest = (&mut *head).limit(missing);
+            match timeout(limits.body_timeout, conn.client.read_buf(&mut rest)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Failure::ClientGone),
+                Ok(Ok(n)) => missing -= n,
+                Err(_) => return Err(Failure::BodyTimeout),
+            }
+        }
     }
 
     let mut backend = attempt.next_backend().ok_or(Failure::Gateway)?;

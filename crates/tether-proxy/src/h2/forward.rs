@@ -194,6 +194,26 @@ fn upstream_head(
     head.extend_from_slice(b"\r\n");
 }
 
+/// The request body's next DATA frame (None at its end), within `max_body` in all (`seen`).
+async fn next_body_bytes(
+    session: &mut Session,
+    seen: &mut u64,
+    max_body: u64,
+) -> Result<Option<bytes::Bytes>, Failure> {
+    let data = match session.read_request_body().await {
+        Ok(Some(data)) => data,
+        Ok(None) => return Ok(None),
+        Err(e) if e.etype() == &ErrorType::ReadTimedout => return Err(Failure::BodyTimeout),
+        Err(_) => return Err(Failure::ClientGone),
+    };
+    *seen += data.len() as u64;
+    if *seen > max_body {
+        crate::metrics::refused("body_too_large", 413);
+        return Err(Failure::TooLarge);
+    }
+    Ok(Some(data))
+}
+
 /// Streams the request body from the client to the backend as its DATA frames arrive.
 async fn send_body(
     session: &mut Session,
@@ -204,18 +224,7 @@ async fn send_body(
 ) -> Result<(), Failure> {
     let mut seen = 0u64;
     let mut framed = Vec::new();
-    loop {
-        let data = match session.read_request_body().await {
-            Ok(Some(data)) => data,
-            Ok(None) => break,
-            Err(e) if e.etype() == &ErrorType::ReadTimedout => return Err(Failure::BodyTimeout),
-            Err(_) => return Err(Failure::ClientGone),
-        };
-        seen += data.len() as u64;
-        if seen > max_body {
-            crate::metrics::refused("body_too_large", 413);
-            return Err(Failure::TooLarge);
-        }
+    while let Some(data) = next_body_bytes(session, &mut seen, max_body).await? {
         if data.is_empty() {
             continue;
         }
@@ -304,24 +313,41 @@ pub(super) async fn forward(
     };
     let send_timeout = limits.send_timeout;
     let has_body = !session.is_body_empty();
-    let (chunked, head_request, replayable, expect_continue) = {
+    let (chunked, head_request, replayable, expect_continue, gather) = {
         let req = session.req_header();
-        let declared = req.headers.contains_key(http::header::CONTENT_LENGTH);
+        let length = req.headers.get(http::header::CONTENT_LENGTH);
         let method = req.method.as_str();
-        let expect_continue = req
-            .headers
-            .get(http::header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let expect_continue = has_body
+            && req
+                .headers
+                .get(http::header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        // A small body with a declared length is read whole and sent with the head in one
+        // write, as the HTTP/1 engine does (`core::GATHER_LIMIT`).
+        let gather = has_body
+            && !expect_continue
+            && length
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n <= crate::core::GATHER_LIMIT);
         (
-            has_body && !declared,
+            has_body && length.is_none(),
             method == "HEAD",
-            // A request without a body whose method may be sent twice.
-            !has_body && matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
-            has_body && expect_continue,
+            // A request whose method may be sent twice, with no body or a body read whole.
+            (!has_body || gather)
+                && matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
+            expect_continue,
+            gather,
         )
     };
     let mut head = Vec::with_capacity(1024);
     upstream_head(session, attempt, *client_ip, request_id, chunked, &mut head);
+    if gather {
+        let mut seen = 0u64;
+        while let Some(data) = next_body_bytes(session, &mut seen, *max_body).await? {
+            head.extend_from_slice(&data);
+        }
+    }
     let asked = For {
         head_request,
         close: false,
@@ -365,7 +391,7 @@ pub(super) async fn forward(
                 return Err(Failure::Timeout);
             }
         }
-        if has_body {
+        if has_body && !gather {
             if expect_continue && session.write_continue_response().await.is_err() {
                 return Err(Failure::ClientGone);
             }
