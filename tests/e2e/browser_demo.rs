@@ -42,7 +42,9 @@ impl Demo {
     /// Starts it and waits until the proxy serves the home page; returns how long that took.
     async fn start(name: &str) -> (Demo, Duration) {
         let (proxy, admin) = (free_addr(), free_addr());
-        let logs = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-{name}"));
+        // Per process: two runs of the suite at once share the target directory.
+        let logs = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("demo-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&logs).expect("log dir");
         let started = Instant::now();
         let child = Command::new(tether())
