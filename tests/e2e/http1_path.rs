@@ -5,7 +5,9 @@
 //! served on one connection by one engine, which treats the same bytes the same way whatever
 //! came before them.
 
-use crate::support::{start_faulty, RawBackend, Stack, STANDARD};
+use crate::support::{
+    assert_arrived_whole, start_faulty, start_read_counting_backend, RawBackend, Stack, STANDARD,
+};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -374,60 +376,6 @@ async fn heads_with_many_fields_are_served_up_to_max_headers() {
     }
 }
 
-/// A backend that answers every request on every connection with `200 ok`, and notes for each
-/// request how many of its bytes the backend's first read of it held, and how many it had.
-async fn start_read_counting_backend() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let noted = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let noted = noted.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    let Ok(first) = socket.read(&mut buf).await else {
-                        return;
-                    };
-                    if first == 0 {
-                        return;
-                    }
-                    let mut got = first;
-                    let whole = loop {
-                        let text = String::from_utf8_lossy(&buf[..got]).to_ascii_lowercase();
-                        if let Some(end) = text.find("\r\n\r\n") {
-                            let length: usize = text[..end]
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .map_or(0, |v| v.trim().parse().expect("length"));
-                            if got >= end + 4 + length {
-                                break end + 4 + length;
-                            }
-                        }
-                        match socket.read(&mut buf[got..]).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got += n,
-                        }
-                    };
-                    assert_eq!(got, whole, "the proxy sent past the request");
-                    noted.lock().expect("lock").push((first, whole));
-                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if socket.write_all(ok).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 /// A client sends each POST's head and 2 KB body in one write; the proxy's first read of a
 /// connection is sized for heads (1 KiB) and cuts it. The body is read whole before anything
 /// goes out, so the backend gets head and body together, as the client sent them, not a write
@@ -447,13 +395,5 @@ async fn a_small_body_cut_by_the_heads_read_reaches_the_backend_with_its_head() 
             assert_eq!(response.body, b"ok");
         }
     }
-    let seen = seen.lock().expect("lock").clone();
-    assert_eq!(seen.len(), 20, "{seen:?}");
-    for (first, whole) in &seen {
-        assert!(*whole > 2000, "{seen:?}");
-        assert_eq!(
-            first, whole,
-            "a request reached the backend in pieces: {seen:?}"
-        );
-    }
+    assert_arrived_whole(&seen, 20, 2000);
 }

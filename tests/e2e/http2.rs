@@ -5,7 +5,7 @@
 //! as it ends HTTP/1 ones, and a client resetting its stream ends it in the proxy at once.
 
 use crate::support::tls::Ca;
-use crate::support::Stack;
+use crate::support::{assert_arrived_whole, start_read_counting_backend, Stack};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request};
@@ -36,10 +36,15 @@ routes:
 "#;
 
 async fn start(ca: &Ca) -> Stack {
+    start_config(ca, CONFIG).await
+}
+
+/// [`start`] with another config (its TLS files named `cert.pem` and `key.pem`).
+async fn start_config(ca: &Ca, config: &str) -> Stack {
     let (cert, key, _) = ca.leaf();
     let files: &[(&str, &[u8])] = &[("cert.pem", cert.as_bytes()), ("key.pem", key.as_bytes())];
     Stack::start_with(
-        CONFIG,
+        config,
         LaunchOptions {
             files,
             ..LaunchOptions::default()
@@ -483,4 +488,50 @@ async fn a_document_at_its_stream_limit_gets_429_over_http2_too() {
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(open_streams(&stack, "sse").await, 2.0);
+}
+
+/// A POST's body with a declared length, sent in two DATA frames, reaches the backend with its
+/// head in one write, as over HTTP/1 (`core::GATHER_LIMIT`): before, a write for the head and
+/// one per DATA frame.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_body_reaches_the_backend_with_its_head_in_one_write() {
+    let (backend, seen) = start_read_counting_backend().await;
+    let ca = Ca::new();
+    let config = format!(
+        r#"
+listeners:
+  - address: $PROXY
+    tls: {{ cert: cert.pem, key: key.pem }}
+admin: {{ address: $ADMIN }}
+upstreams:
+  raw:
+    backends: [ {{ address: {backend} }} ]
+routes:
+  - name: raw
+    match: {{ path_prefix: / }}
+    upstream: raw
+"#
+    );
+    let stack = start_config(&ca, &config).await;
+    let (send, _task) = h2_client(&stack, &ca).await;
+    for _ in 0..5 {
+        let mut ready = send.clone().ready().await.expect("ready");
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("https://localhost/edit")
+            .header(http::header::CONTENT_LENGTH, 2000)
+            .body(())
+            .expect("request");
+        let (response, mut body) = ready.send_request(request, false).expect("send");
+        body.send_data(Bytes::from(vec![b'x'; 1000]), false)
+            .expect("first frame");
+        body.send_data(Bytes::from(vec![b'y'; 1000]), true)
+            .expect("second frame");
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("an answer within 5 s")
+            .expect("response");
+        assert_eq!(response.status(), 200);
+    }
+    assert_arrived_whole(&seen, 5, 2000);
 }

@@ -525,3 +525,75 @@ impl SplitWatch {
         self.task.await.expect("split watcher")
     }
 }
+
+/// A backend that answers every request on every connection with `200 ok`, and notes for each
+/// request how many of its bytes the backend's first read of it held, and how many it had.
+pub async fn start_read_counting_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let noted = noted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let Ok(first) = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await
+                    else {
+                        return;
+                    };
+                    if first == 0 {
+                        return;
+                    }
+                    let mut got = first;
+                    let whole = loop {
+                        let text = String::from_utf8_lossy(&buf[..got]).to_ascii_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length: usize = text[..end]
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse().expect("length"));
+                            if got >= end + 4 + length {
+                                break end + 4 + length;
+                            }
+                        }
+                        match tokio::io::AsyncReadExt::read(&mut socket, &mut buf[got..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got += n,
+                        }
+                    };
+                    assert_eq!(got, whole, "the proxy sent past the request");
+                    noted.lock().expect("lock").push((first, whole));
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if tokio::io::AsyncWriteExt::write_all(&mut socket, ok)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// What [`start_read_counting_backend`] noted: `n` requests with bodies over `body` bytes, each
+/// whole in the backend's first read of it.
+pub fn assert_arrived_whole(seen: &std::sync::Mutex<Vec<(usize, usize)>>, n: usize, body: usize) {
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), n, "{seen:?}");
+    for (first, whole) in &seen {
+        assert!(*whole > body, "{seen:?}");
+        assert_eq!(
+            first, whole,
+            "a request reached the backend in pieces: {seen:?}"
+        );
+    }
+}
