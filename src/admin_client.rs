@@ -78,20 +78,6 @@ pub fn split_url(url: &str) -> Result<(SocketAddr, &str)> {
     Ok((address, path))
 }
 
-/// The admin token of `config` (read from `admin.token_file`), if it has one.
-pub fn token(config: &tether_config::Config) -> Result<Option<String>> {
-    use anyhow::Context;
-    match &config.admin.token_file {
-        Some(path) => Ok(Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("admin token file {}", path.display()))?
-                .trim()
-                .to_string(),
-        )),
-        None => Ok(None),
-    }
-}
-
 /// `text` percent-encoded as one path segment (every byte but unreserved ones escaped).
 pub fn encode_segment(text: &str) -> String {
     use std::fmt::Write as _;

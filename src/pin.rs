@@ -74,7 +74,7 @@ fn send(
             _ => bail!("--upstream: the config has several upstreams; name one"),
         },
     };
-    let token = admin_client::token(&config)?;
+    let token = tether_proxy::admin_token(&config)?;
     let path = format!(
         "/upstreams/{}/keys/{}/pin",
         admin_client::encode_segment(&upstream),

@@ -55,7 +55,7 @@ pub struct TopArgs {
 /// Prints the table once, or redraws it every `interval` with `--watch`.
 pub fn run(args: &TopArgs) -> Result<()> {
     let config = tether_config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let token = admin_client::token(&config)?;
+    let token = tether_proxy::admin_token(&config)?;
     let mut path = format!("/documents/top?by={}&n={}", args.by.as_str(), args.n);
     if let Some(upstream) = &args.upstream {
         let _ = write!(path, "&upstream={upstream}");

@@ -117,8 +117,9 @@ fn exit_when_runtimes_shut_down(server: &Server) {
     }
 }
 
-/// The admin bearer token from `admin.token_file`, if one is configured.
-fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
+/// The admin bearer token from `admin.token_file`, if one is configured: what the admin
+/// listener requires, and what the commands that call it (`tether top`, `tether pin`) send.
+pub fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
     let Some(path) = &config.admin.token_file else {
         return Ok(None);
     };

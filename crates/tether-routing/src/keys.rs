@@ -38,11 +38,17 @@ enum Found<'a> {
 fn judge(value: Cow<'_, str>) -> Option<Found<'_>> {
     if value.is_empty() {
         None
-    } else if value.len() > MAX_KEY_LEN || has_control(&value) {
-        Some(Found::Bad)
-    } else {
+    } else if is_usable_key(&value) {
         Some(Found::Key(value))
+    } else {
+        Some(Found::Bad)
     }
+}
+
+/// Whether `text` can be a sticky key: 1 to [`MAX_KEY_LEN`] bytes without control
+/// characters (what a request's key source must hold, and what a pin may name).
+pub fn is_usable_key(text: &str) -> bool {
+    !text.is_empty() && text.len() <= MAX_KEY_LEN && !has_control(text)
 }
 
 /// True if printable ASCII, the common case, checked a byte at a time.

@@ -106,6 +106,7 @@ mod upstream;
 
 pub use headers::{Headers, Values};
 pub use key::Key;
+pub use keys::is_usable_key;
 pub use pins::{PinBook, Pins};
 pub use router::Router;
 pub use upstream::{clock, BackendState, UpstreamState};

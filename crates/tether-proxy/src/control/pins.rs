@@ -97,10 +97,7 @@ pub async fn set(
     key: &str,
     backend: Option<SocketAddr>,
 ) -> Result<(Stored, bool), PinError> {
-    if key.is_empty()
-        || key.len() > tether_routing::MAX_KEY_LEN
-        || key.chars().any(char::is_control)
-    {
+    if !tether_routing::is_usable_key(key) {
         return Err(PinError::BadKey);
     }
     let installed = state.current();
