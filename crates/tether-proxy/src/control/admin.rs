@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tether_routing::described::DescribedRequest;
+use tether_routing::Router;
 
 /// The admin HTTP application.
 pub struct AdminApp {
@@ -169,9 +170,7 @@ impl AdminApp {
             return json_error(StatusCode::NOT_FOUND, "no such upstream");
         };
         let pinned = self.state.pins(upstream).get(key).copied();
-        let owner = router
-            .owner(index, key)
-            .map(|b| router.upstreams()[index].backends[b].address);
+        let owner = owner_address(router, index, key);
         json_reply(
             StatusCode::OK,
             &json!({
@@ -196,9 +195,7 @@ impl AdminApp {
             .pins(upstream)
             .into_iter()
             .map(|(key, backend)| {
-                let owner = router.owner(index, &key);
-                let in_force =
-                    owner.is_some_and(|b| router.upstreams()[index].backends[b].address == backend);
+                let in_force = owner_address(router, index, &key) == Some(backend);
                 json!({ "key": key, "backend": backend.to_string(), "in_force": in_force })
             })
             .collect();
@@ -512,6 +509,12 @@ impl AdminApp {
             &json!({ "upstream": upstream, "backend": address.to_string(), "draining": drain }),
         )
     }
+}
+
+/// The address of the backend that owns `key` in upstream `index` now (pins included).
+fn owner_address(router: &Router, index: usize, key: &str) -> Option<SocketAddr> {
+    let owner = router.owner(index, key)?;
+    Some(router.upstreams()[index].backends[owner].address)
 }
 
 /// The `backend` of a pin request's JSON body.

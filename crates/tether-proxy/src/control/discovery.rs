@@ -14,6 +14,7 @@ use std::time::Duration;
 use tether_config::{Backend, Discovery};
 use tether_discovery::{PlacementEvent, Snapshot, Source};
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How often the config in force is compared with the running sources (reloads are rare).
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
@@ -36,29 +37,18 @@ impl DiscoveryService {
     }
 }
 
-/// Applies each snapshot of `source` to `upstream` until aborted.
+/// Applies each snapshot of `source` to `upstream` until aborted, and follows the fleet's
+/// placements when the source reports them.
 async fn follow(state: Arc<ProxyState>, upstream: String, spec: Discovery, mut source: Source) {
-    if let Some(placements) = source.take_placements() {
-        let task = tokio::spawn(follow_placements(
+    // Ends with this follower (an aborted follower drops the handle).
+    let _placements = source.take_placements().map(|events| {
+        AbortOnDropHandle::new(tokio::spawn(follow_placements(
             state.clone(),
             upstream.clone(),
-            placements,
-        ));
-        // Ends with this follower (an aborted follower drops the guard).
-        let _placements = AbortOnDrop(task);
-        follow_members(state, upstream, spec, source).await
-    } else {
-        follow_members(state, upstream, spec, source).await
-    }
-}
-
-/// Aborts its task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+            events,
+        )))
+    });
+    follow_members(state, upstream, spec, source).await
 }
 
 /// Takes the fleet's placements of `upstream` as its watch reports them: each is adopted (a

@@ -8,10 +8,11 @@
 //! `crate::core`), written to the backend in one buffer, and the response relayed as it
 //! arrives. Backend connections are reused from the upstream pool (`crate::pool`).
 //!
-//! One exchange: read the head (`tether_http::request`) → checks → route → kind → connect or
-//! reuse → send the head and the body (a small one read whole and sent with the head, a
-//! larger one streamed: `max_body`, `body_timeout`, `Expect: 100-continue`) → relay the response (`response`) → record. A WebSocket whose backend switched
-//! protocols becomes a [`tunnel`]. Requests sent before the previous response (pipelining)
+//! One exchange: read the head (`tether_http::request`) → checks → route → kind → read a small
+//! body whole (`core::GATHER_LIMIT`) → connect or reuse → send the head with that body, or
+//! then stream a larger one (`max_body`, `body_timeout`, `Expect: 100-continue`) → relay the
+//! response (`response`) → record. A WebSocket whose backend switched protocols becomes a
+//! [`tunnel`]. Requests sent before the previous response (pipelining)
 //! are not served: the connection closes after the first, and nothing behind it is
 //! forwarded (the client retries them, RFC 9112 9.3.2).
 
