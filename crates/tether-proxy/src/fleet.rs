@@ -94,10 +94,9 @@ impl Fleet {
             let mut mine = self.mine.lock().unwrap_or_else(|p| p.into_inner());
             keys.into_iter().filter(|k| mine.remove(k)).collect()
         };
-        let prefix = tether_discovery::etcd::placements_prefix(&self.spec.prefix);
         for key in ours {
-            let name = format!("{prefix}{key}");
-            if let Err(e) = self.client.delete(name.as_bytes()).await {
+            let unplaced = tether_discovery::etcd::unplace(&self.client, &self.spec.prefix, &key);
+            if let Err(e) = unplaced.await {
                 tracing::debug!(key = %key, "could not delete an expired placement: {e}");
             }
         }

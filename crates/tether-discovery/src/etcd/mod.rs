@@ -54,11 +54,13 @@ impl MemberValue {
 /// them). Keys there are not members: each is `<pins prefix><document key>` with a
 /// [`BackendValue`], so every proxy watching the prefix sees every pin.
 pub fn pins_prefix(prefix: &str) -> String {
-    if prefix.ends_with('/') {
-        format!("{prefix}pins/")
-    } else {
-        format!("{prefix}/pins/")
-    }
+    under(prefix, "pins")
+}
+
+/// `<prefix>/<part>/`, with one `/` between them whether or not `prefix` ends with one.
+fn under(prefix: &str, part: &str) -> String {
+    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
+    format!("{prefix}/{part}/")
 }
 
 /// The JSON value of one pin or placement: `{"backend": "ip:port"}`.
@@ -70,6 +72,14 @@ pub struct BackendValue {
 }
 
 impl BackendValue {
+    /// The stored value naming `backend`.
+    pub fn encode(backend: SocketAddr) -> Vec<u8> {
+        let value = BackendValue {
+            backend: backend.to_string(),
+        };
+        serde_json::to_vec(&value).unwrap_or_default()
+    }
+
     /// The backend this value names, or why it is unusable.
     pub fn parse(bytes: &[u8]) -> Result<SocketAddr, String> {
         let value: BackendValue =
@@ -86,11 +96,7 @@ impl BackendValue {
 /// `<prefix>/placements/`, one key per document with a [`BackendValue`], each bound to the
 /// lease of the instance that placed it.
 pub fn placements_prefix(prefix: &str) -> String {
-    if prefix.ends_with('/') {
-        format!("{prefix}placements/")
-    } else {
-        format!("{prefix}/placements/")
-    }
+    under(prefix, "placements")
 }
 
 /// What the watch saw of an upstream's placements.
@@ -115,12 +121,8 @@ pub async fn place(
     lease: i64,
 ) -> Result<SocketAddr, DiscoveryError> {
     let name = format!("{}{key}", placements_prefix(prefix));
-    let value = serde_json::to_vec(&BackendValue {
-        backend: backend.to_string(),
-    })
-    .unwrap_or_default();
     match client
-        .create_if_absent(name.as_bytes(), &value, lease)
+        .create_if_absent(name.as_bytes(), &BackendValue::encode(backend), lease)
         .await?
     {
         None => Ok(backend),
@@ -129,6 +131,12 @@ pub async fn place(
             reason,
         }),
     }
+}
+
+/// Deletes the placement of document `key` of the upstream watching `prefix`.
+pub async fn unplace(client: &EtcdClient, prefix: &str, key: &str) -> Result<(), DiscoveryError> {
+    let name = format!("{}{key}", placements_prefix(prefix));
+    client.delete(name.as_bytes()).await
 }
 
 /// Pins `key` of the upstream watching `prefix` to `backend` in etcd (no lease: a pin stays
@@ -142,10 +150,7 @@ pub async fn set_pin(
     let name = format!("{}{key}", pins_prefix(prefix));
     match backend {
         Some(backend) => {
-            let value = BackendValue {
-                backend: backend.to_string(),
-            };
-            let value = serde_json::to_vec(&value).unwrap_or_default();
+            let value = BackendValue::encode(backend);
             client.put(name.as_bytes(), &value, 0).await
         }
         None => client.delete(name.as_bytes()).await,

@@ -336,6 +336,8 @@ mod tests {
         assert_eq!(known.pins.len(), 1);
         assert_eq!(known.revision, 5);
         assert_eq!(super::pins_prefix("/p"), "/p/pins/");
+        assert_eq!(super::pins_prefix("/p/"), "/p/pins/");
+        assert_eq!(super::placements_prefix("/p/"), "/p/placements/");
     }
 
     #[test]
