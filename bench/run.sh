@@ -75,6 +75,9 @@
 #   FLOOD_REPEATS=$REPEATS FLOOD_CONNS=500 FLOOD_RATE=5000 FLOOD_SECS=6 FLOOD_STREAMS=3000
 #                    FLOOD_LIMIT=100 (Tether's streams_per_key in the flood scenario)
 #   CHURN_SESSIONS=8 (churntlsresume: sessions cached per loop; conns, secs, rounds as http)
+#   SETTLE_MAX=45 SETTLE_SLACK=16   (sse: a run's CPU is counted until the target holds no more
+#                    than SETTLE_SLACK descriptors above what it held before, at most SETTLE_MAX s
+#                    after the load tool exits; see do_sse)
 #   QUIET_MAX=15 QUIET_WAIT=30 MAX_FOREIGN=8 MAX_STEAL=2 RETRIES=2 EXTRA_SECS=240   (foreign-load guard;
 #                    a run above MAX_FOREIGN % foreign CPU or MAX_STEAL % steal is retried, and
 #                    summarize.py flags a round as disturbed when any kept run is above either)
@@ -133,6 +136,8 @@ TETHER_VARIANTS=${TETHER_VARIANTS:-}
 TETHER_BUILD=${TETHER_BUILD:-plain}
 PLAIN=${PLAIN:-0}
 BUILD=${BUILD:-1}
+SETTLE_MAX=${SETTLE_MAX:-45}
+SETTLE_SLACK=${SETTLE_SLACK:-16}
 QUIET_MAX=${QUIET_MAX:-15}
 QUIET_WAIT=${QUIET_WAIT:-30}
 MAX_FOREIGN=${MAX_FOREIGN:-8}
@@ -232,7 +237,7 @@ for v in $TETHER_VARIANTS; do
   TARGETS="$TARGETS ${v%%=*}"; vport=$((vport + 1))
 done
 
-declare -A PORT_OF TLS_PORT_OF CMD_OF ADMIN_OF PID_OF
+declare -A PORT_OF TLS_PORT_OF CMD_OF ADMIN_OF PID_OF REST_FDS
 for entry in "${PROXIES[@]}"; do
   read -r n p a c <<<"$entry"; PORT_OF[$n]=$p; TLS_PORT_OF[$n]=$((p + TLS_OFFSET)); ADMIN_OF[$n]=$a; CMD_OF[$n]=$c
 done
@@ -253,6 +258,23 @@ start_bg() { # start_bg NAME CPUS cmd...   (the recorded PID is the command itse
 tree_pids() { # PID and all of its descendants
   local p=$1 c; echo "$p"
   for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree_pids "$c"; done
+}
+
+fd_count() { # open descriptors of a process tree
+  local n=0 p; for p in $(tree_pids "$1"); do n=$((n + $(ls -U /proc/"$p"/fd 2>/dev/null | wc -l))); done
+  echo "$n"
+}
+
+# settle PID LIMIT: wait (polling, at most SETTLE_MAX s) until the process tree holds no more
+# than LIMIT descriptors; sets SETTLE_MS (the wait) and SETTLED (1, or 0 when the bound ran out).
+settle() {
+  local t0 now; t0=$(date +%s%N); SETTLED=1
+  while [ "$(fd_count "$1")" -gt "$2" ]; do
+    now=$(date +%s%N)
+    [ $(( (now - t0) / 1000000000 )) -ge "$SETTLE_MAX" ] && { SETTLED=0; break; }
+    sleep 0.1
+  done
+  SETTLE_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
 }
 
 cpu_ticks() { # user+system clock ticks of a process tree
@@ -384,6 +406,7 @@ start_all() {
     { wait_port "${PORT_OF[$name]}" "${PID_OF[$name]}" && wait_port "${TLS_PORT_OF[$name]}" "${PID_OF[$name]}" https; } \
       || { log "$name failed to start; see $RUN/$name.log"; tail -5 "$RUN/$name.log" >&2; exit 1; }
   done
+  for name in $TARGETS; do [ "$name" = direct ] || REST_FDS[$name]=$(fd_count "${PID_OF[$name]}"); done
   log "started: $(for n in b1 b2 b3 $TARGETS; do [ $n = direct ] || printf '%s=%s ' "$n" "${PID_OF[$n]}"; done)"
 }
 
@@ -519,21 +542,30 @@ do_verify() {
 RUN_TAGS=()
 measured() {
   local t=$1 f=$2; shift 2
-  local pid=${PID_OF[$t]} try=0 c0 c1 foreign t0
+  local pid=${PID_OF[$t]} try=0 c0 c1 foreign t0 fd0 settled=()
   while :; do
+    if [ -n "${SETTLE:-}" ]; then
+      # What an earlier run left open is let go of before this run is counted.
+      settle "$pid" $((REST_FDS[$t] + SETTLE_SLACK))
+      [ "$SETTLED" = 1 ] || log "warning: $t still holds $(fd_count "$pid") descriptors before its run"
+      fd0=$(fd_count "$pid")
+    fi
     quiet; c0=$(cpu_ticks "$pid"); snap; t0=$SECONDS
     "$@" >"$f" 2>&1
+    if [ -n "${SETTLE:-}" ]; then
+      settle "$pid" $((fd0 + SETTLE_SLACK)); settled=(settle_ms="$SETTLE_MS" settled="$SETTLED")
+    fi
     foreign_since >"$RUN/foreign.txt"; c1=$(cpu_ticks "$pid"); foreign=$(cat "$RUN/foreign.txt")
     if { [ "$foreign" -le "$MAX_FOREIGN" ] && [ "$STEAL10" -le $((MAX_STEAL * 10)) ]; } \
        || [ "$try" -ge "$RETRIES" ] || [ "$EXTRA_USED" -ge "$EXTRA_SECS" ]; then break; fi
     meta "$f" target="$t" cpu_ticks=$((c1 - c0)) clk_tck="$CLK_TCK" busy_before="$BUSY" foreign_cpu_pct="$foreign" \
-      steal_pct="$STEAL_PCT" max_foreign="$MAX_FOREIGN" max_steal="$MAX_STEAL" retries="$try" layout="$LAYOUT" "${RUN_TAGS[@]}" replaced=1
+      steal_pct="$STEAL_PCT" max_foreign="$MAX_FOREIGN" max_steal="$MAX_STEAL" retries="$try" layout="$LAYOUT" "${RUN_TAGS[@]}" "${settled[@]}" replaced=1
     mv "$f" "${f%.txt}.try$try.log"
     try=$((try + 1)); EXTRA_USED=$((EXTRA_USED + SECONDS - t0))
     log "foreign load ${foreign}%, steal ${STEAL_PCT}% during $(basename "$f"); retry $try/$RETRIES"
   done
   meta "$f" target="$t" cpu_ticks=$((c1 - c0)) clk_tck="$CLK_TCK" busy_before="$BUSY" foreign_cpu_pct="$foreign" \
-    steal_pct="$STEAL_PCT" max_foreign="$MAX_FOREIGN" max_steal="$MAX_STEAL" retries="$try" layout="$LAYOUT" "${RUN_TAGS[@]}"
+    steal_pct="$STEAL_PCT" max_foreign="$MAX_FOREIGN" max_steal="$MAX_STEAL" retries="$try" layout="$LAYOUT" "${RUN_TAGS[@]}" "${settled[@]}"
 }
 
 # round_order SCENARIO ROUND [TARGET...]: the targets ($TARGETS if none given) shuffled by a
@@ -685,9 +717,14 @@ in_rounds() {
 }
 
 # sse: rounds of SSE_CONNS streams opened (first event awaited), held SSE_HOLD s and closed;
-# CPU per stream = the target's CPU over the whole run / streams connected.
+# CPU per stream = the target's CPU over the whole run / streams connected. The run lasts until
+# the target has let go of the streams (its descriptors back to where they were, at most
+# SETTLE_MAX s): a proxy that reads the client's close as a half-close (HAProxy) keeps each
+# backend connection until a write to the departed client fails, here at the backend's
+# heartbeat 15-30 s later, and that teardown is part of a stream's cost; before, it fell outside
+# the proxy's own window (META settle_ms says how long the target took).
 sse_run() {
-  measured "$1" "$2" sse_one "$1"
+  SETTLE=1 measured "$1" "$2" sse_one "$1"
   log "sse $1 rep $3: $(sse_log "$2")"
 }
 do_sse() { in_rounds sse "$SSE_REPEATS" sse_run; }

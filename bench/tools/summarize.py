@@ -12,7 +12,8 @@ every peer P (haproxy, nginx; other builds also against "tether"):
                  completed in that run;
                  wstls: per message echoed in the send window, from the CPU ns (schedstat)
                  wsload counted over that window (the connect phase's handshakes left out);
-                 sse: per stream connected (the whole run: open, first event, hold, close);
+                 sse: per stream connected (the whole run: open, first event, hold, close,
+                 until the target has let go of the streams' descriptors);
                  fanout: per event delivered to a subscriber, from the CPU ns (schedstat) wsload
                  counted from the first publish until the deliveries were in;
                  storm: per reconnection, from the CPU ns (schedstat) wsload counted from the
@@ -326,6 +327,9 @@ def load(d, prefix, parse):
         r["foreign"] = num(meta, "foreign_cpu_pct")
         r["steal"] = num(meta, "steal_pct")
         r["retries"] = int(num(meta, "retries", 0))
+        settle_ms = num(meta, "settle_ms")
+        r["settle_s"] = settle_ms / 1000.0 if settle_ms is not None else None
+        r["unsettled"] = meta.get("settled") == "0"
         r["seed"] = meta.get("seed")
         max_foreign = num(meta, "max_foreign", DEFAULT_MAX_FOREIGN)
         max_steal = num(meta, "max_steal", DEFAULT_MAX_STEAL)
@@ -514,6 +518,7 @@ def sse_section(d, data):
         out += headline(data, "sse", "stream")
     head = ["target", "connected/requested", "errors (closed early)", "first event p50 ms",
             "p99 ms", "max ms", "KB/stream fresh", "KB/stream rounds", "CPU µs/stream",
+            "streams let go after s (not within bound)",
             "foreign CPU % max", "steal % max", "disturbed runs", "retries", "rounds"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
@@ -530,6 +535,8 @@ def sse_section(d, data):
                mmm(vals(rs, "max"), "{:.2f}"),
                "{:.2f}".format(f["kb"]) if f and f.get("kb") is not None else "–",
                mmm(vals(rs, "kb"), "{:.2f}"), mmm(vals(rs, "cpu_us"), "{:.1f}"),
+               "{} ({})".format(mmm(vals(rs, "settle_s"), "{:.1f}"),
+                                sum(1 for r in rs.values() if r.get("unsettled"))),
                fmax([r["foreign"] for r in rs.values()]),
                fmax([r["steal"] for r in rs.values()], "{:.1f}"),
                str(sum(1 for r in rs.values() if r["disturbed"])),
@@ -540,7 +547,10 @@ def sse_section(d, data):
             "side while held (in brackets). \"fresh\": one run per target on freshly started "
             "processes (sse-rss-<target>.txt), before the allocator has memory of earlier runs "
             "to reuse; \"rounds\": the per-round runs on the same long-lived processes. "
-            "First-event latency runs from writing the request to the first complete event.", ""]
+            "First-event latency runs from writing the request to the first complete event. "
+            "\"Let go after\": from the load tool's exit (every client gone) until the target's "
+            "descriptors were back to where they were before the run; the run's CPU is counted "
+            "until then (META settle_ms; runs without it predate the wait).", ""]
     return out
 
 
