@@ -14,7 +14,7 @@ use crate::streams::StreamRegistry;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tether_config::{Backend, Config, Discovery};
 use tether_routing::{BackendState, PinBook, Router};
@@ -129,6 +129,9 @@ pub struct ProxyState {
     /// Every open WebSocket, SSE and long-poll stream.
     pub registry: Arc<StreamRegistry>,
     owners_changed: Notify,
+    /// Counts the signals on `owners_changed`, so convergence knows whether owners may have
+    /// changed since its last round even when it was busy when signalled.
+    owner_generation: AtomicU64,
     /// Requests between routing and logging (streams included).
     in_flight: AtomicUsize,
     /// Idle keep-alive connections to backends (Tether's own HTTP/1 path).
@@ -187,6 +190,7 @@ impl ProxyState {
             discovery: Mutex::new(HashMap::new()),
             registry: Arc::new(StreamRegistry::default()),
             owners_changed: Notify::new(),
+            owner_generation: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             pool: crate::pool::UpstreamPool::default(),
             closing: Arc::default(),
@@ -323,7 +327,7 @@ impl ProxyState {
         }
         Metrics::global().refresh_backend_up(&self.current().router);
         // Routes may have moved keys between upstreams even when no ring changed.
-        self.owners_changed.notify_one();
+        self.wake_convergence();
     }
 
     /// The one way a backend's availability changes (an active health check, passive
@@ -394,18 +398,29 @@ impl ProxyState {
             .with_label_values(&[upstream, cause.as_str()])
             .inc();
         metrics.refresh_backend_up(&self.current().router);
-        self.owners_changed.notify_one();
+        self.wake_convergence();
     }
 
     /// Wakes convergence after placements came from the fleet (no ring changed, so nothing is
     /// counted): streams of documents this instance had placed elsewhere move.
     pub fn placements_changed(&self) {
+        self.wake_convergence();
+    }
+
+    fn wake_convergence(&self) {
+        self.owner_generation.fetch_add(1, Ordering::AcqRel);
         self.owners_changed.notify_one();
     }
 
     /// Resolves when an owner change was signalled (after the last wait).
     pub async fn owners_changed(&self) {
         self.owners_changed.notified().await
+    }
+
+    /// How many owner changes were signalled so far: read before judging streams, a
+    /// different value next time means every stream must be judged again.
+    pub fn owner_generation(&self) -> u64 {
+        self.owner_generation.load(Ordering::Acquire)
     }
 
     /// The routing state in force now.

@@ -3,7 +3,10 @@
 //! moved to another owner.
 //!
 //! Registration costs one short mutex section on a shard at open and at close; nothing is held
-//! across I/O, and plain requests never touch the registry.
+//! across I/O, and plain requests never touch the registry. What convergence needs per round
+//! is kept as streams come and go, so a round costs nothing per idle stream: each stream is
+//! judged once (again only after an owner change), and the documents split over backends are
+//! counted as their streams register and end.
 
 use crate::metrics::Metrics;
 use atomic_waker::AtomicWaker;
@@ -144,13 +147,86 @@ const SHARDS: usize = 16;
 #[derive(Debug)]
 pub struct StreamRegistry {
     next_id: AtomicU64,
-    shards: [Mutex<HashMap<u64, StreamInfo>>; SHARDS],
-    /// Open streams per document, for `limits.streams_per_key`.
-    per_key: Mutex<HashMap<Document, u32>>,
+    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+    /// Open streams per document, for `limits.streams_per_key` and `split_keys`.
+    documents: Mutex<Documents>,
+}
+
+/// A registered stream and whether convergence has judged it since the last owner change.
+#[derive(Debug)]
+struct Entry {
+    info: StreamInfo,
+    judged: bool,
 }
 
 /// A document: (upstream, key).
 type Document = (Arc<str>, Arc<str>);
+
+/// The open streams of every document with any, and how many documents are split.
+#[derive(Debug, Default)]
+struct Documents {
+    open: HashMap<Document, DocumentStreams>,
+    /// Per upstream, documents with open streams on more than one backend.
+    split: HashMap<Arc<str>, i64>,
+}
+
+/// One document's open streams, in all and per backend (almost always one backend).
+#[derive(Debug, Default)]
+struct DocumentStreams {
+    total: u32,
+    on: Vec<(SocketAddr, u32)>,
+}
+
+impl Documents {
+    /// Counts a stream of `document` on `backend`, unless the document already holds `limit`.
+    fn open(
+        &mut self,
+        document: &Document,
+        backend: SocketAddr,
+        limit: Option<u32>,
+    ) -> Result<(), AtLimit> {
+        let streams = self.open.entry(document.clone()).or_default();
+        if limit.is_some_and(|limit| streams.total >= limit) {
+            if streams.total == 0 {
+                self.open.remove(document);
+            }
+            return Err(AtLimit);
+        }
+        streams.total += 1;
+        match streams.on.iter_mut().find(|(at, _)| *at == backend) {
+            Some((_, n)) => *n += 1,
+            None => {
+                streams.on.push((backend, 1));
+                if streams.on.len() == 2 {
+                    *self.split.entry(document.0.clone()).or_default() += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Uncounts a stream [`Documents::open`] counted.
+    fn close(&mut self, document: &Document, backend: SocketAddr) {
+        let Some(streams) = self.open.get_mut(document) else {
+            return;
+        };
+        streams.total -= 1;
+        if let Some(at) = streams.on.iter().position(|(a, _)| *a == backend) {
+            streams.on[at].1 -= 1;
+            if streams.on[at].1 == 0 {
+                streams.on.swap_remove(at);
+                if streams.on.len() == 1 {
+                    if let Some(n) = self.split.get_mut(&document.0) {
+                        *n -= 1;
+                    }
+                }
+            }
+        }
+        if streams.total == 0 {
+            self.open.remove(document);
+        }
+    }
+}
 
 /// A stream refused because its document already holds as many as its route allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +237,7 @@ impl Default for StreamRegistry {
         StreamRegistry {
             next_id: AtomicU64::new(1),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
-            per_key: Mutex::new(HashMap::new()),
+            documents: Mutex::new(Documents::default()),
         }
     }
 }
@@ -192,13 +268,7 @@ impl Drop for Registration {
         lock(self.registry.shard(self.id)).remove(&self.id);
         self.backend.streams.fetch_sub(1, Ordering::Relaxed);
         if let Some(counted) = self.counted.take() {
-            let mut per_key = lock(&self.registry.per_key);
-            if let Some(n) = per_key.get_mut(&counted) {
-                *n -= 1;
-                if *n == 0 {
-                    per_key.remove(&counted);
-                }
-            }
+            lock(&self.registry.documents).close(&counted, self.backend.address);
         }
         self.open_gauge.dec();
         let reason = CloseReason::label(self.control.closing.load(Ordering::Acquire));
@@ -210,7 +280,7 @@ impl Drop for Registration {
 }
 
 impl StreamRegistry {
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, StreamInfo>> {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Entry>> {
         &self.shards[(id as usize) % SHARDS]
     }
 
@@ -228,14 +298,9 @@ impl StreamRegistry {
     ) -> Result<Registration, AtLimit> {
         let counted = match &key {
             Some(key) => {
-                let slot = (upstream.clone(), key.clone());
-                let mut per_key = lock(&self.per_key);
-                let open = per_key.entry(slot.clone()).or_insert(0);
-                if limit.is_some_and(|limit| *open >= limit) {
-                    return Err(AtLimit);
-                }
-                *open += 1;
-                Some(slot)
+                let document = (upstream.clone(), key.clone());
+                lock(&self.documents).open(&document, backend.address, limit)?;
+                Some(document)
             }
             None => None,
         };
@@ -262,7 +327,13 @@ impl StreamRegistry {
             opened: Instant::now(),
             control: control.clone(),
         };
-        lock(self.shard(id)).insert(id, info);
+        lock(self.shard(id)).insert(
+            id,
+            Entry {
+                info,
+                judged: false,
+            },
+        );
         Ok(Registration {
             registry: self.clone(),
             id,
@@ -278,16 +349,51 @@ impl StreamRegistry {
     pub fn snapshot(&self) -> Vec<StreamInfo> {
         let mut all: Vec<StreamInfo> = Vec::new();
         for shard in &self.shards {
-            all.extend(lock(shard).values().cloned());
+            all.extend(lock(shard).values().map(|e| e.info.clone()));
         }
         all.sort_unstable_by_key(|s| s.id);
         all
     }
 
+    /// Judges streams with `verdict` and returns copies of those it had something to say of,
+    /// oldest first: with `all`, every open stream; otherwise only those registered since the
+    /// last judging (a verdict holds until owners change, which calls for `all`).
+    pub fn judge<T>(
+        &self,
+        all: bool,
+        mut verdict: impl FnMut(&StreamInfo) -> Option<T>,
+    ) -> Vec<(StreamInfo, T)> {
+        let mut found = Vec::new();
+        for shard in &self.shards {
+            for entry in lock(shard).values_mut() {
+                if all || !entry.judged {
+                    entry.judged = true;
+                    if let Some(v) = verdict(&entry.info) {
+                        found.push((entry.info.clone(), v));
+                    }
+                }
+            }
+        }
+        found.sort_unstable_by_key(|(s, _)| s.id);
+        found
+    }
+
     /// Open streams of `key` on `upstream`.
     pub fn open_of(&self, upstream: &str, key: &str) -> u32 {
-        let slot: Document = (Arc::from(upstream), Arc::from(key));
-        lock(&self.per_key).get(&slot).copied().unwrap_or(0)
+        let document: Document = (Arc::from(upstream), Arc::from(key));
+        lock(&self.documents)
+            .open
+            .get(&document)
+            .map_or(0, |d| d.total)
+    }
+
+    /// Per upstream with any, the documents with open streams on more than one backend.
+    pub fn split_documents(&self) -> Vec<(Arc<str>, i64)> {
+        lock(&self.documents)
+            .split
+            .iter()
+            .map(|(upstream, n)| (upstream.clone(), *n))
+            .collect()
     }
 
     /// Number of open streams.
@@ -332,6 +438,86 @@ mod tests {
         assert_eq!(reg.len(), 1);
         drop(b);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_document_counts_as_split_while_its_streams_are_on_two_backends() {
+        let reg = Arc::new(StreamRegistry::default());
+        let backend = |port| {
+            Arc::new(BackendState::new(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                1,
+            ))
+        };
+        let (b1, b2) = (backend(1), backend(2));
+        let open = |key: &str, on: &Arc<BackendState>| {
+            reg.register(
+                "r".into(),
+                "u".into(),
+                Some(key.into()),
+                on,
+                StreamKind::Sse,
+                None,
+            )
+            .expect("no limit")
+        };
+        let split = || {
+            reg.split_documents()
+                .into_iter()
+                .find(|(u, _)| &**u == "u")
+                .map_or(0, |(_, n)| n)
+        };
+        let a1 = open("a", &b1);
+        let a1_again = open("a", &b1);
+        let _b = open("b", &b2);
+        assert_eq!(split(), 0, "two streams of one document on one backend");
+        let a2 = open("a", &b2);
+        assert_eq!(split(), 1);
+        drop(a1);
+        assert_eq!(split(), 1, "a still has a stream on each backend");
+        drop(a1_again);
+        assert_eq!(split(), 0);
+        drop(a2);
+        assert_eq!(reg.open_of("u", "a"), 0);
+        assert_eq!(split(), 0);
+    }
+
+    #[test]
+    fn a_stream_is_judged_once_until_all_are_judged_again() {
+        let reg = Arc::new(StreamRegistry::default());
+        let _a = register(&reg, "a");
+        let _b = register(&reg, "b");
+        let judged = |all: bool| {
+            let mut seen = Vec::new();
+            let found = reg.judge(all, |s| {
+                seen.push(s.key.as_deref().unwrap_or("").to_string());
+                (s.key.as_deref() == Some("b")).then_some(7)
+            });
+            seen.sort();
+            let found: Vec<_> = found
+                .iter()
+                .map(|(s, v)| (s.key.as_deref().unwrap_or("").to_string(), *v))
+                .collect();
+            (seen, found)
+        };
+        assert_eq!(
+            judged(false),
+            (vec!["a".into(), "b".into()], vec![("b".into(), 7)])
+        );
+        assert_eq!(judged(false), (vec![], vec![]), "nothing new");
+        let _c = register(&reg, "c");
+        assert_eq!(
+            judged(false),
+            (vec!["c".into()], vec![]),
+            "only the new one"
+        );
+        assert_eq!(
+            judged(true),
+            (
+                vec!["a".into(), "b".into(), "c".into()],
+                vec![("b".into(), 7)]
+            )
+        );
     }
 
     #[test]

@@ -181,6 +181,16 @@ impl Router {
     pub fn upstreams(&self) -> &[UpstreamState] {
         &self.upstreams
     }
+
+    /// True while some key's owner may change with time alone: a returned backend is still
+    /// taking its keys back (`failback_after`, `ramp`). Every other change of an owner comes
+    /// from an event the proxy signals (health, drain, pins, reloads, membership).
+    pub fn owners_follow_clock(&self) -> bool {
+        self.upstreams
+            .iter()
+            .flat_map(|u| &u.backends)
+            .any(|b| b.returned_at().is_some())
+    }
 }
 
 /// A backend chosen without a key, by the upstream's balance.

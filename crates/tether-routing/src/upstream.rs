@@ -367,6 +367,12 @@ impl UpstreamState {
         self.placements.expire(now, bounded.linger)
     }
 
+    /// Whether this upstream places new documents by load (`bounded_load`), so its placements
+    /// must be held while their documents have open streams.
+    pub fn places_by_load(&self) -> bool {
+        self.bounded.is_some()
+    }
+
     /// Whether this upstream's placements are agreed with a fleet (etcd discovery and
     /// `bounded_load`): a new placement is then only a proposal until the fleet confirms it.
     pub fn shares_placements(&self) -> bool {

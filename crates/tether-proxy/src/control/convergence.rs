@@ -4,15 +4,18 @@
 //! reconnect and land on the new owner; no other stream is touched.
 //!
 //! Also keeps the `split_keys` gauge: keys with open streams on more than one backend.
+//!
+//! A round judges only the streams opened since the last one, unless owners may have changed
+//! (a signalled change, a backend still ramping back, closes held back by the rate limit), so
+//! a proxy holding many idle streams spends nothing on them between changes.
 
 use crate::metrics::Metrics;
-use crate::state::ProxyState;
+use crate::state::{Installed, ProxyState};
 use crate::streams::{CloseReason, StreamInfo};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -22,8 +25,12 @@ pub struct Convergence {
     state: Arc<ProxyState>,
 }
 
-/// How often `split_keys` is recomputed when nothing else happens.
-const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a round runs when nothing wakes it: new streams are judged and `split_keys` set.
+const ROUND_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often every stream is judged again even with no owner change signalled: a backstop
+/// for a change that is not signalled, not the way changes are found.
+const ALL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Token bucket per upstream: `max_per_second` closes per second, bursts up to one second's worth.
 struct Budget {
@@ -57,49 +64,41 @@ impl Convergence {
     }
 
     /// Streams whose key is now owned by another backend, oldest first, with their upstream's
-    /// rate limit and close code.
-    fn moved_streams<'a>(&self, streams: &'a [StreamInfo]) -> Vec<(&'a StreamInfo, u32)> {
-        let installed = self.state.current();
+    /// rate limit: of every open stream with `all`, else of those opened since the last round.
+    fn moved_streams(&self, installed: &Installed, all: bool) -> Vec<(StreamInfo, u32)> {
         let router = &installed.router;
-        let mut moved = Vec::new();
-        for stream in streams {
-            let Some(key) = &stream.key else { continue };
+        // The rate limit of a stream found moved (None: it stays).
+        let moved = |stream: &StreamInfo| -> Option<u32> {
+            let key = stream.key.as_ref()?;
             if stream.control.is_closing() {
-                continue;
+                return None;
             }
             let Some(index) = router.upstream_index(&stream.upstream) else {
                 // Its upstream was removed by a reload: the key has no owner there any more.
-                let defaults = tether_config::Rebalance::default();
-                moved.push((stream, defaults.max_per_second));
-                continue;
+                return Some(tether_config::Rebalance::default().max_per_second);
             };
-            let Some(upstream) = installed.config_upstream(index) else {
-                continue;
-            };
+            let upstream = installed.config_upstream(index)?;
             if !upstream.rebalance.enabled {
-                continue;
+                return None;
             }
             // No owner at all (every backend down): leave streams where they are.
-            let Some(owner) = router.owner(index, key) else {
-                continue;
-            };
-            if router.upstreams()[index].backends[owner].address != stream.backend {
-                moved.push((stream, upstream.rebalance.max_per_second));
-            }
-        }
-        moved
+            let owner = router.owner(index, key)?;
+            (router.upstreams()[index].backends[owner].address != stream.backend)
+                .then_some(upstream.rebalance.max_per_second)
+        };
+        self.state.registry.judge(all, moved)
     }
 
     /// Closes moved streams within each upstream's budget; returns how long to wait before
     /// more may be closed (None when nothing is left to close).
     fn close_moved(
         &self,
-        streams: &[StreamInfo],
+        moved: Vec<(StreamInfo, u32)>,
         budgets: &mut HashMap<Arc<str>, Budget>,
     ) -> Option<Duration> {
         let now = Instant::now();
         let mut wait: Option<Duration> = None;
-        for (stream, rate) in self.moved_streams(streams) {
+        for (stream, rate) in moved {
             let budget = budgets.entry(stream.upstream.clone()).or_insert(Budget {
                 tokens: f64::from(rate.max(1)),
                 last: now,
@@ -122,9 +121,13 @@ impl Convergence {
 
     /// Renews the `bounded_load` placements of documents with open streams, so a placement
     /// holds while its document has streams, and forgets the ones idle past `linger`.
-    fn hold_placements(&self, streams: &[StreamInfo]) {
-        let installed = self.state.current();
-        for upstream in installed.router.upstreams() {
+    fn hold_placements(&self, installed: &Installed) {
+        let upstreams = installed.router.upstreams();
+        if !upstreams.iter().any(|u| u.places_by_load()) {
+            return;
+        }
+        let streams = self.state.registry.snapshot();
+        for upstream in upstreams {
             let keys = streams
                 .iter()
                 .filter(|s| *s.upstream == *upstream.name)
@@ -140,29 +143,17 @@ impl Convergence {
         }
     }
 
-    /// Sets `split_keys{upstream}`: keys with open streams on more than one backend.
-    fn update_split_keys(&self, streams: &[StreamInfo], known_upstreams: &mut HashSet<Arc<str>>) {
-        let mut backends_of: HashMap<(Arc<str>, Arc<str>), HashSet<SocketAddr>> = HashMap::new();
-        for stream in streams {
-            if let Some(key) = &stream.key {
-                known_upstreams.insert(stream.upstream.clone());
-                backends_of
-                    .entry((stream.upstream.clone(), key.clone()))
-                    .or_default()
-                    .insert(stream.backend);
-            }
-        }
-        let mut split: HashMap<&str, i64> = HashMap::new();
-        for ((upstream, _), backends) in &backends_of {
-            if backends.len() > 1 {
-                *split.entry(upstream).or_default() += 1;
-            }
-        }
+    /// Sets `split_keys{upstream}`: keys with open streams on more than one backend (counted
+    /// by the registry as streams open and end).
+    fn update_split_keys(&self, known_upstreams: &mut HashSet<Arc<str>>) {
+        let split: HashMap<Arc<str>, i64> =
+            self.state.registry.split_documents().into_iter().collect();
+        known_upstreams.extend(split.keys().cloned());
         let gauge = &Metrics::global().split_keys;
         for upstream in known_upstreams.iter() {
             gauge
                 .with_label_values(&[upstream])
-                .set(split.get(&**upstream).copied().unwrap_or(0));
+                .set(split.get(upstream).copied().unwrap_or(0));
         }
     }
 }
@@ -175,13 +166,29 @@ impl BackgroundService for Convergence {
         for upstream in self.state.current().router.upstreams() {
             known_upstreams.insert(Arc::from(upstream.name.as_str()));
         }
+        // The owner generation the streams were last all judged at (none yet).
+        let mut judged_at = None;
+        let mut all_since = Instant::now();
+        let mut held_back = false;
         loop {
-            // One copy of the registry per round serves both jobs.
-            let streams = self.state.registry.snapshot();
-            self.hold_placements(&streams);
-            let retry_in = self.close_moved(&streams, &mut budgets);
-            self.update_split_keys(&streams, &mut known_upstreams);
-            let sleep = retry_in.unwrap_or(GAUGE_INTERVAL).min(GAUGE_INTERVAL);
+            // Read before judging: a change signalled while judging makes the next round whole.
+            let generation = self.state.owner_generation();
+            let installed = self.state.current();
+            let all = judged_at != Some(generation)
+                || held_back
+                || installed.router.owners_follow_clock()
+                || all_since.elapsed() >= ALL_INTERVAL;
+            if all {
+                judged_at = Some(generation);
+                all_since = Instant::now();
+            }
+            self.hold_placements(&installed);
+            let moved = self.moved_streams(&installed, all);
+            let retry_in = self.close_moved(moved, &mut budgets);
+            held_back = retry_in.is_some();
+            self.update_split_keys(&mut known_upstreams);
+            drop(installed);
+            let sleep = retry_in.unwrap_or(ROUND_INTERVAL).min(ROUND_INTERVAL);
             tokio::select! {
                 _ = self.state.owners_changed() => {}
                 _ = tokio::time::sleep(sleep) => {}
