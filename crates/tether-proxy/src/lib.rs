@@ -25,6 +25,7 @@ pub mod streams;
 pub mod tls;
 
 pub use control::{admin, convergence, discovery, health, lifecycle, reload};
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -134,11 +135,17 @@ pub fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
     Ok(Some(token.to_string()))
 }
 
-/// A plaintext listener without Pingora's 64 KiB downstream L4 read buffer: the HTTP/1 engine
-/// reads into its own buffers; the L4 buffer in front of them would add a copy per read and
-/// stay allocated for the connection's life.
-fn plain_listener(address: &str) -> ListenerConfig {
-    ListenerConfig::tcp(address).l4_buffer(L4BufferSettings::default().read(0))
+/// A listener without Pingora's L4 buffers (by default a 64 KiB read buffer and a 1,460-byte
+/// write buffer per connection): the HTTP/1 engine reads into its own buffers and writes whole
+/// heads and bodies, and rustls frames its records in its own; buffers in front of those
+/// would add a copy per read and per small write, and stay allocated for the connection's
+/// life (an SSE stream held for hours kept its 1,460 bytes).
+fn listener_config(address: &str, tls: Option<TlsSettings>) -> ListenerConfig {
+    let config = ListenerConfig::tcp(address).l4_buffer(L4BufferSettings::unbuffered());
+    match tls {
+        Some(settings) => config.tls(settings),
+        None => config,
+    }
 }
 
 /// Builds the Pingora server with every Tether service, ready to `run_forever`.
@@ -194,10 +201,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
     let mut proxy = Service::new("tether proxy".to_string(), app);
     for listener in &config.listeners {
         let address = listener.address.to_string();
-        match tls.settings(listener.address)? {
-            Some(settings) => proxy.add_tls_with_settings(&address, None, settings),
-            None => proxy.add_listener(plain_listener(&address)),
-        }
+        proxy.add_listener(listener_config(&address, tls.settings(listener.address)?));
     }
 
     let reloader = options
