@@ -232,7 +232,12 @@ pub(crate) async fn serve(
                 return;
             }
             Next::Close => {
-                let _ = timeout(Duration::from_secs(1), conn.client.shutdown()).await;
+                // TLS ends with a close_notify. Plain TCP just closes: closing the socket sends
+                // the FIN (or, with unread bytes, the RST it would send after a shutdown too),
+                // so a shutdown first would be one more syscall per connection for nothing.
+                if conn.client.is_tls() {
+                    let _ = timeout(Duration::from_secs(1), conn.client.shutdown()).await;
+                }
                 return;
             }
             Next::KeepAlive => {
