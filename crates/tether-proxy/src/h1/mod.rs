@@ -794,7 +794,7 @@ async fn proxy(
         _ => None,
     };
     let replayable = (inline_body.is_some_and(|b| b.len() <= REPLAY_LIMIT) || gather.is_some())
-        && matches!(facts.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
+        && crate::core::attempt::replayable_method(facts.method);
     let Scratch {
         head, out, body, ..
     } = scratch;

@@ -10,7 +10,7 @@
 //! stream after.
 
 use super::RequestCtx;
-use crate::core::attempt::{Attempt, Fault};
+use crate::core::attempt::{replayable_method, Attempt, Fault};
 use crate::core::record::ExchangeKind;
 use crate::state::ProxyState;
 use crate::streams::StreamControl;
@@ -298,6 +298,7 @@ pub(super) async fn forward(
         client_ip,
         registration,
         max_body,
+        declared,
         ..
     } = ctx;
     let Some(attempt) = attempt.as_mut() else {
@@ -315,7 +316,6 @@ pub(super) async fn forward(
     let has_body = !session.is_body_empty();
     let (chunked, head_request, replayable, expect_continue, gather) = {
         let req = session.req_header();
-        let length = req.headers.get(http::header::CONTENT_LENGTH);
         let method = req.method.as_str();
         let expect_continue = has_body
             && req
@@ -326,16 +326,12 @@ pub(super) async fn forward(
         // write, as the HTTP/1 engine does (`core::GATHER_LIMIT`).
         let gather = has_body
             && !expect_continue
-            && length
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|n| n <= crate::core::GATHER_LIMIT);
+            && declared.is_some_and(|n| n <= crate::core::GATHER_LIMIT);
         (
-            has_body && length.is_none(),
+            has_body && !req.headers.contains_key(http::header::CONTENT_LENGTH),
             method == "HEAD",
-            // A request whose method may be sent twice, with no body or a body read whole.
-            (!has_body || gather)
-                && matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
+            // May be sent twice: a replayable method, with no body or a body read whole.
+            (!has_body || gather) && replayable_method(method),
             expect_continue,
             gather,
         )

@@ -47,6 +47,8 @@ pub struct RequestCtx {
     started: Instant,
     /// The route's body limit.
     max_body: u64,
+    /// The request's `Content-Length`, when it declared a usable one.
+    declared: Option<u64>,
 }
 
 /// The HTTP/2 proxy application.
@@ -149,6 +151,7 @@ impl ProxyHttp for H2Proxy {
             _in_flight: self.state.enter(),
             started: Instant::now(),
             max_body: u64::MAX,
+            declared: None,
         }
     }
 
@@ -239,6 +242,7 @@ impl ProxyHttp for H2Proxy {
             return answer(session, ctx, refusal.status, refusal.why).await;
         }
         ctx.max_body = max_body;
+        ctx.declared = declared;
         match forward::forward(&self.state, session, ctx).await {
             Ok(()) => Ok(true),
             Err(forward::Failure::AfterHead) => {
