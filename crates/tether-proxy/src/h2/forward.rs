@@ -275,7 +275,14 @@ fn h2_head(edited: &[u8]) -> Option<ResponseHeader> {
         {
             continue;
         }
-        let value = HeaderValue::from_bytes(field.value).ok()?;
+        let mut value = HeaderValue::from_bytes(field.value).ok()?;
+        // A request id never repeats: HPACK indexing it would only churn the connection's
+        // table, and the h2 crate's encoder compares each new value with every indexed one of
+        // the same name (about 6 % of the CPU per request, perf). Never indexed, it is sent as
+        // a literal and compared with nothing.
+        if is(field.name, "x-request-id") {
+            value.set_sensitive(true);
+        }
         header
             .append_header(field.name.to_ascii_lowercase(), value)
             .ok()?;
