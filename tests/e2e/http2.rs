@@ -535,3 +535,170 @@ routes:
     }
     assert_arrived_whole(&seen, 5, 2000);
 }
+
+/// `CONFIG` with other `server.limits`.
+fn with_limits(limits: &str) -> String {
+    CONFIG.replace(
+        "limits: { max_concurrent_streams: 10, max_header_bytes: 8192 }",
+        &format!("limits: {{ max_concurrent_streams: 10, max_header_bytes: 8192, {limits} }}"),
+    )
+}
+
+/// A connection with no open stream is closed after `keepalive_timeout`; one holding a quiet
+/// SSE stream stays open past it, and its stream with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_connection_is_closed_but_one_with_an_open_stream_is_not() {
+    let ca = Ca::new();
+    let stack = start_config(&ca, &with_limits("keepalive_timeout: 1s")).await;
+    let (send, mut streaming) = h2_client(&stack, &ca).await;
+    let mut body = open_sse(&send, "/docs/quiet/sse?count=1&hold=1")
+        .await
+        .into_body();
+    first_event(&mut body).await;
+    let (mut idle_send, idle) = h2_client(&stack, &ca).await;
+    assert_eq!(status(&mut idle_send, get("/docs/idle/x")).await, Some(200));
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle).await;
+    assert!(closed.is_ok(), "the idle connection was not closed");
+    // By now the SSE connection has been quiet for longer than the timeout too.
+    let still = tokio::time::timeout(Duration::from_millis(1500), &mut streaming).await;
+    assert!(
+        still.is_err(),
+        "the connection with an open stream was closed"
+    );
+    assert_eq!(open_streams(&stack, "sse").await, 1.0);
+    drop(body);
+}
+
+/// A request body that stops arriving is answered 408 after `body_timeout`, and a small one
+/// (read whole before it is sent) never reaches a backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_that_stops_arriving_gets_408() {
+    let ca = Ca::new();
+    let stack = start_config(&ca, &with_limits("body_timeout: 1s")).await;
+    let (send, _task) = h2_client(&stack, &ca).await;
+    let mut ready = send.ready().await.expect("ready");
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("https://localhost/docs/stalled/x")
+        .header(http::header::CONTENT_LENGTH, "100")
+        .body(())
+        .expect("request");
+    let (response, mut body) = ready.send_request(request, false).expect("send");
+    body.send_data(Bytes::from_static(b"0123456789"), false)
+        .expect("data");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered in time")
+        .expect("response");
+    assert_eq!(response.status(), 408);
+    assert!(
+        !arrived(&stack, "stalled"),
+        "the stalled request reached a backend"
+    );
+    still_serving(&stack, &ca).await;
+}
+
+/// Streams refused as malformed while they are accepted (here: a `Host` that disagrees with
+/// `:authority`, answered 400 by Pingora's HTTP/2 session) are answered one by one, and a
+/// connection that keeps sending them is closed after 32; none reaches a backend, and the
+/// proxy keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_keeps_sending_malformed_streams_is_closed() {
+    let ca = Ca::new();
+    let stack = start(&ca).await;
+    let (send, mut connection) = h2_client(&stack, &ca).await;
+    let mut refused = 0;
+    for i in 0..40 {
+        let Ok(mut ready) = send.clone().ready().await else {
+            break;
+        };
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("https://localhost/docs/malformed-{i}/x"))
+            .header(http::header::HOST, "elsewhere")
+            .body(())
+            .expect("request");
+        let Ok((response, _)) = ready.send_request(request, true) else {
+            break;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), response).await {
+            Ok(Ok(response)) => {
+                assert_eq!(response.status(), 400, "stream {i}");
+                refused += 1;
+            }
+            Ok(Err(_)) => break,
+            Err(_) => panic!("stream {i} was not answered"),
+        }
+    }
+    assert!(
+        (31..=32).contains(&refused),
+        "{refused} streams were refused"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), &mut connection).await;
+    assert!(closed.is_ok(), "the connection was not closed");
+    assert!(
+        !arrived(&stack, "malformed"),
+        "a malformed request reached a backend"
+    );
+    still_serving(&stack, &ca).await;
+}
+
+/// At a graceful stop an HTTP/2 connection gets GOAWAY: the requests in flight on it finish
+/// whole, a new one is not taken, and the proxy exits once they are done.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_the_streams_in_flight_finish_and_takes_no_new_one() {
+    let ca = Ca::new();
+    let mut stack = start(&ca).await;
+    let (send, _task) = h2_client(&stack, &ca).await;
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        let mut ready = send.clone().ready().await.expect("ready");
+        let (response, _) = ready
+            .send_request(get(&format!("/docs/slow{i}/slow?ms=1500")), true)
+            .expect("send");
+        slow.push(tokio::spawn(async move {
+            let response = response.await?;
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(data) = body.data().await {
+                let data = data?;
+                let _ = body.flow_control().release_capacity(data.len());
+                bytes.extend_from_slice(&data);
+            }
+            Ok::<_, h2::Error>((status, bytes))
+        }));
+    }
+    let in_flight = tether_testkit::wait_until_async(Duration::from_secs(5), || {
+        let n: u64 = stack.backends.iter().map(|b| b.requests()).sum();
+        async move { n >= 4 }
+    })
+    .await;
+    assert!(in_flight, "the slow requests did not reach the backends");
+    stack
+        .tether
+        .signal(tether_testkit::Signal::SIGTERM)
+        .expect("SIGTERM");
+    for task in slow {
+        let (status, body) = task
+            .await
+            .expect("task")
+            .expect("an in-flight stream finished");
+        assert_eq!(status, 200);
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&body).is_ok(),
+            "incomplete body: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    // Refused (GOAWAY) or the connection is gone: either way no answer from a backend.
+    let late = status(&mut send.clone(), get("/docs/late/x")).await;
+    assert_eq!(late, None, "a stream opened after GOAWAY was served");
+    assert!(!arrived(&stack, "late"));
+    let exit = stack
+        .tether
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exited");
+    assert!(exit.success(), "{exit:?}");
+}

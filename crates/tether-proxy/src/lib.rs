@@ -193,11 +193,7 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
         tracing::info!(state_file = %path.display(), pins, "state file read");
     }
 
-    let limits = &config.server.limits;
-    let mut h2 = pingora::proxy::http_proxy(&server.configuration, h2::H2Proxy::new(state.clone()));
-    h2.server_options = Some(h2::server_options(limits));
-    h2.h2_options = Some(h2::h2_options(limits));
-    let app = listener::ConnectionCap::new(h2, state.clone());
+    let app = listener::ConnectionCap::new(state.clone());
     let mut proxy = Service::new("tether proxy".to_string(), app);
     for listener in &config.listeners {
         let address = listener.address.to_string();

@@ -1,8 +1,8 @@
 //! The connection entry: every accepted client connection comes here (Pingora's `ServerApp`
-//! extension point, wrapped around the HTTP/2 adapter), is counted and capped
-//! (`server.limits.max_connections`: 503 and close beyond it), and is given to its engine,
-//! once, for its whole life: HTTP/2 (TLS with ALPN `h2`) to Pingora's adapter (`crate::h2`),
-//! everything else to Tether's HTTP/1 engine (`crate::h1`).
+//! extension point), is counted and capped (`server.limits.max_connections`: 503 and close
+//! beyond it), and is given to its engine, once, for its whole life: HTTP/2 (TLS with ALPN
+//! `h2`) to the HTTP/2 engine (`crate::h2`), everything else to the HTTP/1 engine
+//! (`crate::h1`).
 
 use crate::h1::client::{ClientStream, PlainStream};
 use crate::metrics::Metrics;
@@ -18,17 +18,15 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 /// Caps and counts open client connections, and picks each one's engine.
-pub struct ConnectionCap<A> {
-    h2: Arc<A>,
+pub struct ConnectionCap {
     state: Arc<ProxyState>,
     open: Arc<AtomicUsize>,
 }
 
-impl<A> ConnectionCap<A> {
-    /// Serves HTTP/2 with `h2`; the cap is read from the config in force for each connection.
-    pub fn new(h2: A, state: Arc<ProxyState>) -> ConnectionCap<A> {
+impl ConnectionCap {
+    /// The cap is read from the config in force for each connection.
+    pub fn new(state: Arc<ProxyState>) -> ConnectionCap {
         ConnectionCap {
-            h2: Arc::new(h2),
             state,
             open: Arc::new(AtomicUsize::new(0)),
         }
@@ -49,7 +47,7 @@ const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type:
 Content-Length: 24\r\nRetry-After: 1\r\nConnection: close\r\n\r\n503 too many connections\n";
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
+impl ServerApp for ConnectionCap {
     async fn process_new(
         self: &Arc<Self>,
         mut stream: Stream,
@@ -75,10 +73,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         }
         Metrics::global().downstream_connections.inc();
         let admitted = Admitted(self.open.clone());
+        // Each engine serves the connection on a task of its own, sized by the engine's
+        // future alone: the task Pingora spawned for the accept also holds its TLS
+        // handshake's state (8.8 KB), which a connection that lives for hours (an SSE stream,
+        // an idle keep-alive) should not keep.
+        self.state.closing.follow(shutdown);
         if h2 {
-            let reused = self.h2.process_new(stream, shutdown).await;
-            drop(admitted);
-            return reused;
+            tokio::spawn(crate::h2::serve(
+                self.state.clone(),
+                stream,
+                Box::new(admitted),
+            ));
+            return None;
         }
         let client_ip = stream
             .get_socket_digest()
@@ -91,10 +97,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         } else {
             ClientStream::Tls(stream)
         };
-        // A task of its own, sized by the engine's future alone: the task Pingora spawned for
-        // the accept also holds its TLS handshake's state (8.8 KB), which a connection that
-        // lives for hours (an SSE stream, an idle keep-alive) should not keep.
-        self.state.closing.follow(shutdown);
         tokio::spawn(crate::h1::serve(
             self.state.clone(),
             client,
@@ -102,9 +104,5 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
             Box::new(admitted),
         ));
         None
-    }
-
-    async fn cleanup(&self) {
-        self.h2.cleanup().await;
     }
 }

@@ -16,7 +16,8 @@ use crate::state::ProxyState;
 use crate::streams::StreamControl;
 use bytes::Bytes;
 use http::HeaderValue;
-use pingora::prelude::*;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::v2::server::HttpSession;
 use std::future::{poll_fn, Future};
 use std::io::Write as _;
 use std::pin::{pin, Pin};
@@ -91,12 +92,12 @@ enum Waited<T> {
 /// stream is watched only while a response is awaited or relayed: an SSE client sends nothing
 /// while it listens, so its leaving is seen at once, not at the next event.
 async fn watched<F: Future>(
-    session: &mut Session,
+    session: &mut HttpSession,
     control: Option<&StreamControl>,
     work: F,
 ) -> Waited<F::Output> {
     let mut work = pin!(work);
-    let mut gone = session.downstream_session.watch_h2_stream_close();
+    let mut gone = session.idle();
     poll_fn(|cx| {
         if let Some(control) = control {
             control.attach_relay(cx.waker());
@@ -107,10 +108,8 @@ async fn watched<F: Future>(
         if let Poll::Ready(out) = work.as_mut().poll(cx) {
             return Poll::Ready(Waited::Done(out));
         }
-        if let Some(gone) = gone.as_mut() {
-            if Pin::new(gone).poll(cx).is_ready() {
-                return Poll::Ready(Waited::ClientGone);
-            }
+        if Pin::new(&mut gone).poll(cx).is_ready() {
+            return Poll::Ready(Waited::ClientGone);
         }
         Poll::Pending
     })
@@ -122,9 +121,10 @@ async fn watched<F: Future>(
 /// engine keeps them: several `Cookie` fields stay several, as an HTTP/1 client's do), the
 /// framing of the body, Tether's forwarding fields.
 fn upstream_head(
-    session: &Session,
+    session: &HttpSession,
     attempt: &Attempt,
     ctx_ip: Option<std::net::IpAddr>,
+    tls: bool,
     request_id: &[u8],
     chunked: bool,
     head: &mut Vec<u8>,
@@ -183,7 +183,7 @@ fn upstream_head(
     let forwarding = Forwarding {
         client_ip: ctx_ip.map(|_| &ip_text[..]),
         trusted,
-        tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        tls,
         host,
         chain: &chain,
         proto: headers.get("x-forwarded-proto").map(HeaderValue::as_bytes),
@@ -196,15 +196,16 @@ fn upstream_head(
 
 /// The request body's next DATA frame (None at its end), within `max_body` in all (`seen`).
 async fn next_body_bytes(
-    session: &mut Session,
+    session: &mut HttpSession,
     seen: &mut u64,
     max_body: u64,
+    body_timeout: Duration,
 ) -> Result<Option<bytes::Bytes>, Failure> {
-    let data = match session.read_request_body().await {
-        Ok(Some(data)) => data,
-        Ok(None) => return Ok(None),
-        Err(e) if e.etype() == &ErrorType::ReadTimedout => return Err(Failure::BodyTimeout),
-        Err(_) => return Err(Failure::ClientGone),
+    let data = match timeout(body_timeout, session.read_body_bytes()).await {
+        Ok(Ok(Some(data))) => data,
+        Ok(Ok(None)) => return Ok(None),
+        Ok(Err(_)) => return Err(Failure::ClientGone),
+        Err(_) => return Err(Failure::BodyTimeout),
     };
     *seen += data.len() as u64;
     if *seen > max_body {
@@ -216,15 +217,15 @@ async fn next_body_bytes(
 
 /// Streams the request body from the client to the backend as its DATA frames arrive.
 async fn send_body(
-    session: &mut Session,
+    session: &mut HttpSession,
     socket: &mut TcpStream,
     chunked: bool,
-    max_body: u64,
+    (max_body, body_timeout): (u64, Duration),
     send_timeout: Duration,
 ) -> Result<(), Failure> {
     let mut seen = 0u64;
     let mut framed = Vec::new();
-    while let Some(data) = next_body_bytes(session, &mut seen, max_body).await? {
+    while let Some(data) = next_body_bytes(session, &mut seen, max_body, body_timeout).await? {
         if data.is_empty() {
             continue;
         }
@@ -295,7 +296,7 @@ fn h2_head(edited: &[u8]) -> Option<ResponseHeader> {
 /// for the response head, relays the body. Registers a stream with the registry.
 pub(super) async fn forward(
     state: &Arc<ProxyState>,
-    session: &mut Session,
+    session: &mut HttpSession,
     ctx: &mut RequestCtx,
 ) -> Result<(), Failure> {
     let RequestCtx {
@@ -303,8 +304,10 @@ pub(super) async fn forward(
         kind,
         request_id,
         client_ip,
+        tls,
         registration,
         max_body,
+        body_timeout,
         declared,
         ..
     } = ctx;
@@ -321,7 +324,7 @@ pub(super) async fn forward(
     };
     let send_timeout = limits.send_timeout;
     let has_body = !session.is_body_empty();
-    let (chunked, head_request, replayable, expect_continue, gather) = {
+    let (chunked, head_request, replayable, gather) = {
         let req = session.req_header();
         let method = req.method.as_str();
         let expect_continue = has_body
@@ -330,7 +333,9 @@ pub(super) async fn forward(
                 .get(http::header::EXPECT)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         // A small body with a declared length is read whole and sent with the head in one
-        // write, as the HTTP/1 engine does (`core::GATHER_LIMIT`).
+        // write, as the HTTP/1 engine does (`core::GATHER_LIMIT`). Not when the client
+        // asked for `100 Continue`: it may hold its body back for a while (Pingora's HTTP/2
+        // session sends no interim response), and the head goes to the backend meanwhile.
         let gather = has_body
             && !expect_continue
             && declared.is_some_and(|n| n <= crate::core::GATHER_LIMIT);
@@ -339,15 +344,17 @@ pub(super) async fn forward(
             method == "HEAD",
             // May be sent twice: a replayable method, with no body or a body read whole.
             (!has_body || gather) && replayable_method(method),
-            expect_continue,
             gather,
         )
     };
     let mut head = Vec::with_capacity(1024);
-    upstream_head(session, attempt, *client_ip, request_id, chunked, &mut head);
+    upstream_head(
+        session, attempt, *client_ip, *tls, request_id, chunked, &mut head,
+    );
     if gather {
         let mut seen = 0u64;
-        while let Some(data) = next_body_bytes(session, &mut seen, *max_body).await? {
+        while let Some(data) = next_body_bytes(session, &mut seen, *max_body, *body_timeout).await?
+        {
             head.extend_from_slice(&data);
         }
     }
@@ -395,11 +402,9 @@ pub(super) async fn forward(
             }
         }
         if has_body && !gather {
-            if expect_continue && session.write_continue_response().await.is_err() {
-                return Err(Failure::ClientGone);
-            }
+            let limits = (*max_body, *body_timeout);
             if let Err(failure) =
-                send_body(session, &mut socket, chunked, *max_body, send_timeout).await
+                send_body(session, &mut socket, chunked, limits, send_timeout).await
             {
                 match failure {
                     Failure::Gateway => attempt.fault(state, Fault::Reset),
@@ -459,7 +464,6 @@ pub(super) async fn forward(
         let mut finished = matches!(final_head.body, Body::None | Body::Length(0));
         if session
             .write_response_header(Box::new(response), finished)
-            .await
             .is_err()
         {
             return Err(Failure::ClientGone);
@@ -499,8 +503,8 @@ pub(super) async fn forward(
                 Body::UntilClose => data.extend_from_slice(pending),
             }
             if !data.is_empty() || finished {
-                let chunk = (!data.is_empty()).then(|| Bytes::from(std::mem::take(&mut data)));
-                if session.write_response_body(chunk, finished).await.is_err() {
+                let chunk = Bytes::from(std::mem::take(&mut data));
+                if session.write_body(chunk, finished).await.is_err() {
                     return Err(Failure::ClientGone);
                 }
             }
@@ -514,13 +518,13 @@ pub(super) async fn forward(
             match watched(session, control, read).await {
                 Waited::Closing => {
                     // Ended on purpose: the stream ends cleanly and its client comes back.
-                    let _ = session.write_response_body(None, true).await;
+                    let _ = session.finish();
                     return Ok(());
                 }
                 Waited::ClientGone => return Err(Failure::ClientGone),
                 Waited::Done(Ok(Ok(0))) if final_head.body == Body::UntilClose => {
                     finished = true;
-                    if session.write_response_body(None, true).await.is_err() {
+                    if session.finish().is_err() {
                         return Err(Failure::ClientGone);
                     }
                 }

@@ -1,35 +1,48 @@
-//! The HTTP/2 adapter: Pingora serves HTTP/2 connections (TLS with ALPN `h2`) and hands each
-//! request to `request_filter`, which does the whole exchange with the same core as the
-//! HTTP/1 engine: the checks (`tether_http::checks`), the routing decision, the admission, and
-//! then `forward`: the backend attempt and its passive-health accounting (`core::attempt`)
-//! over the engine's HTTP/1 backend connections and pool, the header policy, the one
-//! response-head validation, and the record. Pingora's own upstream side is never used.
+//! The HTTP/2 engine: serves each HTTP/2 connection (TLS with ALPN `h2`) from its handshake to
+//! its close. Pingora's HTTP/2 session (`pingora::protocols::http::v2::server`) frames the
+//! connection and validates each request as it is accepted (forbidden bytes in `:path`,
+//! conflicting `Content-Length`, a missing or ambiguous authority); everything after that is
+//! Tether's, with the same core as the HTTP/1 engine: the checks (`tether_http::checks`), the
+//! routing decision, the admission, and then `forward`: the backend attempt and its
+//! passive-health accounting (`core::attempt`) over the engine's HTTP/1 backend connections and
+//! pool, the header policy, the one response-head validation, and the record.
+//!
+//! Why not Pingora's `ProxyHttp`: its per-request machinery (a task and a large future per
+//! stream, the proxy phases, the module chain) cost more CPU than the exchange itself. Here a
+//! connection is one task: its streams are futures polled beside the accept loop, so a
+//! response written by a stream is flushed by the same wake-up that produced it.
 //! HTTP/1 never reaches it.
 
 mod forward;
 
 use crate::core::attempt::Attempt;
-use crate::core::record::{reason_phrase, record_exchange, ExchangeKind, Finished};
+use crate::core::record::{record_exchange, ExchangeKind, Finished};
 use crate::core::{admission, placement};
 use crate::state::{InFlight, ProxyState};
 use crate::streams::Registration;
-use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::HeaderValue;
-use pingora::apps::HttpServerOptions;
-use pingora::modules::http::HttpModules;
-use pingora::prelude::*;
-use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
-use pingora::proxy::FailToProxy;
-use pingora::{ErrorSource, ErrorType};
-use std::net::IpAddr;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::v2::server::{
+    default_h2_options, handshake, H2Accept, H2Options, HttpSession,
+};
+use pingora::protocols::{Digest, Stream};
+use std::future::{poll_fn, Future};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 use tether_config::Limits;
 use tether_http::checks;
 use tether_http::framing;
 use tether_http::policy::{self, GeneratedId};
 use tether_routing::RequestView;
+
+/// Malformed streams (answered or reset as they were accepted) a connection may open before it
+/// is closed: the same bound as Pingora's own accept loop.
+const MAX_MALFORMED_STREAMS: usize = 32;
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -38,6 +51,8 @@ pub struct RequestCtx {
     kind: ExchangeKind,
     request_id: Vec<u8>,
     client_ip: Option<IpAddr>,
+    /// The connection is TLS (for `X-Forwarded-Proto`).
+    tls: bool,
     /// Status answered by Tether itself (refusals, errors), when no upstream response was sent.
     local_status: Option<u16>,
     /// The stream's entry in the registry, for SSE and long-poll exchanges.
@@ -47,27 +62,10 @@ pub struct RequestCtx {
     started: Instant,
     /// The route's body limit.
     max_body: u64,
+    /// How long the client may pause while sending its body.
+    body_timeout: Duration,
     /// The request's `Content-Length`, when it declared a usable one.
     declared: Option<u64>,
-}
-
-/// The HTTP/2 proxy application.
-pub struct H2Proxy {
-    state: Arc<ProxyState>,
-}
-
-impl H2Proxy {
-    /// A proxy serving whatever `state` holds at each request's start.
-    pub fn new(state: Arc<ProxyState>) -> H2Proxy {
-        H2Proxy { state }
-    }
-}
-
-/// Pingora's per-connection options for `limits`.
-pub fn server_options(limits: &Limits) -> HttpServerOptions {
-    let mut options = HttpServerOptions::default();
-    options.h2_idle_timeout = Some(limits.keepalive_timeout);
-    options
 }
 
 /// HTTP/2 limits: streams per connection and header list size from `limits`, Pingora's
@@ -81,8 +79,100 @@ pub fn h2_options(limits: &Limits) -> H2Options {
     options
 }
 
+/// Serves one HTTP/2 connection until the client closes it, it errs, it has been idle (no
+/// open stream) for `keepalive_timeout`, or shutdown has drained it (GOAWAY, then its open
+/// streams finish). `guard` holds the connection's place under `max_connections`.
+pub(crate) async fn serve(state: Arc<ProxyState>, stream: Stream, guard: Box<dyn Send>) {
+    let digest = Arc::new(Digest {
+        ssl_digest: stream.get_ssl_digest(),
+        timing_digest: stream.get_timing_digest(),
+        proxy_digest: stream.get_proxy_digest(),
+        socket_digest: stream.get_socket_digest(),
+    });
+    let client_ip = digest
+        .socket_digest
+        .as_ref()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
+    let tls = digest.ssl_digest.is_some();
+    let (options, idle_timeout) = {
+        let installed = state.current();
+        let limits = &installed.config.server.limits;
+        (h2_options(limits), limits.keepalive_timeout)
+    };
+    let closing = state.closing.join();
+    let mut conn = match handshake(stream, Some(options)).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!("HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    let mut streams = FuturesUnordered::new();
+    let mut malformed = 0usize;
+    let mut draining = false;
+    let mut idle = pin!(tokio::time::sleep(idle_timeout));
+    loop {
+        let accepted = {
+            let mut accept = pin!(HttpSession::from_h2_conn(&mut conn, digest.clone()));
+            poll_fn(|cx| {
+                // Streams first: what they write is flushed by the accept below, which drives
+                // the connection, in the same wake-up.
+                while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {
+                    if streams.is_empty() {
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + idle_timeout);
+                    }
+                }
+                if !draining && closing.poll_started(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                if let Poll::Ready(accepted) = accept.as_mut().poll(cx) {
+                    return Poll::Ready(Some(accepted));
+                }
+                if streams.is_empty() && !draining && idle.as_mut().poll(cx).is_ready() {
+                    // Idle with nothing in flight: closed at once, without waiting on a
+                    // GOAWAY exchange with a client that may be gone.
+                    return Poll::Ready(Some(Ok(None)));
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        match accepted {
+            None => {
+                // Shutdown: GOAWAY, and the open streams finish.
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            Some(Err(e)) => {
+                // Clients often just close the TCP connection; not an error worth a log line.
+                tracing::debug!("HTTP/2 connection ended: {e}");
+                break;
+            }
+            Some(Ok(None)) => break,
+            Some(Ok(Some(H2Accept::Rejected))) => {
+                malformed += 1;
+                if malformed >= MAX_MALFORMED_STREAMS {
+                    tracing::warn!(
+                        "closing an HTTP/2 connection after {malformed} malformed requests"
+                    );
+                    break;
+                }
+            }
+            Some(Ok(Some(H2Accept::Session(session)))) => {
+                streams.push(exchange(state.clone(), session, client_ip, tls));
+            }
+        }
+    }
+    // The connection is gone: streams still open learn it at their next wait and end (each
+    // is recorded as it ends).
+    drop(conn);
+    while streams.next().await.is_some() {}
+    drop(guard);
+}
+
 /// Answers the request with a short text body and its advice headers.
-async fn respond_local(session: &mut Session, status: u16, why: &str) -> Result<()> {
+async fn respond_local(session: &mut HttpSession, status: u16, why: &str) -> pingora::Result<()> {
     let body = Bytes::from(format!("{status} {why}\n"));
     let mut header = ResponseHeader::build(status, Some(4))?;
     match status {
@@ -92,237 +182,161 @@ async fn respond_local(session: &mut Session, status: u16, why: &str) -> Result<
     }
     header.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await
+    session.write_response_header(Box::new(header), false)?;
+    session.write_body(body, true).await
 }
 
-/// Answers locally and notes the status for the record (`request_filter`'s `true`).
-async fn answer(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    status: u16,
-    why: &str,
-) -> Result<bool> {
+/// Answers locally and notes the status for the record.
+async fn answer(session: &mut HttpSession, ctx: &mut RequestCtx, status: u16, why: &str) {
     ctx.local_status = Some(status);
-    respond_local(session, status, why).await?;
-    Ok(true)
+    if let Err(e) = respond_local(session, status, why).await {
+        tracing::debug!("could not send a local response: {e}");
+    }
 }
 
-/// Maps a proxy error to the status the client gets: the explicit status when a filter chose
-/// one, 504 for upstream timeouts, 502 for other upstream failures.
-fn status_for(e: &Error) -> u16 {
-    match e.etype() {
-        ErrorType::HTTPStatus(code) => *code,
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout
-            if e.esource() == &ErrorSource::Upstream =>
-        {
-            504
-        }
-        ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => 408,
-        _ => match e.esource() {
-            ErrorSource::Upstream => 502,
-            ErrorSource::Downstream => match e.etype() {
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                _ => 400,
-            },
-            ErrorSource::Internal | ErrorSource::Unset => 500,
+/// One request stream: checked, routed, admitted, forwarded, recorded.
+async fn exchange(
+    state: Arc<ProxyState>,
+    mut session: HttpSession,
+    client_ip: Option<IpAddr>,
+    tls: bool,
+) {
+    let mut ctx = RequestCtx {
+        attempt: None,
+        kind: ExchangeKind::Plain,
+        request_id: Vec::new(),
+        client_ip,
+        tls,
+        local_status: None,
+        registration: None,
+        _in_flight: state.enter(),
+        started: Instant::now(),
+        max_body: u64::MAX,
+        body_timeout: Duration::MAX,
+        declared: None,
+    };
+    handle(&state, &mut session, &mut ctx).await;
+    ctx.registration = None;
+    let status = session
+        .response_written()
+        .map(|r| r.status.as_u16())
+        .or(ctx.local_status)
+        .unwrap_or(0);
+    let installed = match &ctx.attempt {
+        Some(attempt) => attempt.installed.clone(),
+        None => state.current(),
+    };
+    record_exchange(
+        &installed,
+        &Finished {
+            decision: ctx.attempt.as_ref().map(|a| &a.decision),
+            backend: ctx.attempt.as_ref().and_then(Attempt::backend_index),
+            request_id: Some(&ctx.request_id),
+            method: session.req_header().method.as_str(),
+            kind: ctx.kind,
+            status,
+            bytes: session.body_bytes_sent(),
+            elapsed: ctx.started.elapsed(),
         },
-    }
+    );
+    // A response cut off by its backend (`Failure::AfterHead`) was never ended: dropping the
+    // session resets the stream, so the client cannot take it for a whole one.
 }
 
-#[async_trait]
-impl ProxyHttp for H2Proxy {
-    type CTX = RequestCtx;
-
-    /// No downstream modules: Pingora's default registers a compression module that is
-    /// disabled yet still runs on every request; Tether does not compress.
-    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            attempt: None,
-            kind: ExchangeKind::Plain,
-            request_id: Vec::new(),
-            client_ip: None,
-            local_status: None,
-            registration: None,
-            _in_flight: self.state.enter(),
-            started: Instant::now(),
-            max_body: u64::MAX,
-            declared: None,
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let installed = self.state.current();
-        let limits = &installed.config.server.limits;
-        ctx.client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let req = session.req_header();
-        ctx.request_id = req
-            .headers
-            .get("x-request-id")
-            .map(HeaderValue::as_bytes)
-            .filter(|v| policy::usable_request_id(v))
-            .map_or_else(|| GeneratedId::new().as_bytes().to_vec(), <[u8]>::to_vec);
-        let authority = req.uri.authority().map(|a| a.as_str().as_bytes());
-        let fields: Vec<(&str, &[u8])> = req
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes()))
-            .collect();
-        let Ok(target) = std::str::from_utf8(req.raw_path()) else {
-            let refusal = checks::Refusal::new(400, "bad_target", "request target is not ASCII");
-            crate::metrics::refused(refusal.label, refusal.status);
-            return answer(session, ctx, refusal.status, refusal.why).await;
-        };
-        let head = checks::Head {
-            method: req.method.as_str(),
-            target,
-            http11: false,
-            authority,
-            fields: fields.iter().copied(),
-        };
-        let checked = match checks::check(&head, limits) {
-            Ok(checked) => checked,
-            Err(refusal) => {
-                crate::metrics::refused(refusal.label, refusal.status);
-                return answer(session, ctx, refusal.status, refusal.why).await;
-            }
-        };
-        let view = RequestView {
-            method: req.method.as_str(),
-            host: checked.host,
-            path: checked.path,
-            query: checked.query,
-            headers: tether_routing::Headers::Map(&req.headers),
-            client_ip: ctx.client_ip,
-        };
-        let decision = match installed.router.decide(&view) {
-            Ok(decision) => decision,
-            Err(reject) => {
-                let status = admission::routing_refusal(&reject);
-                let why = reject.to_string();
-                return answer(session, ctx, status, &why).await;
-            }
-        };
-        let decision = placement::settle(&self.state, &installed, decision).await;
-        installed
-            .counters
-            .route(Some(decision.route))
-            .key_from(decision.key_source);
-        let route = &installed.router.routes()[decision.route];
-        let accepts = req
-            .headers
-            .get_all(http::header::ACCEPT)
-            .iter()
-            .map(HeaderValue::as_bytes);
-        ctx.kind = ExchangeKind::of(false, accepts, route.long_poll);
-        if ctx.kind != ExchangeKind::Plain {
-            session.set_read_timeout(Some(route.timeouts.idle));
-        } else {
-            // A request body must keep arriving.
-            session.set_read_timeout(Some(limits.body_timeout));
-        }
-        session.set_write_timeout(Some(limits.send_timeout));
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| framing::content_length(v.as_bytes()));
-        let max_body = route.max_body;
-        let admitted = admission::admit(&installed, &decision, declared, ctx.client_ip);
-        ctx.attempt = Some(Attempt::new(installed.clone(), decision));
-        if let Err(refusal) = admitted {
+/// The exchange up to its end; what happened is left in `ctx` and `session` for the record.
+async fn handle(state: &Arc<ProxyState>, session: &mut HttpSession, ctx: &mut RequestCtx) {
+    let installed = state.current();
+    let limits = &installed.config.server.limits;
+    let req = session.req_header();
+    ctx.request_id = req
+        .headers
+        .get("x-request-id")
+        .map(HeaderValue::as_bytes)
+        .filter(|v| policy::usable_request_id(v))
+        .map_or_else(|| GeneratedId::new().as_bytes().to_vec(), <[u8]>::to_vec);
+    let authority = req.uri.authority().map(|a| a.as_str().as_bytes());
+    let fields: Vec<(&str, &[u8])> = req
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    let Ok(target) = std::str::from_utf8(req.raw_path()) else {
+        let refusal = checks::Refusal::new(400, "bad_target", "request target is not ASCII");
+        crate::metrics::refused(refusal.label, refusal.status);
+        return answer(session, ctx, refusal.status, refusal.why).await;
+    };
+    let head = checks::Head {
+        method: req.method.as_str(),
+        target,
+        http11: false,
+        authority,
+        fields: fields.iter().copied(),
+    };
+    let checked = match checks::check(&head, limits) {
+        Ok(checked) => checked,
+        Err(refusal) => {
             crate::metrics::refused(refusal.label, refusal.status);
             return answer(session, ctx, refusal.status, refusal.why).await;
         }
-        ctx.max_body = max_body;
-        ctx.declared = declared;
-        match forward::forward(&self.state, session, ctx).await {
-            Ok(()) => Ok(true),
-            Err(forward::Failure::AfterHead) => {
-                // The stream is reset (the session goes without its end), so the client
-                // cannot take the cut response for a whole one.
-                tracing::warn!(
-                    request_id = %String::from_utf8_lossy(&ctx.request_id),
-                    "the backend broke off a response under way"
-                );
-                Error::e_explain(ErrorType::ConnectionClosed, "response broken off")
-            }
-            Err(failure) => {
-                let (status, why) = failure.status();
-                if status == 0 {
-                    return Ok(true);
-                }
-                answer(session, ctx, status, why).await
+    };
+    let view = RequestView {
+        method: req.method.as_str(),
+        host: checked.host,
+        path: checked.path,
+        query: checked.query,
+        headers: tether_routing::Headers::Map(&req.headers),
+        client_ip: ctx.client_ip,
+    };
+    let decision = match installed.router.decide(&view) {
+        Ok(decision) => decision,
+        Err(reject) => {
+            let status = admission::routing_refusal(&reject);
+            let why = reject.to_string();
+            return answer(session, ctx, status, &why).await;
+        }
+    };
+    let decision = placement::settle(state, &installed, decision).await;
+    installed
+        .counters
+        .route(Some(decision.route))
+        .key_from(decision.key_source);
+    let route = &installed.router.routes()[decision.route];
+    let req = session.req_header();
+    let accepts = req
+        .headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    ctx.kind = ExchangeKind::of(false, accepts, route.long_poll);
+    let declared = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| framing::content_length(v.as_bytes()));
+    // A request body must keep arriving.
+    ctx.body_timeout = limits.body_timeout;
+    session.set_write_timeout(Some(limits.send_timeout));
+    let max_body = route.max_body;
+    let admitted = admission::admit(&installed, &decision, declared, ctx.client_ip);
+    ctx.attempt = Some(Attempt::new(installed.clone(), decision));
+    if let Err(refusal) = admitted {
+        crate::metrics::refused(refusal.label, refusal.status);
+        return answer(session, ctx, refusal.status, refusal.why).await;
+    }
+    ctx.max_body = max_body;
+    ctx.declared = declared;
+    match forward::forward(state, session, ctx).await {
+        Ok(()) => {}
+        Err(forward::Failure::AfterHead) => {
+            tracing::warn!(
+                request_id = %String::from_utf8_lossy(&ctx.request_id),
+                "the backend broke off a response under way"
+            );
+        }
+        Err(failure) => {
+            let (status, why) = failure.status();
+            if status != 0 && session.response_written().is_none() {
+                answer(session, ctx, status, why).await;
             }
         }
-    }
-
-    /// Never called: `request_filter` answers every request itself.
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
-        Error::e_explain(
-            ErrorType::HTTPStatus(500),
-            "requests are forwarded by the adapter",
-        )
-    }
-
-    /// What went wrong is logged where it is known (a client leaving is not an error).
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
-        true
-    }
-
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        ctx: &mut RequestCtx,
-    ) -> FailToProxy {
-        let code = status_for(e);
-        if code > 0 && session.response_written().is_none() {
-            if let Err(write_err) = respond_local(session, code, reason_phrase(code)).await {
-                tracing::debug!("could not send error response: {write_err}");
-            }
-            ctx.local_status = Some(code);
-        }
-        FailToProxy {
-            error_code: code,
-            can_reuse_downstream: false,
-        }
-    }
-
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        ctx.registration = None;
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .or(ctx.local_status)
-            .unwrap_or(0);
-        let installed = match &ctx.attempt {
-            Some(attempt) => attempt.installed.clone(),
-            None => self.state.current(),
-        };
-        record_exchange(
-            &installed,
-            &Finished {
-                decision: ctx.attempt.as_ref().map(|a| &a.decision),
-                backend: ctx.attempt.as_ref().and_then(Attempt::backend_index),
-                request_id: Some(&ctx.request_id),
-                method: session.req_header().method.as_str(),
-                kind: ctx.kind,
-                status,
-                bytes: session.body_bytes_sent(),
-                elapsed: ctx.started.elapsed(),
-            },
-        );
     }
 }
