@@ -174,7 +174,7 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: Stream, guard: Box<dyn
 /// Answers the request with a short text body and its advice headers.
 async fn respond_local(session: &mut HttpSession, status: u16, why: &str) -> pingora::Result<()> {
     let body = Bytes::from(format!("{status} {why}\n"));
-    let mut header = ResponseHeader::build(status, Some(4))?;
+    let mut header = ResponseHeader::build_no_case(status, Some(4))?;
     match status {
         426 => header.insert_header("Sec-WebSocket-Version", "13")?,
         429 | 503 => header.insert_header(http::header::RETRY_AFTER, "1")?,
