@@ -23,6 +23,7 @@ run tether-routing normalize
 run tether-routing decide
 run tether-http request_head
 run tether-http request_body
+run tether-http h2_request
 run tether-http response_head
 run tether-http response_framing
 run tether-http chunked

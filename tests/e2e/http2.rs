@@ -599,7 +599,7 @@ async fn a_request_body_that_stops_arriving_gets_408() {
 }
 
 /// Streams refused as malformed while they are accepted (here: a `Host` that disagrees with
-/// `:authority`, answered 400 by Pingora's HTTP/2 session) are answered one by one, and a
+/// `:authority`, answered 400 as the stream is accepted) are answered one by one, and a
 /// connection that keeps sending them is closed after 32; none reaches a backend, and the
 /// proxy keeps serving.
 #[tokio::test(flavor = "multi_thread")]

@@ -432,6 +432,60 @@ pub fn valid_host(value: &[u8]) -> bool {
     }
 }
 
+/// How HTTP/2 refuses a request its framing layer (the h2 crate) let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2Malformed {
+    /// A framing or target error: the stream is reset (RFC 9113 8.1.1).
+    Reset,
+    /// The request names its host in ways that disagree: 400.
+    BadRequest,
+}
+
+/// The checks an HTTP/2 request gets as its stream is accepted, before [`check`]: what the h2
+/// crate lets through and an HTTP/1 backend must not see (Pingora's HTTP/2 session made the
+/// same ones). `path` is `:path`, `authority` `:authority`; `connect`: the method is CONNECT.
+/// Bytes that would split an HTTP/1 request line, `Transfer-Encoding`, or `Content-Length`
+/// values that disagree reset the stream; a host named twice, with userinfo, differently in
+/// `Host` and `:authority`, or not at all, or a `:path` that is not origin form, is a 400.
+pub fn h2_malformed<'a>(
+    connect: bool,
+    path: &[u8],
+    authority: Option<&[u8]>,
+    fields: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Option<H2Malformed> {
+    if path
+        .iter()
+        .any(|b| matches!(b, 0x00 | b'\n' | b'\r' | b' '))
+    {
+        return Some(H2Malformed::Reset);
+    }
+    let mut length = None;
+    let mut hosts = 0usize;
+    let mut host = None;
+    for (name, value) in fields {
+        if is(name, "content-length") {
+            for token in value.split(|&b| b == b',') {
+                match crate::framing::content_length(token) {
+                    Some(n) if length.is_none_or(|m| m == n) => length = Some(n),
+                    _ => return Some(H2Malformed::Reset),
+                }
+            }
+        } else if is(name, "transfer-encoding") {
+            return Some(H2Malformed::Reset);
+        } else if is(name, "host") {
+            hosts += 1;
+            host = Some(value);
+        }
+    }
+    let bad = hosts > 1
+        || host.is_some_and(|h| h.contains(&b'@'))
+        || authority.is_some_and(|a| a.contains(&b'@'))
+        || matches!((host, authority), (Some(h), Some(a)) if h != a)
+        || (host.is_none() && authority.is_none())
+        || (!connect && !path.is_empty() && !path.starts_with(b"/") && path != b"*");
+    bad.then_some(H2Malformed::BadRequest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,5 +629,58 @@ mod tests {
             status(run("GET", "/ws", &old)),
             Some((426, "bad_websocket"))
         );
+    }
+
+    #[test]
+    fn http2_refuses_what_its_framing_let_through() {
+        let f = |fields: &[(&'static str, &'static str)]| {
+            fields
+                .iter()
+                .map(|(n, v)| (*n, v.as_bytes()))
+                .collect::<Vec<_>>()
+        };
+        let m = |path: &str, authority: Option<&str>, fields: &[(&'static str, &'static str)]| {
+            h2_malformed(
+                false,
+                path.as_bytes(),
+                authority.map(str::as_bytes),
+                f(fields).into_iter(),
+            )
+        };
+        let (reset, bad) = (Some(H2Malformed::Reset), Some(H2Malformed::BadRequest));
+        assert_eq!(m("/docs/a?x=1", Some("h"), &[]), None);
+        assert_eq!(m("/a", None, &[("host", "h")]), None);
+        assert_eq!(m("*", Some("h"), &[]), None);
+        assert_eq!(m("/a b", Some("h"), &[]), reset);
+        assert_eq!(m("/a\r\nX: y", Some("h"), &[]), reset);
+        assert_eq!(
+            m(
+                "/a",
+                Some("h"),
+                &[("content-length", "5"), ("content-length", "5")]
+            ),
+            None
+        );
+        assert_eq!(m("/a", Some("h"), &[("content-length", "5, 5")]), None);
+        assert_eq!(
+            m(
+                "/a",
+                Some("h"),
+                &[("content-length", "5"), ("content-length", "6")]
+            ),
+            reset
+        );
+        assert_eq!(m("/a", Some("h"), &[("content-length", "5,")]), reset);
+        assert_eq!(m("/a", Some("h"), &[("content-length", "-5")]), reset);
+        assert_eq!(
+            m("/a", Some("h"), &[("transfer-encoding", "chunked")]),
+            reset
+        );
+        assert_eq!(m("/a", Some("h"), &[("host", "other")]), bad);
+        assert_eq!(m("/a", None, &[("host", "h"), ("host", "h")]), bad);
+        assert_eq!(m("/a", Some("u@h"), &[]), bad);
+        assert_eq!(m("/a", None, &[("host", "u@h")]), bad);
+        assert_eq!(m("/a", None, &[]), bad);
+        assert_eq!(m("http://h/a", Some("h"), &[]), bad);
     }
 }

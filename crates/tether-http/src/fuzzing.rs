@@ -192,3 +192,31 @@ pub fn frame_cursor(data: &[u8], cut: usize) {
     split.advance(&data[cut + taken..]);
     assert_eq!(whole.at_boundary(), split.at_boundary());
 }
+
+/// An HTTP/2 request's pseudo-headers and fields (after HPACK) as the HTTP/2 engine checks them
+/// on accepting the stream: the first line is `:path`, the second `:authority` (none if
+/// empty), each further line a `name:value` field. Never a panic; a request let through has a
+/// `:path` that cannot split an HTTP/1 request line, and at most one `Host`.
+pub fn h2_request(data: &[u8]) {
+    let mut lines = data.split(|&b| b == b'\n');
+    let path = lines.next().unwrap_or_default();
+    let authority = lines.next().filter(|a| !a.is_empty());
+    let fields: Vec<(&str, &[u8])> = lines
+        .filter_map(|line| {
+            let at = line.iter().position(|&b| b == b':')?;
+            let name = std::str::from_utf8(&line[..at]).ok()?;
+            Some((name, &line[at + 1..]))
+        })
+        .collect();
+    for connect in [false, true] {
+        let refused = crate::checks::h2_malformed(connect, path, authority, fields.iter().copied());
+        if refused.is_none() {
+            assert!(!path.iter().any(|b| matches!(b, 0 | b'\r' | b'\n' | b' ')));
+            let hosts = fields
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+                .count();
+            assert!(hosts <= 1);
+        }
+    }
+}

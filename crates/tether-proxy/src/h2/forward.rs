@@ -9,6 +9,7 @@
 //! the HTTP/1 engine ends its own: 503 while it waits for its response, the end of the HTTP/2
 //! stream after.
 
+use super::session::Session;
 use super::RequestCtx;
 use crate::core::attempt::{replayable_method, Attempt, Fault};
 use crate::core::record::ExchangeKind;
@@ -16,11 +17,9 @@ use crate::state::ProxyState;
 use crate::streams::StreamControl;
 use bytes::Bytes;
 use http::HeaderValue;
-use pingora::http::ResponseHeader;
-use pingora::protocols::http::v2::server::HttpSession;
 use std::future::{poll_fn, Future};
 use std::io::Write as _;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -92,12 +91,11 @@ enum Waited<T> {
 /// stream is watched only while a response is awaited or relayed: an SSE client sends nothing
 /// while it listens, so its leaving is seen at once, not at the next event.
 async fn watched<F: Future>(
-    session: &mut HttpSession,
+    session: &mut Session,
     control: Option<&StreamControl>,
     work: F,
 ) -> Waited<F::Output> {
     let mut work = pin!(work);
-    let mut gone = session.idle();
     poll_fn(|cx| {
         if let Some(control) = control {
             control.attach_relay(cx.waker());
@@ -108,7 +106,7 @@ async fn watched<F: Future>(
         if let Poll::Ready(out) = work.as_mut().poll(cx) {
             return Poll::Ready(Waited::Done(out));
         }
-        if Pin::new(&mut gone).poll(cx).is_ready() {
+        if session.poll_gone(cx).is_ready() {
             return Poll::Ready(Waited::ClientGone);
         }
         Poll::Pending
@@ -121,7 +119,7 @@ async fn watched<F: Future>(
 /// engine keeps them: several `Cookie` fields stay several, as an HTTP/1 client's do), the
 /// framing of the body, Tether's forwarding fields.
 fn upstream_head(
-    session: &HttpSession,
+    session: &Session,
     attempt: &Attempt,
     ctx_ip: Option<std::net::IpAddr>,
     tls: bool,
@@ -129,7 +127,7 @@ fn upstream_head(
     chunked: bool,
     head: &mut Vec<u8>,
 ) {
-    let req = session.req_header();
+    let req = &session.request;
     let trusted = ctx_ip.is_some_and(|ip| attempt.installed.trusts(ip));
     head.extend_from_slice(req.method.as_str().as_bytes());
     head.push(b' ');
@@ -196,12 +194,12 @@ fn upstream_head(
 
 /// The request body's next DATA frame (None at its end), within `max_body` in all (`seen`).
 async fn next_body_bytes(
-    session: &mut HttpSession,
+    session: &mut Session,
     seen: &mut u64,
     max_body: u64,
     body_timeout: Duration,
 ) -> Result<Option<bytes::Bytes>, Failure> {
-    let data = match timeout(body_timeout, session.read_body_bytes()).await {
+    let data = match timeout(body_timeout, session.read_body()).await {
         Ok(Ok(Some(data))) => data,
         Ok(Ok(None)) => return Ok(None),
         Ok(Err(_)) => return Err(Failure::ClientGone),
@@ -217,7 +215,7 @@ async fn next_body_bytes(
 
 /// Streams the request body from the client to the backend as its DATA frames arrive.
 async fn send_body(
-    session: &mut HttpSession,
+    session: &mut Session,
     socket: &mut TcpStream,
     chunked: bool,
     (max_body, body_timeout): (u64, Duration),
@@ -257,13 +255,15 @@ async fn send_body(
 
 /// The client's response head from the edited HTTP/1 head in `edited`: its status and fields,
 /// less those HTTP/2 has no place for (RFC 9113 8.2.2).
-fn h2_head(edited: &[u8]) -> Option<ResponseHeader> {
+fn h2_head(edited: &[u8]) -> Option<http::Response<()>> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut parsed = httparse::Response::new(&mut fields);
     parsed.parse(edited).ok()?;
     let status = parsed.code?;
-    // No case map: HTTP/2 names are lower case (one allocation less per field).
-    let mut header = ResponseHeader::build_no_case(status, Some(parsed.headers.len())).ok()?;
+    let mut response = http::Response::new(());
+    *response.status_mut() = http::StatusCode::from_u16(status).ok()?;
+    let headers = response.headers_mut();
+    headers.reserve(parsed.headers.len());
     for field in parsed.headers.iter() {
         if [
             "connection",
@@ -287,9 +287,9 @@ fn h2_head(edited: &[u8]) -> Option<ResponseHeader> {
         }
         // `from_bytes` lower-cases the name itself, and well-known names need no allocation.
         let name = http::HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        header.append_header(name, value).ok()?;
+        headers.append(name, value);
     }
-    Some(header)
+    Some(response)
 }
 
 /// Sends the request to its backend and relays the response: connects or reuses (a stale kept
@@ -297,7 +297,7 @@ fn h2_head(edited: &[u8]) -> Option<ResponseHeader> {
 /// for the response head, relays the body. Registers a stream with the registry.
 pub(super) async fn forward(
     state: &Arc<ProxyState>,
-    session: &mut HttpSession,
+    session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), Failure> {
     let RequestCtx {
@@ -326,7 +326,7 @@ pub(super) async fn forward(
     let send_timeout = limits.send_timeout;
     let has_body = !session.is_body_empty();
     let (chunked, head_request, replayable, gather) = {
-        let req = session.req_header();
+        let req = &session.request;
         let method = req.method.as_str();
         let expect_continue = has_body
             && req
@@ -463,10 +463,7 @@ pub(super) async fn forward(
         };
         attempt.answered();
         let mut finished = matches!(final_head.body, Body::None | Body::Length(0));
-        if session
-            .write_response_header(Box::new(response), finished)
-            .is_err()
-        {
+        if session.send_head(response, finished).is_err() {
             return Err(Failure::ClientGone);
         }
 
@@ -505,7 +502,7 @@ pub(super) async fn forward(
             }
             if !data.is_empty() || finished {
                 let chunk = Bytes::from(std::mem::take(&mut data));
-                if session.write_body(chunk, finished).await.is_err() {
+                if session.send_data(chunk, finished).await.is_err() {
                     return Err(Failure::ClientGone);
                 }
             }

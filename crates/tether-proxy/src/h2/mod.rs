@@ -1,19 +1,21 @@
 //! The HTTP/2 engine: serves each HTTP/2 connection (TLS with ALPN `h2`) from its handshake to
-//! its close. Pingora's HTTP/2 session (`pingora::protocols::http::v2::server`) frames the
-//! connection and validates each request as it is accepted (forbidden bytes in `:path`,
-//! conflicting `Content-Length`, a missing or ambiguous authority); everything after that is
-//! Tether's, with the same core as the HTTP/1 engine: the checks (`tether_http::checks`), the
+//! its close, on the h2 crate (the framing, HPACK, flow control and the protocol's own checks;
+//! Pingora's listener has done the TLS handshake). Each stream is refused at once if it is
+//! malformed in ways the h2 crate lets through (`session`: bytes that would split a request
+//! line, `Content-Length` values that disagree, a host named twice or two ways); everything
+//! after that is done with the same core as the HTTP/1 engine: the checks (`tether_http::checks`), the
 //! routing decision, the admission, and then `forward`: the backend attempt and its
 //! passive-health accounting (`core::attempt`) over the engine's HTTP/1 backend connections and
 //! pool, the header policy, the one response-head validation, and the record.
 //!
-//! Why not Pingora's `ProxyHttp`: its per-request machinery (a task and a large future per
-//! stream, the proxy phases, the module chain) cost more CPU than the exchange itself. Here a
-//! connection is one task: its streams are futures polled beside the accept loop, so a
+//! Why not Pingora's `ProxyHttp` and HTTP/2 session: a task and an 8 KB future per stream,
+//! the proxy phases, and head conversions into Pingora's types and back cost more CPU than the
+//! exchange itself (BENCHMARKS.md). Here a connection is one task: its streams are futures polled beside the accept loop, so a
 //! response written by a stream is flushed by the same wake-up that produced it.
 //! HTTP/1 never reaches it.
 
 mod forward;
+mod session;
 
 use crate::core::attempt::Attempt;
 use crate::core::record::{record_exchange, ExchangeKind, Finished};
@@ -23,11 +25,9 @@ use crate::streams::Registration;
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::HeaderValue;
-use pingora::http::ResponseHeader;
-use pingora::protocols::http::v2::server::{
-    default_h2_options, handshake, H2Accept, H2Options, HttpSession,
-};
-use pingora::protocols::{Digest, Stream};
+use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
+use pingora::protocols::Stream;
+use session::{Gone, Session};
 use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
@@ -41,7 +41,7 @@ use tether_http::policy::{self, GeneratedId};
 use tether_routing::RequestView;
 
 /// Malformed streams (answered or reset as they were accepted) a connection may open before it
-/// is closed: the same bound as Pingora's own accept loop.
+/// is closed (Pingora's bound).
 const MAX_MALFORMED_STREAMS: usize = 32;
 
 /// Per-request state.
@@ -83,24 +83,17 @@ pub fn h2_options(limits: &Limits) -> H2Options {
 /// open stream) for `keepalive_timeout`, or shutdown has drained it (GOAWAY, then its open
 /// streams finish). `guard` holds the connection's place under `max_connections`.
 pub(crate) async fn serve(state: Arc<ProxyState>, stream: Stream, guard: Box<dyn Send>) {
-    let digest = Arc::new(Digest {
-        ssl_digest: stream.get_ssl_digest(),
-        timing_digest: stream.get_timing_digest(),
-        proxy_digest: stream.get_proxy_digest(),
-        socket_digest: stream.get_socket_digest(),
-    });
-    let client_ip = digest
-        .socket_digest
-        .as_ref()
+    let client_ip = stream
+        .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
-    let tls = digest.ssl_digest.is_some();
+    let tls = stream.get_ssl_digest().is_some();
     let (options, idle_timeout) = {
         let installed = state.current();
         let limits = &installed.config.server.limits;
         (h2_options(limits), limits.keepalive_timeout)
     };
     let closing = state.closing.join();
-    let mut conn = match handshake(stream, Some(options)).await {
+    let mut conn = match options.handshake::<_, Bytes>(stream).await {
         Ok(conn) => conn,
         Err(e) => {
             tracing::debug!("HTTP/2 handshake failed: {e}");
@@ -112,56 +105,55 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: Stream, guard: Box<dyn
     let mut draining = false;
     let mut idle = pin!(tokio::time::sleep(idle_timeout));
     loop {
-        let accepted = {
-            let mut accept = pin!(HttpSession::from_h2_conn(&mut conn, digest.clone()));
-            poll_fn(|cx| {
-                // Streams first: what they write is flushed by the accept below, which drives
-                // the connection, in the same wake-up.
-                while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {
-                    if streams.is_empty() {
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + idle_timeout);
-                    }
+        let accepted = poll_fn(|cx| {
+            // Streams first: what they write is flushed by the accept below, which drives the
+            // connection, in the same wake-up.
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {
+                if streams.is_empty() {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + idle_timeout);
                 }
-                if !draining && closing.poll_started(cx).is_ready() {
-                    return Poll::Ready(None);
-                }
-                if let Poll::Ready(accepted) = accept.as_mut().poll(cx) {
-                    return Poll::Ready(Some(accepted));
-                }
-                if streams.is_empty() && !draining && idle.as_mut().poll(cx).is_ready() {
-                    // Idle with nothing in flight: closed at once, without waiting on a
-                    // GOAWAY exchange with a client that may be gone.
-                    return Poll::Ready(Some(Ok(None)));
-                }
-                Poll::Pending
-            })
-            .await
-        };
+            }
+            if !draining && closing.poll_started(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(accepted) = conn.poll_accept(cx) {
+                return Poll::Ready(Some(accepted));
+            }
+            if streams.is_empty() && !draining && idle.as_mut().poll(cx).is_ready() {
+                // Idle with nothing in flight: closed at once, without waiting on a GOAWAY
+                // exchange with a client that may be gone.
+                return Poll::Ready(Some(None));
+            }
+            Poll::Pending
+        })
+        .await;
         match accepted {
             None => {
                 // Shutdown: GOAWAY, and the open streams finish.
                 conn.graceful_shutdown();
                 draining = true;
             }
-            Some(Err(e)) => {
+            Some(Some(Err(e))) => {
                 // Clients often just close the TCP connection; not an error worth a log line.
                 tracing::debug!("HTTP/2 connection ended: {e}");
                 break;
             }
-            Some(Ok(None)) => break,
-            Some(Ok(Some(H2Accept::Rejected))) => {
-                malformed += 1;
-                if malformed >= MAX_MALFORMED_STREAMS {
-                    tracing::warn!(
-                        "closing an HTTP/2 connection after {malformed} malformed requests"
-                    );
-                    break;
+            Some(None) => break,
+            Some(Some(Ok((request, respond)))) => match Session::accept(request, respond) {
+                Some(session) => {
+                    streams.push(exchange(state.clone(), session, client_ip, tls));
                 }
-            }
-            Some(Ok(Some(H2Accept::Session(session)))) => {
-                streams.push(exchange(state.clone(), session, client_ip, tls));
-            }
+                None => {
+                    malformed += 1;
+                    if malformed >= MAX_MALFORMED_STREAMS {
+                        tracing::warn!(
+                            "closing an HTTP/2 connection after {malformed} malformed requests"
+                        );
+                        break;
+                    }
+                }
+            },
         }
     }
     // The connection is gone: streams still open learn it at their next wait and end (each
@@ -172,32 +164,42 @@ pub(crate) async fn serve(state: Arc<ProxyState>, stream: Stream, guard: Box<dyn
 }
 
 /// Answers the request with a short text body and its advice headers.
-async fn respond_local(session: &mut HttpSession, status: u16, why: &str) -> pingora::Result<()> {
+async fn respond_local(session: &mut Session, status: u16, why: &str) -> Result<(), Gone> {
     let body = Bytes::from(format!("{status} {why}\n"));
-    let mut header = ResponseHeader::build_no_case(status, Some(4))?;
+    let mut response = http::Response::new(());
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
     match status {
-        426 => header.insert_header("Sec-WebSocket-Version", "13")?,
-        429 | 503 => header.insert_header(http::header::RETRY_AFTER, "1")?,
+        426 => {
+            headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
+        }
+        429 | 503 => {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         _ => {}
     }
-    header.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    session.write_response_header(Box::new(header), false)?;
-    session.write_body(body, true).await
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    session.send_head(response, false)?;
+    session.send_data(body, true).await
 }
 
 /// Answers locally and notes the status for the record.
-async fn answer(session: &mut HttpSession, ctx: &mut RequestCtx, status: u16, why: &str) {
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, status: u16, why: &str) {
     ctx.local_status = Some(status);
-    if let Err(e) = respond_local(session, status, why).await {
-        tracing::debug!("could not send a local response: {e}");
+    if respond_local(session, status, why).await.is_err() {
+        tracing::debug!("could not send a local response: the client has gone");
     }
 }
 
 /// One request stream: checked, routed, admitted, forwarded, recorded.
 async fn exchange(
     state: Arc<ProxyState>,
-    mut session: HttpSession,
+    mut session: Session,
     client_ip: Option<IpAddr>,
     tls: bool,
 ) {
@@ -217,11 +219,7 @@ async fn exchange(
     };
     handle(&state, &mut session, &mut ctx).await;
     ctx.registration = None;
-    let status = session
-        .response_written()
-        .map(|r| r.status.as_u16())
-        .or(ctx.local_status)
-        .unwrap_or(0);
+    let status = session.status().or(ctx.local_status).unwrap_or(0);
     let installed = match &ctx.attempt {
         Some(attempt) => attempt.installed.clone(),
         None => state.current(),
@@ -232,10 +230,10 @@ async fn exchange(
             decision: ctx.attempt.as_ref().map(|a| &a.decision),
             backend: ctx.attempt.as_ref().and_then(Attempt::backend_index),
             request_id: Some(&ctx.request_id),
-            method: session.req_header().method.as_str(),
+            method: session.request.method.as_str(),
             kind: ctx.kind,
             status,
-            bytes: session.body_bytes_sent(),
+            bytes: session.body_sent(),
             elapsed: ctx.started.elapsed(),
         },
     );
@@ -244,10 +242,10 @@ async fn exchange(
 }
 
 /// The exchange up to its end; what happened is left in `ctx` and `session` for the record.
-async fn handle(state: &Arc<ProxyState>, session: &mut HttpSession, ctx: &mut RequestCtx) {
+async fn handle(state: &Arc<ProxyState>, session: &mut Session, ctx: &mut RequestCtx) {
     let installed = state.current();
     let limits = &installed.config.server.limits;
-    let req = session.req_header();
+    let req = &session.request;
     ctx.request_id = req
         .headers
         .get("x-request-id")
@@ -260,11 +258,7 @@ async fn handle(state: &Arc<ProxyState>, session: &mut HttpSession, ctx: &mut Re
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_bytes()))
         .collect();
-    let Ok(target) = std::str::from_utf8(req.raw_path()) else {
-        let refusal = checks::Refusal::new(400, "bad_target", "request target is not ASCII");
-        crate::metrics::refused(refusal.label, refusal.status);
-        return answer(session, ctx, refusal.status, refusal.why).await;
-    };
+    let target = session.target();
     let head = checks::Head {
         method: req.method.as_str(),
         target,
@@ -301,7 +295,7 @@ async fn handle(state: &Arc<ProxyState>, session: &mut HttpSession, ctx: &mut Re
         .route(Some(decision.route))
         .key_from(decision.key_source);
     let route = &installed.router.routes()[decision.route];
-    let req = session.req_header();
+    let req = &session.request;
     let accepts = req
         .headers
         .get_all(http::header::ACCEPT)
@@ -314,7 +308,7 @@ async fn handle(state: &Arc<ProxyState>, session: &mut HttpSession, ctx: &mut Re
         .and_then(|v| framing::content_length(v.as_bytes()));
     // A request body must keep arriving.
     ctx.body_timeout = limits.body_timeout;
-    session.set_write_timeout(Some(limits.send_timeout));
+    session.set_send_timeout(limits.send_timeout);
     let max_body = route.max_body;
     let admitted = admission::admit(&installed, &decision, declared, ctx.client_ip);
     ctx.attempt = Some(Attempt::new(installed.clone(), decision));
@@ -334,7 +328,7 @@ async fn handle(state: &Arc<ProxyState>, session: &mut HttpSession, ctx: &mut Re
         }
         Err(failure) => {
             let (status, why) = failure.status();
-            if status != 0 && session.response_written().is_none() {
+            if status != 0 && session.status().is_none() {
                 answer(session, ctx, status, why).await;
             }
         }
