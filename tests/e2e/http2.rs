@@ -297,7 +297,7 @@ async fn body_end(
 
 /// Convergence over HTTP/2: draining a backend ends the SSE streams of its keys (their HTTP/2
 /// streams end) and answers its waiting long-polls 503; every other stream goes on. The
-/// adapter relays these streams itself, over the engine's backend connections, so it ends
+/// HTTP/2 engine relays these streams itself, over the shared backend connections, so it ends
 /// them as the HTTP/1 engine does.
 #[tokio::test(flavor = "multi_thread")]
 async fn draining_ends_the_moved_sse_streams_and_long_polls_over_http2_only() {

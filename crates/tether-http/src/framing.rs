@@ -1,6 +1,6 @@
 //! The one response-head validation: how a backend's response body is delimited, and whether
-//! the response is usable at all. Both engines call it (the HTTP/1 engine on raw fields, the
-//! HTTP/2 adapter on Pingora's parsed header), so a response one would pass the other does too.
+//! the response is usable at all. Both engines call it (through `response::edit_head`, on the
+//! backend's raw fields), so a response one would pass the other does too.
 
 use crate::policy::is;
 

@@ -1,5 +1,5 @@
 //! The HTTP pieces of Tether that know no socket, shared by both engines of `tether-proxy` (its
-//! own HTTP/1 engine and the HTTP/2 adapter on Pingora) and fuzzed on their own:
+//! HTTP/1 engine and its HTTP/2 engine) and fuzzed on their own:
 //!
 //! - [`checks`]: the request checks before routing (sizes, method, target bytes, `Host`,
 //!   `Expect`, the WebSocket handshake) and their refusals;

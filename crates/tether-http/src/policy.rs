@@ -1,6 +1,6 @@
 //! The header policy: which fields cross the proxy, and the ones Tether writes itself. Written
-//! once, for both engines: the HTTP/1 engine applies it to raw field lines, the HTTP/2 adapter
-//! to Pingora's header maps, each through a [`FieldWriter`].
+//! once, for both engines: both write the backend's HTTP/1 head with it, on raw field lines,
+//! through a [`FieldWriter`].
 //!
 //! Requests lose the hop-by-hop fields ([`HOP_BY_HOP`]), the fields their `Connection` header
 //! nominates (except `Host`, the framing fields and the fields Tether sets, which a client

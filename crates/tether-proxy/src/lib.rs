@@ -1,4 +1,4 @@
-//! Tether's data path and control side: the HTTP/1 engine, the HTTP/2 adapter on Pingora, the
+//! Tether's data path and control side: the HTTP/1 engine, the HTTP/2 engine on the h2 crate, the
 //! exchange core both call, the swappable routing state, the stream registry, metrics, and the
 //! control services (admin, reload, health checks, convergence, discovery, graceful stop).
 //!

@@ -1,6 +1,6 @@
 //! Tether's HTTP/1 engine: it serves every HTTP/1.0 and HTTP/1.1 connection, plain and TLS
 //! (Pingora's listener accepts and terminates TLS and hands the stream over), from its first
-//! request to its last. HTTP/2 is the Pingora adapter's (`crate::h2`).
+//! request to its last. HTTP/2 is the HTTP/2 engine's (`crate::h2`).
 //!
 //! Why its own: Pingora's per-request machinery costs about three times HAProxy's CPU per
 //! proxied request (callgrind, `BENCHMARKS.md`). Here a head is parsed in place (`httparse`),
