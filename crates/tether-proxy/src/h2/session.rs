@@ -1,7 +1,7 @@
 //! One HTTP/2 request stream as the engine serves it, on the h2 crate directly: the request as
 //! accepted (refused first if it is malformed in ways the h2 crate lets through:
-//! `tether_http::checks::h2_malformed`), its body read
-//! with flow control, its response sent as the client's window allows, within `send_timeout`.
+//! `tether_http::checks::h2_malformed`), its body read with flow control, its response sent as
+//! the client's window allows, within `send_timeout`.
 //!
 //! Why not Pingora's HTTP/2 session: it converts every request and response head into its own
 //! header types and back (a header-map clone per response), and adds a `Date`; about 6 % of the
