@@ -265,16 +265,8 @@ fn h2_head(edited: &[u8]) -> Option<http::Response<()>> {
     let headers = response.headers_mut();
     headers.reserve(parsed.headers.len());
     for field in parsed.headers.iter() {
-        if [
-            "connection",
-            "transfer-encoding",
-            "keep-alive",
-            "proxy-connection",
-            "upgrade",
-        ]
-        .iter()
-        .any(|n| is(field.name, n))
-        {
+        // The edit kept no hop-by-hop field but the framing, and may have added `Connection`.
+        if policy::is_hop_by_hop(field.name) || is(field.name, "transfer-encoding") {
             continue;
         }
         let mut value = HeaderValue::from_bytes(field.value).ok()?;
