@@ -205,6 +205,41 @@ fn route_without_the_sticky_key_exits_1_with_400() {
     assert!(stderr.starts_with("400 "), "stderr: {stderr:?}");
 }
 
+/// A listener whose address another socket holds stops the start at once, naming the listener
+/// and why (Pingora's listener retried for 30 s, then panicked in a worker thread).
+#[test]
+fn run_on_an_address_in_use_exits_1_naming_the_listener() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = held.local_addr().expect("addr");
+    let addrs: Vec<SocketAddr> = (0..6).map(|_| free_addr()).collect();
+    let config = fill(STANDARD, busy, addrs[0], &addrs[1..4], &addrs[4..6]);
+    let dir = Scratch::new("in-use");
+    let file = dir.write("tether.yaml", &config);
+    let mut child = std::process::Command::new(tether_binary())
+        .args(["run", "-c", &file])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tether kept running on an address in use");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("listeners[0].address: cannot listen on {busy}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("in use"), "{stderr}");
+    drop(held);
+}
+
 /// Where a sticky key comes from, with the matching route of [`STANDARD`].
 #[derive(Clone, Copy, Debug)]
 enum Source {

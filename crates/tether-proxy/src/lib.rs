@@ -26,7 +26,6 @@ pub mod tls;
 
 pub use control::{admin, convergence, discovery, health, lifecycle, reload};
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -76,6 +75,9 @@ pub enum StartError {
     /// A TLS listener's certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A listener's address cannot be listened on (in use, not this host's).
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
     /// `server.state_file` exists but cannot be read or is not a state file.
     #[error(transparent)]
     StateFile(#[from] control::pins::StateFileError),
@@ -135,19 +137,6 @@ pub fn admin_token(config: &Config) -> Result<Option<String>, StartError> {
     Ok(Some(token.to_string()))
 }
 
-/// A listener without Pingora's L4 buffers (by default a 64 KiB read buffer and a 1,460-byte
-/// write buffer per connection): the HTTP/1 engine reads into its own buffers and writes whole
-/// heads and bodies, and rustls frames its records in its own; buffers in front of those
-/// would add a copy per read and per small write, and stay allocated for the connection's
-/// life (an SSE stream held for hours kept its 1,460 bytes).
-fn listener_config(address: &str, tls: Option<TlsSettings>) -> ListenerConfig {
-    let config = ListenerConfig::tcp(address).l4_buffer(L4BufferSettings::unbuffered());
-    match tls {
-        Some(settings) => config.tls(settings),
-        None => config,
-    }
-}
-
 /// Builds the Pingora server with every Tether service, ready to `run_forever`.
 pub fn build_server(config: Config, options: RunOptions) -> Result<Server, StartError> {
     let token = admin_token(&config)?;
@@ -193,12 +182,17 @@ pub fn build_server(config: Config, options: RunOptions) -> Result<Server, Start
         tracing::info!(state_file = %path.display(), pins, "state file read");
     }
 
-    let app = listener::ConnectionCap::new(state.clone());
-    let mut proxy = Service::new("tether proxy".to_string(), app);
-    for listener in &config.listeners {
-        let address = listener.address.to_string();
-        proxy.add_listener(listener_config(&address, tls.settings(listener.address)?));
+    let mut endpoints = Vec::new();
+    for (index, listener) in config.listeners.iter().enumerate() {
+        let acceptor = tls.settings(listener.address)?.map(TlsSettings::build);
+        endpoints.push(listener::Endpoint::new(
+            index,
+            listener.address,
+            acceptor,
+            options.upgrade,
+        )?);
     }
+    let proxy = listener::Listeners::new(state.clone(), endpoints);
 
     let reloader = options
         .config_path

@@ -241,10 +241,6 @@ pub(crate) async fn serve(
                 return;
             }
             Next::KeepAlive => {
-                if conn.served == 1 {
-                    // Kept alive: worth the socket of its own (see `client`).
-                    conn.client.own();
-                }
                 buf.clear();
                 if buf.capacity() > REQUEST_READ_SIZE {
                     // A long head grew it: an idle connection keeps only the usual size.

@@ -4,7 +4,7 @@
 //! Convergence ends a tunnel through its registration's waker; the tunnel then finishes the
 //! frame the backend is sending and adds a close frame.
 
-use super::client::{duplicate, ClientStream};
+use super::client::ClientStream;
 use crate::core::record::{ExchangeKind, Ongoing};
 use crate::streams::{CloseReason, Registration};
 use bytes::Bytes;
@@ -319,14 +319,7 @@ pub fn configure_runtime(threads: usize) -> std::io::Result<()> {
 pub(crate) fn start(client: ClientStream, tunnel: Tunnel, guard: impl Send + 'static) {
     let runtime = RUNTIME.get();
     let client = match (client, runtime) {
-        (ClientStream::Pingora(stream), Some(_)) => match duplicate(&stream) {
-            // Dropping Pingora's stream deregisters and closes its descriptor; the connection
-            // lives on in the duplicate.
-            Some(socket) => Ok(socket),
-            // No descriptor to spare for the move (at the open-file limit): run here.
-            None => Err(ClientStream::Pingora(stream)),
-        },
-        (ClientStream::Own(socket), Some(_)) => match socket.into_std() {
+        (ClientStream::Plain(socket), Some(_)) => match socket.into_std() {
             Ok(socket) => Ok(socket),
             Err(e) => {
                 tracing::debug!("could not move a WebSocket tunnel to its runtime: {e}");

@@ -29,7 +29,7 @@ use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
 use pingora::protocols::Stream;
 use session::{Gone, Session};
 use std::future::{poll_fn, Future};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -82,10 +82,12 @@ pub fn h2_options(limits: &Limits) -> H2Options {
 /// Serves one HTTP/2 connection until the client closes it, it errs, it has been idle (no
 /// open stream) for `keepalive_timeout`, or shutdown has drained it (GOAWAY, then its open
 /// streams finish). `guard` holds the connection's place under `max_connections`.
-pub(crate) async fn serve(state: Arc<ProxyState>, stream: Stream, guard: Box<dyn Send>) {
-    let client_ip = stream
-        .get_socket_digest()
-        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
+pub(crate) async fn serve(
+    state: Arc<ProxyState>,
+    stream: Stream,
+    client_ip: Option<IpAddr>,
+    guard: Box<dyn Send>,
+) {
     let tls = stream.get_ssl_digest().is_some();
     let (options, idle_timeout) = {
         let installed = state.current();
