@@ -94,6 +94,29 @@ async fn bodies_chunks_and_pipelines_never_smuggle_a_request() {
     );
 }
 
+/// A request pipelined right behind a body the head's read cut (so the proxy reads the rest
+/// of the body before sending anything): the POST gets its answer with exactly its body, the
+/// connection closes, and the request behind it reaches no backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_pipelined_behind_a_cut_body_is_not_served() {
+    let stack = Stack::start(&CONFIG.replace("max_body: 1000", "max_body: 10000")).await;
+    let body = "b".repeat(3000);
+    let request = format!(
+        "POST /docs/pipe-3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3000\r\n\r\n{body}\
+         GET /docs/pipe-3/__behind_the_body HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    );
+    let response = send(&stack, request.as_bytes()).await;
+    let text = String::from_utf8_lossy(&response);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !arrived(&stack, "__behind_the_body"),
+        "the pipelined request was served"
+    );
+    // The backend echoes the body it got: all of it, nothing of the request behind it.
+    assert!(text.contains(&format!("\"body\":\"{body}\"")), "{text}");
+}
+
 fn arrived(stack: &Stack, marker: &str) -> bool {
     stack
         .backends

@@ -57,9 +57,10 @@ const INLINE_FIELDS: usize = 32;
 const MAX_FIELDS: usize = 257;
 /// How long a connection idle at shutdown may take to deliver a request already sent.
 const SHUTDOWN_READ_GRACE: Duration = Duration::from_millis(100);
-/// The first read of a request head: most are well under 1 KB, and the buffer is held while
-/// the exchange lasts (a held SSE stream's for hours), so it starts small.
-const FIRST_READ_SIZE: usize = 1024;
+/// The first read of a request head: most heads are well under 1 KB, and a small POST (an
+/// edit of a document, 1 KiB) then comes whole with its head in one read. The buffer is kept
+/// while the connection is idle, so it is not larger.
+const FIRST_READ_SIZE: usize = 2048;
 /// How much a longer head's buffer grows by.
 const REQUEST_READ_SIZE: usize = 4 * 1024;
 /// Largest body kept to be sent again on a fresh connection when a kept-alive one turns out
@@ -776,12 +777,12 @@ async fn proxy(
     // The body that came with the head, when it is all there: sent with the head in one
     // write, and again on a fresh connection if a kept-alive one turns out stale.
     let inline_body = facts.body.whole_in(after_head, route.max_body);
-    let pipelined = match inline_body {
+    let mut pipelined = match inline_body {
         Some(body) => after_head.len() > body.len(),
         None => false,
     };
-    // A small body that did not all come in the head's read (sized for heads, so a 1 KiB
-    // POST's body is cut) is read whole before anything is sent (`core::GATHER_LIMIT`): head
+    // A small body that did not all come in the head's read (2 KiB on a fresh buffer, so a
+    // POST of a few KiB is cut) is read whole before anything is sent (`core::GATHER_LIMIT`): head
     // and body then leave in one write, as the client sent them, not a write per read.
     let gather = match (inline_body, facts.body) {
         (None, ReqBody::Length(n)) if !facts.expect_continue && n <= crate::core::GATHER_LIMIT => {
@@ -801,15 +802,24 @@ async fn proxy(
     if let Some(length) = gather {
         // `whole_in` found fewer than `length` bytes after the head.
         head.extend_from_slice(after_head);
-        let mut missing = length.saturating_sub(after_head.len());
-        head.reserve(missing);
-        while missing > 0 {
-            let mut rest = (&mut *head).limit(missing);
+        let body_end = head.len() + length.saturating_sub(after_head.len());
+        // Reads ask for one byte more than the body: the read that ends it then comes up
+        // short, which tells tokio the socket is drained, so the next head read waits for
+        // readiness instead of first trying a read that finds nothing. A byte that does come
+        // belongs to a further request (pipelined, as in `send_body`).
+        head.reserve(body_end + 1 - head.len());
+        while head.len() < body_end {
+            let want = body_end + 1 - head.len();
+            let mut rest = (&mut *head).limit(want);
             match timeout(limits.body_timeout, conn.client.read_buf(&mut rest)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(Failure::ClientGone),
-                Ok(Ok(n)) => missing -= n,
+                Ok(Ok(_)) => {}
                 Err(_) => return Err(Failure::BodyTimeout),
             }
+        }
+        if head.len() > body_end {
+            head.truncate(body_end);
+            pipelined = true;
         }
     }
 
