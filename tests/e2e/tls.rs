@@ -2,7 +2,7 @@
 //! HTTP/1.1, HTTP/2 and WebSocket, all sticky, and swaps its certificate on reload.
 
 use crate::support::tls::Ca;
-use crate::support::Stack;
+use crate::support::{metric, Stack};
 use futures_util::{SinkExt, StreamExt};
 use http::Method;
 use std::collections::HashMap;
@@ -234,4 +234,67 @@ async fn draining_ends_the_moved_websockets_and_sse_streams_over_tls_only() {
         moved.values().all(|b| *b != drained),
         "a key still on the drained backend"
     );
+}
+
+/// Over `max_connections`, a TLS client is refused after its handshake like a plain one: an
+/// HTTP/1 client reads a 503, an HTTP/2 one sees the connection close; both are counted, and
+/// neither reaches a backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_connections_over_max_connections_are_refused_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf();
+    let files: &[(&str, &[u8])] = &[("cert.pem", cert.as_bytes()), ("key.pem", key.as_bytes())];
+    let config = CONFIG.replace(
+        "admin: { address: $ADMIN }",
+        "admin: { address: $ADMIN }\nserver: { limits: { max_connections: 2 } }",
+    );
+    let stack = Stack::start_with(
+        &config,
+        LaunchOptions {
+            files,
+            ..LaunchOptions::default()
+        },
+    )
+    .await;
+    let get = b"GET /docs/x HTTP/1.1\r\nHost: localhost\r\nX-Doc-Id: held\r\n\r\n";
+    // Two connections take the places; a response on each shows the proxy admitted it.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut connection = connect(&stack, &ca, Alpn::Http1).await;
+        connection.stream.write_all(get).await.expect("write");
+        let mut first = [0u8; 12];
+        connection
+            .stream
+            .read_exact(&mut first)
+            .await
+            .expect("read");
+        assert_eq!(&first, b"HTTP/1.1 200", "a held connection was not served");
+        held.push(connection);
+    }
+    let served: u64 = stack.backends.iter().map(|b| b.requests()).sum();
+
+    let mut refused = connect(&stack, &ca, Alpn::Http1).await;
+    let _ = refused.stream.write_all(get).await;
+    let mut answer = Vec::new();
+    let _ = refused.stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+
+    let mut h2 = connect(&stack, &ca, Alpn::H2).await;
+    let mut rest = Vec::new();
+    let _ = h2.stream.read_to_end(&mut rest).await;
+    assert!(
+        rest.is_empty(),
+        "an HTTP/2 client over the cap got bytes: {rest:?}"
+    );
+
+    let refusals = metric(
+        &stack,
+        "tether_downstream_closed_total{reason=\"max_connections\"}",
+    )
+    .await;
+    assert_eq!(refusals, Some(2.0));
+    let now: u64 = stack.backends.iter().map(|b| b.requests()).sum();
+    assert_eq!(now, served, "a refused connection reached a backend");
 }
