@@ -3,7 +3,8 @@
 # runs it; safe to run repeatedly: it installs only what is missing.
 #
 #   (always)  the JSON Schema validator for tests/e2e/schema.rs: Python's jsonschema and
-#             ruamel.yaml (a YAML 1.2 reader), from PyPI into .venv-tests/
+#             ruamel.yaml (a YAML 1.2 reader), from PyPI into .venv-tests/; the openssl command
+#             (tests/e2e/tls.rs: a client that presents an IP address as SNI)
 #   (full)    nginx-light (the ketama compatibility test), slowhttptest (the slow-client test),
 #             etcd-server and dnsmasq-base (the fleet test's etcd and DNS discovery), kosoku in
 #             .venv-ws/ (the WebSocket conformance test, scripts/setup-ws-conformance.sh),
@@ -15,6 +16,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+
+# apt_install PACKAGE...: installs the Debian packages given (as root, or with sudo).
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup-tests: installing $*" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+command -v openssl >/dev/null 2>&1 || apt_install openssl
 
 if [ ! -x .venv-tests/bin/python ] || ! .venv-tests/bin/python -c 'import jsonschema, ruamel.yaml' 2>/dev/null; then
   echo "setup-tests: installing jsonschema and ruamel.yaml into .venv-tests" >&2
@@ -31,11 +43,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 
 if [ ${#need[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "setup-tests: installing ${need[*]}" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  apt_install "${need[@]}"
 fi
 
 scripts/setup-ws-conformance.sh

@@ -346,9 +346,13 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise (stdout is the access log's).
+/// rustls only from errors up: it warns about what one client sent (an IP address as SNI, as
+/// wrk and `openssl s_client -servername` send it), a line per connection that is the client's
+/// doing, not the operator's.
 fn init_tracing(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_level},rustls=error"))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -298,3 +298,53 @@ async fn tls_connections_over_max_connections_are_refused_and_counted() {
     let now: u64 = stack.backends.iter().map(|b| b.requests()).sum();
     assert_eq!(now, served, "a refused connection reached a backend");
 }
+
+/// A client that presents an IP address as SNI (wrk, `openssl s_client -servername`) is served
+/// without a warning line per connection: rustls's complaint about the client's SNI is not the
+/// operator's business (the build before logged one WARN per handshake).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ip_address_as_sni_is_served_without_a_warning_per_connection() {
+    let ca = Ca::new();
+    let (stack, _) = start(&ca).await;
+    let ip = stack.proxy.ip().to_string();
+    let connect = stack.proxy.to_string();
+    let request =
+        "GET /docs/x HTTP/1.1\r\nHost: localhost\r\nX-Doc-Id: sni\r\nConnection: close\r\n\r\n";
+    for _ in 0..3 {
+        let s_client = tokio::task::spawn_blocking({
+            let (ip, connect) = (ip.clone(), connect.clone());
+            move || {
+                use std::io::Write;
+                let mut child = std::process::Command::new("openssl")
+                    .args([
+                        "s_client",
+                        "-connect",
+                        &connect,
+                        "-servername",
+                        &ip,
+                        "-quiet",
+                    ])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("openssl s_client");
+                let mut stdin = child.stdin.take().expect("stdin");
+                let _ = stdin.write_all(request.as_bytes());
+                // stdin stays open until the response has come (s_client exits at EOF).
+                let out = child.wait_with_output().expect("s_client output");
+                drop(stdin);
+                out
+            }
+        });
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), s_client)
+            .await
+            .expect("s_client finished within 10 s")
+            .expect("join");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+    let log = stack.tether.stderr();
+    assert!(!log.contains("SNI"), "{log}");
+    assert!(!log.contains("WARN"), "{log}");
+}
