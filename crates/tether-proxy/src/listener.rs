@@ -8,9 +8,11 @@
 //! sized for a TLS handshake) is moved and dropped even for plain TCP, arms a 60 s handshake
 //! timer, and hands over its own stream type, which the HTTP/1 engine had to take apart again
 //! (four syscalls per kept-alive connection) to read the socket directly. Here a plain
-//! connection's socket goes straight to its engine's task. The listening sockets stay in
-//! Pingora's table of them, so a binary upgrade (`tether run --upgrade`) hands them over as
-//! before.
+//! connection's socket goes straight to its engine's task, and is registered with the reactor
+//! of the worker thread that serves it (Pingora's, like tokio's `accept`, registered it with
+//! the accepting thread's: with several threads every readiness event crossed threads). The
+//! listening sockets stay in Pingora's table of them, so a binary upgrade (`tether run
+//! --upgrade`) hands them over as before.
 
 use crate::h1::client::ClientStream;
 use crate::metrics::Metrics;
@@ -26,8 +28,10 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// How long a TLS client has to finish its handshake (Pingora's listener allowed the same).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -172,7 +176,7 @@ fn listening_socket(
     bound: Option<std::net::TcpListener>,
     key: &str,
     fds: Option<&ListenFds>,
-) -> std::io::Result<TcpListener> {
+) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
     let handed_over = fds.and_then(|fds| fds.lock().get(key).copied());
     let socket = match (bound, handed_over) {
         (Some(socket), _) => socket,
@@ -196,20 +200,59 @@ fn listening_socket(
             fds.add(key.to_string(), socket.as_raw_fd());
         }
     }
-    TcpListener::from_std(socket)
+    // SAFETY: a std `TcpListener` owns its descriptor until it is dropped, and `as_raw_fd`
+    // always returns that one.
+    Ok(unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?)
+}
+
+/// Accepts one connection: `accept4` with the socket non-blocking from the start, and not yet
+/// registered with any reactor (tokio's `TcpListener::accept` registers it with the accepting
+/// thread's, so with several worker threads every readiness event of a connection served on
+/// another thread would cross threads).
+fn accept(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    // SAFETY: `accept4` writes at most `len` bytes of address into the storage `try_init`
+    // provides and sets `len`; the descriptor it returns is new and owned from here on.
+    let (fd, peer) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(
+                listener.as_raw_fd(),
+                storage.cast(),
+                len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            if fd < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(fd)
+            }
+        })
+    }?;
+    // SAFETY: `fd` is a connected TCP socket nobody else owns.
+    let socket = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("accepted a socket that is not IP"))?;
+    Ok((socket, peer))
 }
 
 /// Accepts connections on `listener` until shutdown, each served on a worker thread Pingora
-/// picks (as its own listener does).
+/// picks (as its own listener does) and registered with that thread's reactor.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     tls: Option<Arc<Acceptor>>,
     cap: Arc<Cap>,
     mut shutdown: ShutdownWatch,
 ) {
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            ready = listener.readable() => match ready {
+                Ok(mut ready) => match ready.try_io(|l| accept(l.get_ref())) {
+                    Ok(accepted) => accepted,
+                    // Drained: wait for the next readiness.
+                    Err(_would_block) => continue,
+                },
+                Err(e) => Err(e),
+            },
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
                     return;
@@ -227,28 +270,28 @@ async fn accept_loop(
         // Small writes (a response head, a WebSocket frame) go out at once.
         let _ = socket.set_nodelay(true);
         let client_ip = Some(peer.ip());
+        // Two kinds of task, so a plain connection's is not sized for a TLS handshake.
+        let worker = pingora_runtime::current_handle();
         match &tls {
-            None => {
-                if let Some(guard) = cap.admit() {
-                    pingora_runtime::current_handle().spawn(crate::h1::serve(
-                        cap.state.clone(),
-                        ClientStream::Plain(socket),
-                        client_ip,
-                        guard,
-                    ));
-                } else {
-                    pingora_runtime::current_handle().spawn(refuse(socket));
-                }
-            }
+            None => drop(worker.spawn(serve_plain(socket, client_ip, cap.clone()))),
             Some(acceptor) => {
-                pingora_runtime::current_handle().spawn(handshake(
-                    acceptor.clone(),
-                    socket,
-                    client_ip,
-                    cap.clone(),
-                ));
+                drop(worker.spawn(handshake(acceptor.clone(), socket, client_ip, cap.clone())))
             }
         }
+    }
+}
+
+/// Serves a plain connection on the worker thread this task runs on.
+async fn serve_plain(socket: std::net::TcpStream, client_ip: Option<IpAddr>, cap: Arc<Cap>) {
+    let Ok(socket) = TcpStream::from_std(socket) else {
+        return;
+    };
+    match cap.admit() {
+        Some(guard) => {
+            let client = ClientStream::Plain(socket);
+            crate::h1::serve(cap.state.clone(), client, client_ip, guard).await
+        }
+        None => refuse(socket).await,
     }
 }
 
@@ -272,10 +315,13 @@ async fn pause_after(e: &std::io::Error) {
 /// handshake's state (8.8 KB) should not stay allocated for a connection that lives for hours.
 async fn handshake(
     acceptor: Arc<Acceptor>,
-    socket: TcpStream,
+    socket: std::net::TcpStream,
     client_ip: Option<IpAddr>,
     cap: Arc<Cap>,
 ) {
+    let Ok(socket) = TcpStream::from_std(socket) else {
+        return;
+    };
     let stream: Stream = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         acceptor.tls_handshake(L4Stream::from(socket)),
