@@ -846,3 +846,90 @@ async fn bytes_past_a_responses_content_length_never_answer_another_request() {
         );
     }
 }
+
+/// A backend that takes each request on a fresh connection and closes it unanswered (a
+/// process killed with the request on it): a GET, which may be sent twice, goes on to the next
+/// owner and is answered; a POST is never sent twice and gets 502. Each close is
+/// counted as reset for passive health.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_whose_backend_closes_unanswered_goes_to_the_next_owner() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dropper = listener.local_addr().expect("addr");
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counted = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = 0;
+                while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::io::AsyncReadExt::read(&mut socket, &mut buf[got..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                // Dropped unanswered.
+            });
+        }
+    });
+    let good = tether_testkit::TestBackend::start("good").await;
+    let proxy = tether_testkit::free_addr();
+    let admin = tether_testkit::free_addr();
+    let config = format!(
+        "listeners: [ {{ address: {proxy} }} ]\nadmin: {{ address: {admin} }}\nupstreams:\n  docs:\n    backends: [ {{ address: {dropper} }}, {{ address: {} }} ]\nroutes:\n  - name: docs\n    match: {{ path_prefix: /docs/ }}\n    sticky: {{ keys: [ {{ path: \"/docs/{{key}}\" }} ] }}\n    upstream: docs\n",
+        good.addr()
+    );
+    let _tether =
+        tether_testkit::TetherProcess::start(crate::support::tether_binary(), &config, admin)
+            .await
+            .expect("tether");
+    assert!(
+        tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(proxy).await.is_ok()
+        })
+        .await,
+        "proxy listener never accepted"
+    );
+    let mut refused = 0;
+    for k in 0..20 {
+        let post = format!(
+            "POST /docs/post-{k}/x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+        );
+        let response = raw_request_within(proxy, post.as_bytes(), Duration::from_secs(5))
+            .await
+            .expect("POST");
+        match raw_status(&response) {
+            Some(200) => {}
+            Some(502) => refused += 1,
+            other => panic!("POST {k}: {other:?}"),
+        }
+    }
+    // Every POST the dropper took (each once) was answered 502, and no other.
+    assert_eq!(refused, taken.load(Ordering::SeqCst));
+    assert!(refused > 0, "no key of 20 was the dropper's");
+    let before = taken.load(Ordering::SeqCst);
+    for k in 0..20 {
+        let get = format!("GET /docs/get-{k}/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let response = raw_request_within(proxy, get.as_bytes(), Duration::from_secs(5))
+            .await
+            .expect("GET");
+        assert_eq!(
+            raw_status(&response),
+            Some(200),
+            "GET {k}: {}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+    let gets = taken.load(Ordering::SeqCst) - before;
+    assert!(
+        gets > 0,
+        "no GET reached the dropper: the test showed nothing"
+    );
+    eprintln!("dropper took {refused} POSTs and {gets} GETs, all GETs answered");
+}

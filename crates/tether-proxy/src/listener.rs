@@ -322,6 +322,9 @@ async fn handshake(
     let Ok(socket) = TcpStream::from_std(socket) else {
         return;
     };
+    // Pingora's stream over a tokio socket has no L4 buffers (its listener's default was a
+    // 64 KiB read buffer): rustls frames records in buffers of its own, and one in front would
+    // add a copy per read and stay allocated for the connection's life.
     let stream: Stream = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         acceptor.tls_handshake(L4Stream::from(socket)),

@@ -100,6 +100,18 @@ impl Attempt {
         Some(backend)
     }
 
+    /// After a fresh connection to the current backend failed before any byte of a response
+    /// (a backend killed or restarting with the request on it): a [`Fault::Reset`], and the
+    /// next owner to send a request that may be sent twice to, while the retries allow (as
+    /// nginx's `proxy_next_upstream error` does for idempotent requests). None: 502.
+    pub fn next_after_reset(&mut self, state: &Arc<ProxyState>) -> Option<Arc<BackendState>> {
+        self.fault(state, Fault::Reset);
+        if !self.may_retry() {
+            return None;
+        }
+        self.next_backend()
+    }
+
     /// Whether another backend may be tried (the route's `retries`).
     pub fn may_retry(&self) -> bool {
         let retries = self.installed.router.routes()[self.decision.route].retries as usize;

@@ -851,6 +851,12 @@ async fn proxy(
                 pooled = false;
                 continue;
             }
+            Ok(Err(_)) if replayable => {
+                backend = attempt
+                    .next_after_reset(conn.state)
+                    .ok_or(Failure::Gateway)?;
+                continue;
+            }
             Ok(Err(_)) => {
                 attempt.fault(conn.state, if reused { Fault::Stale } else { Fault::Reset });
                 return Err(Failure::Gateway);
@@ -955,10 +961,17 @@ async fn proxy(
                 });
             }
             Err(Relay::Upstream(UpstreamError::Io { got_bytes: false }))
-                if reused && replayable && sent_inline =>
+                if replayable && sent_inline =>
             {
-                // A stale pooled connection: try a fresh one to the same backend.
-                pooled = false;
+                if reused {
+                    // A stale pooled connection: try a fresh one to the same backend.
+                    pooled = false;
+                } else {
+                    // A fresh one that ended unanswered: the next owner.
+                    backend = attempt
+                        .next_after_reset(conn.state)
+                        .ok_or(Failure::Gateway)?;
+                }
                 continue;
             }
             Err(Relay::Upstream(error)) => {

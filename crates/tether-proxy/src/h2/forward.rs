@@ -385,6 +385,10 @@ pub(super) async fn forward(
                 pooled = false;
                 continue;
             }
+            Ok(Err(_)) if replayable => {
+                backend = attempt.next_after_reset(state).ok_or(Failure::Gateway)?;
+                continue;
+            }
             Ok(Err(_)) => {
                 attempt.fault(state, if reused { Fault::Stale } else { Fault::Reset });
                 return Err(Failure::Gateway);
@@ -440,6 +444,11 @@ pub(super) async fn forward(
                     if reused && replayable && buf.is_empty() {
                         // A stale kept connection: a fresh one to the same backend.
                         pooled = false;
+                        continue 'attempt;
+                    }
+                    if replayable && buf.is_empty() {
+                        // A fresh one that ended unanswered: the next owner.
+                        backend = attempt.next_after_reset(state).ok_or(Failure::Gateway)?;
                         continue 'attempt;
                     }
                     let stale = reused && buf.is_empty();
