@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use tether_routing::{BackendState, Decision};
 use tokio::net::TcpStream;
 
-/// Whether a request with `method` may be sent again on a fresh connection when a kept one
-/// turns out stale (RFC 9110 9.2.2: the idempotent methods Tether forwards).
+/// Whether a request with `method` may be sent twice: again on a fresh connection when a kept
+/// one turns out stale, or to the next owner when a fresh one is closed unanswered (RFC 9110
+/// 9.2.2: the idempotent methods Tether forwards).
 pub(crate) fn replayable_method(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE")
 }
