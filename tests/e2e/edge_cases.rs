@@ -853,31 +853,15 @@ async fn bytes_past_a_responses_content_length_never_answer_another_request() {
 /// counted as reset for passive health.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_get_whose_backend_closes_unanswered_goes_to_the_next_owner() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let dropper = listener.local_addr().expect("addr");
-    let taken = Arc::new(AtomicUsize::new(0));
-    let counted = taken.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut got = 0;
-                while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tokio::io::AsyncReadExt::read(&mut socket, &mut buf[got..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got += n,
-                    }
-                }
-                counted.fetch_add(1, Ordering::SeqCst);
-                // Dropped unanswered.
-            });
-        }
-    });
+    // Reads each request head and closes without a byte.
+    let dropper_backend = RawBackend::start(Vec::new(), false).await;
+    let dropper = dropper_backend.addr;
+    let taken = |method: &str| {
+        dropper_backend
+            .received()
+            .matches(&format!("{method} /docs/"))
+            .count()
+    };
     let good = tether_testkit::TestBackend::start("good").await;
     let proxy = tether_testkit::free_addr();
     let admin = tether_testkit::free_addr();
@@ -911,9 +895,8 @@ async fn a_get_whose_backend_closes_unanswered_goes_to_the_next_owner() {
         }
     }
     // Every POST the dropper took (each once) was answered 502, and no other.
-    assert_eq!(refused, taken.load(Ordering::SeqCst));
+    assert_eq!(refused, taken("POST"));
     assert!(refused > 0, "no key of 20 was the dropper's");
-    let before = taken.load(Ordering::SeqCst);
     for k in 0..20 {
         let get = format!("GET /docs/get-{k}/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
         let response = raw_request_within(proxy, get.as_bytes(), Duration::from_secs(5))
@@ -926,7 +909,7 @@ async fn a_get_whose_backend_closes_unanswered_goes_to_the_next_owner() {
             String::from_utf8_lossy(&response)
         );
     }
-    let gets = taken.load(Ordering::SeqCst) - before;
+    let gets = taken("GET");
     assert!(
         gets > 0,
         "no GET reached the dropper: the test showed nothing"

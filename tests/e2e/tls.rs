@@ -62,10 +62,15 @@ async fn owners(stack: &Stack, ca: &Ca, alpn: Alpn, keys: &[String]) -> HashMap<
 
 /// Tether on a TLS listener with a leaf certificate of `ca`; the leaf's DER.
 async fn start(ca: &Ca) -> (Stack, Vec<u8>) {
+    start_config(ca, CONFIG).await
+}
+
+/// [`start`] with `config` (`CONFIG` edited) instead of `CONFIG`.
+async fn start_config(ca: &Ca, config: &str) -> (Stack, Vec<u8>) {
     let (cert, key, der) = ca.leaf();
     let files: &[(&str, &[u8])] = &[("cert.pem", cert.as_bytes()), ("key.pem", key.as_bytes())];
     let stack = Stack::start_with(
-        CONFIG,
+        config,
         LaunchOptions {
             files,
             ..LaunchOptions::default()
@@ -243,20 +248,11 @@ async fn draining_ends_the_moved_websockets_and_sse_streams_over_tls_only() {
 async fn tls_connections_over_max_connections_are_refused_and_counted() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = Ca::new();
-    let (cert, key, _) = ca.leaf();
-    let files: &[(&str, &[u8])] = &[("cert.pem", cert.as_bytes()), ("key.pem", key.as_bytes())];
     let config = CONFIG.replace(
         "admin: { address: $ADMIN }",
         "admin: { address: $ADMIN }\nserver: { limits: { max_connections: 2 } }",
     );
-    let stack = Stack::start_with(
-        &config,
-        LaunchOptions {
-            files,
-            ..LaunchOptions::default()
-        },
-    )
-    .await;
+    let (stack, _) = start_config(&ca, &config).await;
     let get = b"GET /docs/x HTTP/1.1\r\nHost: localhost\r\nX-Doc-Id: held\r\n\r\n";
     // Two connections take the places; a response on each shows the proxy admitted it.
     let mut held = Vec::new();
