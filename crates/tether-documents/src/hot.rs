@@ -18,28 +18,40 @@
 //! keeps their order, so the landmark moves forward (everything rescaled) before the factors
 //! could overflow.
 //!
-//! Memory: `capacity` entries, each holding its key once (shared by the index and the entry,
-//! behind 16 bytes of reference counts), plus the entry and its heap place (40 bytes) and the
-//! index's share of its table (at most about 100 bytes an entry, measured with a million
-//! distinct keys passing through): for keys of at most `K` bytes, at most
-//! `capacity · (K + 176)` bytes beyond the allocator's rounding, whatever the number of
-//! distinct keys ([`HotKeys::memory_bytes`] tells what is held).
+//! Memory: `capacity` entries, each holding its key once in a buffer that is reused when the
+//! entry passes to another key (so a replacement allocates only for a longer key), plus the
+//! entry, its hash and its heap place (56 bytes) and the index's table of slot numbers (at most
+//! 10 bytes a slot): for keys of at most `K` bytes, at most `capacity · (K + 80)` bytes beyond
+//! the allocator's rounding, whatever the number of distinct keys ([`HotKeys::memory_bytes`]
+//! tells what is held).
+//!
+//! Cost: every exchange is counted, so `add` is on the request path. It hashes the key once,
+//! finds its slot through a table of slot numbers (compared against the slot's key), and moves
+//! the key's heap place with a hole rather than swaps, the weights stored in the heap itself.
 
 use foldhash::fast::RandomState;
-use std::collections::HashMap;
-use std::sync::Arc;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
 use std::time::Duration;
 
 /// When the landmark's factor would pass `e^LANDMARK_SPAN`, the landmark moves to now.
 const LANDMARK_SPAN: f64 = 64.0;
 
 struct Entry {
-    /// Shared with the index: one copy of the key, one allocation when a key comes in.
-    key: Arc<str>,
-    /// Decayed weight relative to the landmark (an overestimate by at most `error`).
-    weight: f64,
+    /// The key; its buffer is reused by the next key that takes this slot.
+    key: String,
+    /// The key's hash, to move it out of the index without hashing it again.
+    hash: u64,
     /// What the key may have inherited from the key it replaced.
     error: f64,
+}
+
+/// One place of the min-heap: a slot and its weight, side by side so a sift reads no slot.
+#[derive(Clone, Copy)]
+struct Place {
+    /// Decayed weight relative to the landmark (an overestimate by at most `error`).
+    weight: f64,
+    slot: u32,
 }
 
 /// The heaviest keys of a decaying stream of weighted events (see the module's text).
@@ -49,14 +61,15 @@ pub struct HotKeys {
     landmark: f64,
     /// The tracked keys, in slots that never move (a replaced key's slot is reused).
     slots: Vec<Entry>,
-    /// Slot numbers in a min-heap on weight (the root is the lightest).
-    heap: Vec<u32>,
+    /// The slots in a min-heap on weight (the root is the lightest).
+    heap: Vec<Place>,
     /// Slot → its position in `heap`.
     position: Vec<u32>,
-    /// Key → its slot. Hashed with foldhash, seeded per sketch: every request is counted, and
-    /// SipHash (the standard hasher) was a third of the cost. Keys come from clients, but a
-    /// table of at most `capacity` keys bounds what colliding ones could cost.
-    index: HashMap<Arc<str>, u32, RandomState>,
+    /// Key → its slot, as slot numbers hashed by their key. foldhash, seeded per sketch: the
+    /// standard SipHash was a third of the sketch's cost. Keys come from clients, but a table
+    /// of at most `capacity` keys bounds what colliding ones could cost.
+    index: HashTable<u32>,
+    hasher: RandomState,
     /// Total decayed weight seen (relative to the landmark).
     total: f64,
 }
@@ -83,7 +96,8 @@ impl HotKeys {
             slots: Vec::with_capacity(capacity),
             heap: Vec::with_capacity(capacity),
             position: Vec::with_capacity(capacity),
-            index: HashMap::with_capacity_and_hasher(capacity, RandomState::default()),
+            index: HashTable::with_capacity(capacity),
+            hasher: RandomState::default(),
             total: 0.0,
         }
     }
@@ -98,12 +112,14 @@ impl HotKeys {
         self.heap.len()
     }
 
-    /// Bytes this sketch holds now (entries, index and keys; not the allocator's rounding).
+    /// Bytes this sketch holds now (entries, heap, index and keys; not the allocator's
+    /// rounding).
     pub fn memory_bytes(&self) -> usize {
-        // Each key once, behind its two reference counts.
-        let keys: usize = self.slots.iter().map(|e| e.key.len() + 16).sum();
-        self.slots.capacity() * (std::mem::size_of::<Entry>() + 8)
-            + self.index.capacity() * (std::mem::size_of::<(Arc<str>, u32)>() + 1)
+        let keys: usize = self.slots.iter().map(|e| e.key.capacity()).sum();
+        self.slots.capacity() * std::mem::size_of::<Entry>()
+            + self.heap.capacity() * std::mem::size_of::<Place>()
+            + self.position.capacity() * std::mem::size_of::<u32>()
+            + self.index.capacity() * (std::mem::size_of::<u32>() + 1)
             + keys
     }
 
@@ -124,55 +140,75 @@ impl HotKeys {
         }
         let scaled = weight * ((now - self.landmark) / self.tau).exp();
         self.total += scaled;
-        if let Some(&slot) = self.index.get(key) {
-            self.slots[slot as usize].weight += scaled;
-            self.sift_down(self.position[slot as usize] as usize);
+        let hash = self.hasher.hash_one(key);
+        let slots = &self.slots;
+        if let Some(&slot) = self.index.find(hash, |&s| slots[s as usize].key == key) {
+            let at = self.position[slot as usize] as usize;
+            self.heap[at].weight += scaled;
+            self.sift_down(at);
             return;
         }
         if self.slots.len() < self.capacity {
             let slot = self.slots.len() as u32;
-            let key: Arc<str> = Arc::from(key);
             self.slots.push(Entry {
-                key: key.clone(),
-                weight: scaled,
+                key: key.to_owned(),
+                hash,
                 error: 0.0,
             });
-            self.heap.push(slot);
+            self.heap.push(Place {
+                weight: scaled,
+                slot,
+            });
             self.position.push(slot);
-            self.index.insert(key, slot);
+            self.index
+                .insert_unique(hash, slot, |&s| slots_hash(&self.slots, s));
             self.sift_up(self.heap.len() - 1);
             return;
         }
         // The lightest key gives its place, and its weight as the newcomer's possible error.
-        let slot = self.heap[0];
-        let key: Arc<str> = Arc::from(key);
+        let Place {
+            weight: lightest,
+            slot,
+        } = self.heap[0];
         let entry = &mut self.slots[slot as usize];
-        let lightest = entry.weight;
-        let old = std::mem::replace(
-            entry,
-            Entry {
-                key: key.clone(),
-                weight: lightest + scaled,
-                error: lightest,
-            },
-        );
-        self.index.remove(&old.key);
-        self.index.insert(key, slot);
+        if let Ok(found) = self.index.find_entry(entry.hash, |&s| s == slot) {
+            found.remove();
+        }
+        // Exactly the room the key needs, so a buffer never holds more than the longest key.
+        entry.key.clear();
+        entry.key.reserve_exact(key.len());
+        entry.key.push_str(key);
+        entry.hash = hash;
+        entry.error = lightest;
+        self.heap[0].weight = lightest + scaled;
+        self.index
+            .insert_unique(hash, slot, |&s| slots_hash(&self.slots, s));
         self.sift_down(0);
     }
 
     /// The `n` heaviest keys at `now`, heaviest first, as rates per second.
     pub fn top(&self, n: usize, now: f64) -> Vec<Hot> {
-        let mut entries: Vec<&Entry> = self.slots.iter().collect();
-        entries.sort_unstable_by(|a, b| b.weight.total_cmp(&a.weight).then(a.key.cmp(&b.key)));
+        let mut places: Vec<&Place> = self.heap.iter().collect();
+        places.sort_unstable_by(|a, b| {
+            b.weight.total_cmp(&a.weight).then_with(|| {
+                let (ka, kb) = (
+                    &self.slots[a.slot as usize].key,
+                    &self.slots[b.slot as usize].key,
+                );
+                ka.cmp(kb)
+            })
+        });
         let scale = self.rate_scale(now);
-        entries
+        places
             .into_iter()
             .take(n)
-            .map(|e| Hot {
-                key: e.key.to_string(),
-                rate: e.weight * scale,
-                error: e.error * scale,
+            .map(|p| {
+                let e = &self.slots[p.slot as usize];
+                Hot {
+                    key: e.key.clone(),
+                    rate: p.weight * scale,
+                    error: e.error * scale,
+                }
             })
             .collect()
     }
@@ -193,52 +229,63 @@ impl HotKeys {
 
     fn move_landmark(&mut self, now: f64) {
         let factor = (-(now - self.landmark) / self.tau).exp();
+        for p in &mut self.heap {
+            p.weight *= factor;
+        }
         for e in &mut self.slots {
-            e.weight *= factor;
             e.error *= factor;
         }
         self.total *= factor;
         self.landmark = now;
     }
 
-    fn weight_at(&self, at: usize) -> f64 {
-        self.slots[self.heap[at] as usize].weight
-    }
-
-    fn swap(&mut self, a: usize, b: usize) {
-        self.heap.swap(a, b);
-        self.position[self.heap[a] as usize] = a as u32;
-        self.position[self.heap[b] as usize] = b as u32;
+    /// Puts `place` at heap position `at` and records where its slot now is.
+    fn put(&mut self, at: usize, place: Place) {
+        self.heap[at] = place;
+        self.position[place.slot as usize] = at as u32;
     }
 
     fn sift_up(&mut self, mut at: usize) {
+        let moving = self.heap[at];
         while at > 0 {
             let parent = (at - 1) / 2;
-            if self.weight_at(parent) <= self.weight_at(at) {
+            if self.heap[parent].weight <= moving.weight {
                 break;
             }
-            self.swap(parent, at);
+            self.put(at, self.heap[parent]);
             at = parent;
         }
+        self.put(at, moving);
     }
 
     fn sift_down(&mut self, mut at: usize) {
+        let moving = self.heap[at];
+        let len = self.heap.len();
         loop {
-            let (left, right) = (2 * at + 1, 2 * at + 2);
-            let mut least = at;
-            if left < self.heap.len() && self.weight_at(left) < self.weight_at(least) {
-                least = left;
+            let left = 2 * at + 1;
+            if left >= len {
+                break;
             }
-            if right < self.heap.len() && self.weight_at(right) < self.weight_at(least) {
-                least = right;
+            let right = left + 1;
+            let child = if right < len && self.heap[right].weight < self.heap[left].weight {
+                right
+            } else {
+                left
+            };
+            if self.heap[child].weight >= moving.weight {
+                break;
             }
-            if least == at {
-                return;
-            }
-            self.swap(at, least);
-            at = least;
+            self.put(at, self.heap[child]);
+            at = child;
         }
+        self.put(at, moving);
     }
+}
+
+/// The hash of slot `slot`'s key, as recorded when the key came in (for the index's growth,
+/// which the capacity reserved up front should make rare).
+fn slots_hash(slots: &[Entry], slot: u32) -> u64 {
+    slots[slot as usize].hash
 }
 
 #[cfg(test)]
@@ -248,6 +295,24 @@ mod tests {
     use std::collections::HashMap;
 
     const WINDOW: Duration = Duration::from_secs(10);
+
+    /// The sketch's own bookkeeping agrees: every slot is in the index under its key, at the
+    /// heap place its position says, and the heap is ordered.
+    fn assert_consistent(hot: &HotKeys) {
+        assert_eq!(hot.index.len(), hot.slots.len());
+        for (slot, entry) in hot.slots.iter().enumerate() {
+            let hash = hot.hasher.hash_one(entry.key.as_str());
+            assert_eq!(hash, entry.hash);
+            let found = hot
+                .index
+                .find(hash, |&s| hot.slots[s as usize].key == entry.key);
+            assert_eq!(found, Some(&(slot as u32)), "{}", entry.key);
+            assert_eq!(hot.heap[hot.position[slot] as usize].slot, slot as u32);
+        }
+        for at in 1..hot.heap.len() {
+            assert!(hot.heap[(at - 1) / 2].weight <= hot.heap[at].weight);
+        }
+    }
 
     #[test]
     fn a_steady_rate_reads_as_that_rate() {
@@ -301,9 +366,9 @@ mod tests {
             most = most.max(hot.memory_bytes());
         }
         assert_eq!(hot.len(), 256);
-        assert_eq!(hot.index.len(), 256);
+        assert_consistent(&hot);
         // 256 entries of 21-byte keys: within the bound the module's text gives.
-        assert!(most <= 256 * (21 + 176), "{most} bytes");
+        assert!(most <= 256 * (21 + 80), "{most} bytes");
         eprintln!("1,000,000 distinct keys, capacity 256: {most} bytes at most");
     }
 
@@ -325,6 +390,7 @@ mod tests {
                 *truth.entry(key).or_default() += f64::from(*w);
                 total += f64::from(*w);
             }
+            assert_consistent(&hot);
             let tau = WINDOW.as_secs_f64();
             let top = hot.top(capacity, 0.0);
             for h in &top {
