@@ -221,6 +221,10 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     let mut last_activity = Instant::now();
     let sleep = tokio::time::sleep_until(last_activity + idle);
     tokio::pin!(sleep);
+    // Whether the timer holds this task's waker: polled once after each reset, it then needs
+    // polling again only once its deadline has passed (a poll per wake-up was a twentieth of a
+    // relayed message's cost). Firing takes the waker, and the loop below polls after a reset.
+    let mut armed = false;
     poll_fn(|cx| {
         control.attach_relay(cx.waker());
         if let Some(reason) = control.reason() {
@@ -272,7 +276,12 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
         let (due, _) = deadline(up, down, last_activity);
         if due < sleep.deadline() {
             sleep.as_mut().reset(due);
+            armed = false;
         }
+        if armed && now_if_moved.unwrap_or_else(Instant::now) < sleep.deadline() {
+            return Poll::Pending;
+        }
+        armed = true;
         while sleep.as_mut().poll(cx).is_ready() {
             let (due, blocked) = deadline(up, down, last_activity);
             if Instant::now() >= due {
