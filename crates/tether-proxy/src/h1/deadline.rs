@@ -24,6 +24,11 @@ pub(crate) struct LazyDeadline {
     /// Armed at or before the deadline of the current wait; `None` until the first wait that
     /// has to wait.
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The timer holds the waker of the task that owns this deadline (every wait site is one
+    /// connection's, waited on by that connection's task): polled since its last reset and not
+    /// fired since. Polling it again would only register the same waker, which cost as much as
+    /// the rest of the wait; firing takes the waker, and the wait polls it again then.
+    armed: bool,
 }
 
 impl LazyDeadline {
@@ -69,7 +74,12 @@ impl LazyDeadline {
             // of one wait site move later).
             if sleep.deadline() > at {
                 sleep.as_mut().reset(at);
+                self.armed = false;
             }
+            if self.armed && !sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            self.armed = true;
             while sleep.as_mut().poll(cx).is_ready() {
                 if sleep.deadline() >= at {
                     return Poll::Ready(Err(TimedOut));

@@ -221,9 +221,9 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     let mut last_activity = Instant::now();
     let sleep = tokio::time::sleep_until(last_activity + idle);
     tokio::pin!(sleep);
-    // Whether the timer holds this task's waker: polled once after each reset, it then needs
-    // polling again only once its deadline has passed (a poll per wake-up was a twentieth of a
-    // relayed message's cost). Firing takes the waker, and the loop below polls after a reset.
+    // Whether the timer holds this task's waker: polled since its last reset, it needs polling
+    // again only once it has fired (a poll per wake-up was a twentieth of a relayed message's
+    // cost). Firing takes the waker; the loop below polls after every reset.
     let mut armed = false;
     poll_fn(|cx| {
         control.attach_relay(cx.waker());
@@ -278,7 +278,7 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
             sleep.as_mut().reset(due);
             armed = false;
         }
-        if armed && now_if_moved.unwrap_or_else(Instant::now) < sleep.deadline() {
+        if armed && !sleep.is_elapsed() {
             return Poll::Pending;
         }
         armed = true;
