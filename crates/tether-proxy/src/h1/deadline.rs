@@ -10,7 +10,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant, Sleep};
 
@@ -80,7 +80,7 @@ impl LazyDeadline {
                 return Poll::Pending;
             }
             self.armed = true;
-            while sleep.as_mut().poll(cx).is_ready() {
+            while poll_timer(sleep.as_mut(), cx).is_ready() {
                 if sleep.deadline() >= at {
                     return Poll::Ready(Err(TimedOut));
                 }
@@ -91,6 +91,13 @@ impl LazyDeadline {
         })
         .await
     }
+}
+
+/// Polls `sleep` whatever is left of the task's budget (tokio's coop). A poll the budget
+/// refuses returns `Pending` without creating the timer or registering the waker; a wait that
+/// then skips polls because it believes the timer armed would never wake.
+pub(crate) fn poll_timer(sleep: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<()> {
+    Pin::new(&mut tokio::task::unconstrained(sleep)).poll(cx)
 }
 
 #[cfg(test)]
@@ -112,6 +119,24 @@ mod tests {
             8
         };
         assert_eq!(timer.within(Duration::from_secs(1), slow).await, Ok(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_first_polled_with_the_task_budget_spent_still_times_out() {
+        let mut timer = LazyDeadline::default();
+        let start = Instant::now();
+        let mut wait = pin!(timer.until(start + Duration::from_secs(1), pending::<()>()));
+        // The wait's first poll comes when the task has spent its budget (as after relaying a
+        // long response): the timer must be armed all the same.
+        poll_fn(|cx| {
+            while pin!(tokio::task::consume_budget()).poll(cx).is_ready() {}
+            assert!(wait.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        let result = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        assert_eq!(result, Ok(Err(TimedOut)));
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,11 +5,12 @@
 //! frame the backend is sending and adds a close frame.
 
 use super::client::ClientStream;
+use super::deadline::poll_timer;
 use crate::core::record::{ExchangeKind, Ongoing};
 use crate::streams::{CloseReason, Registration};
 use bytes::Bytes;
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -223,7 +224,8 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     tokio::pin!(sleep);
     // Whether the timer holds this task's waker: polled since its last reset, it needs polling
     // again only once it has fired (a poll per wake-up was a twentieth of a relayed message's
-    // cost). Firing takes the waker; the loop below polls after every reset.
+    // cost). Firing takes the waker; the loop below polls after every reset, past the task's
+    // budget (`poll_timer`).
     let mut armed = false;
     poll_fn(|cx| {
         control.attach_relay(cx.waker());
@@ -282,7 +284,7 @@ async fn relay<C: AsyncRead + AsyncWrite + Unpin + ?Sized>(
             return Poll::Pending;
         }
         armed = true;
-        while sleep.as_mut().poll(cx).is_ready() {
+        while poll_timer(sleep.as_mut(), cx).is_ready() {
             let (due, blocked) = deadline(up, down, last_activity);
             if Instant::now() >= due {
                 return Poll::Ready(if blocked {
