@@ -27,7 +27,7 @@ B=(); for i in 1 2 3; do
 done
 PORT=$(free_port); ADMIN=$(free_port)
 sed -e "s/@WORKERS@/1/" -e "s/@PORT@/$PORT/" -e "s/@ADMIN_PORT@/$ADMIN/" \
-    -e "s/@B1@/${B[0]}/" -e "s/@B2@/${B[1]}/" -e "s/@B3@/${B[2]}/" \
+    -e "s/@B1@/${B[0]}/" -e "s/@B2@/${B[1]}/" -e "s/@B3@/${B[2]}/" -e "s/@LIMITS@//" \
     "$BENCH/tether.yaml.tmpl" | sed '/@TLS_PORT@/,/key:/d' >"$WORK/tether.yaml"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.%p" \
   "$TETHER" run -c "$WORK/tether.yaml" >"$WORK/tether.log" 2>&1 & PIDS+=($!)
