@@ -740,16 +740,7 @@ async fn a_blackholed_backend_is_skipped_after_the_connect_timeout() {
     let proxy = tether_testkit::free_addr();
     let admin = tether_testkit::free_addr();
     let config = crate::support::fill(BLACKHOLE, proxy, admin, &[hole, b1.addr(), b2.addr()], &[]);
-    let _tether =
-        tether_testkit::TetherProcess::start(crate::support::tether_binary(), &config, admin)
-            .await
-            .expect("tether");
-    assert!(
-        tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
-            tokio::net::TcpStream::connect(proxy).await.is_ok()
-        })
-        .await
-    );
+    let _tether = crate::support::start_listening(&config, proxy, admin).await;
     let mut slowest = Duration::ZERO;
     for i in 0..30 {
         let started = std::time::Instant::now();
@@ -869,17 +860,7 @@ async fn a_get_whose_backend_closes_unanswered_goes_to_the_next_owner() {
         "listeners: [ {{ address: {proxy} }} ]\nadmin: {{ address: {admin} }}\nupstreams:\n  docs:\n    backends: [ {{ address: {dropper} }}, {{ address: {} }} ]\nroutes:\n  - name: docs\n    match: {{ path_prefix: /docs/ }}\n    sticky: {{ keys: [ {{ path: \"/docs/{{key}}\" }} ] }}\n    upstream: docs\n",
         good.addr()
     );
-    let _tether =
-        tether_testkit::TetherProcess::start(crate::support::tether_binary(), &config, admin)
-            .await
-            .expect("tether");
-    assert!(
-        tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
-            tokio::net::TcpStream::connect(proxy).await.is_ok()
-        })
-        .await,
-        "proxy listener never accepted"
-    );
+    let _tether = crate::support::start_listening(&config, proxy, admin).await;
     let mut refused = 0;
     for k in 0..20 {
         let post = format!(

@@ -351,7 +351,17 @@ pub async fn start_faulty(
             &format!("server: {{ limits: {server_limits} }}\nadmin: {{"),
         );
     }
-    let tether = tether_testkit::TetherProcess::start(tether_binary(), &config, admin)
+    (start_listening(&config, proxy, admin).await, proxy)
+}
+
+/// Tether on `config` (admin on `admin`); returns once its listener on `proxy` accepts
+/// connections.
+pub async fn start_listening(
+    config: &str,
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> tether_testkit::TetherProcess {
+    let tether = tether_testkit::TetherProcess::start(tether_binary(), config, admin)
         .await
         .expect("tether");
     let listening = tether_testkit::wait_until_async(Duration::from_secs(10), || async move {
@@ -359,7 +369,7 @@ pub async fn start_faulty(
     })
     .await;
     assert!(listening, "proxy listener never accepted");
-    (tether, proxy)
+    tether
 }
 
 /// An open WebSocket of one document that remembers how it ended, read in the background.
